@@ -1,0 +1,242 @@
+//! `--config-file`: a Firecracker-format JSON document → `VmResources`.
+
+use std::path::{Path, PathBuf};
+
+use vmm::resources::{BootSource, MachineConfig, VmResources};
+
+use crate::models::{self, VmConfig};
+
+/// Errors reading a config file. Each names the file and the JSON path of the culprit.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The JSON is malformed or does not match the schema.
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// JSON path of the offending value (`.` for the document).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Sections that Firecracker has and tern does not support yet, with the issue bringing them.
+const NOT_YET: &[(&str, &str)] = &[
+    (
+        "drives",
+        "virtio-block arrives with the virtio devices issue (#4)",
+    ),
+    (
+        "network-interfaces",
+        "virtio-net arrives with the virtio devices issue (#4)",
+    ),
+    (
+        "vsock",
+        "virtio-vsock arrives with the virtio devices issue (#4)",
+    ),
+    (
+        "balloon",
+        "virtio-balloon arrives with the virtio devices issue (#4)",
+    ),
+    (
+        "entropy",
+        "virtio-rng arrives with the virtio devices issue (#4)",
+    ),
+    ("metrics", "metrics arrive with the REST API issue (#3)"),
+    ("mmds-config", "MMDS is not supported yet"),
+    (
+        "cpu-config",
+        "custom CPU templates arrive with the REST API issue (#3)",
+    ),
+    ("pmem", "virtio-pmem is not supported yet"),
+    ("memory-hotplug", "memory hotplug is not supported yet"),
+];
+
+fn is_empty(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+/// Parses `text` (the contents of `path`) into the VM description and the logger section.
+pub fn parse_config(
+    path: &Path,
+    text: &str,
+) -> Result<(VmResources, Option<models::Logger>), ConfigFileError> {
+    let invalid = |field: String, message: String| ConfigFileError::Invalid {
+        path: path.to_path_buf(),
+        field,
+        message,
+    };
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let cfg: VmConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        // serde_json appends " at line L column C"; keep it, it helps find the spot.
+        invalid(
+            if field.is_empty() { ".".into() } else { field },
+            inner.to_string(),
+        )
+    })?;
+
+    let sections: [(&str, &Option<serde_json::Value>); 10] = [
+        ("drives", &cfg.drives),
+        ("network-interfaces", &cfg.network_interfaces),
+        ("vsock", &cfg.vsock),
+        ("balloon", &cfg.balloon),
+        ("entropy", &cfg.entropy),
+        ("metrics", &cfg.metrics),
+        ("mmds-config", &cfg.mmds_config),
+        ("cpu-config", &cfg.cpu_config),
+        ("pmem", &cfg.pmem),
+        ("memory-hotplug", &cfg.memory_hotplug),
+    ];
+    for (name, value) in sections {
+        if let Some(v) = value.as_ref().filter(|v| !is_empty(v)) {
+            let _ = v;
+            let why = NOT_YET
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or("not supported yet", |(_, w)| w);
+            return Err(invalid(name.into(), format!("not supported yet: {why}")));
+        }
+    }
+
+    let mut res = VmResources::default();
+    let b = cfg.boot_source;
+    res.boot_source = Some(BootSource {
+        kernel_image_path: b.kernel_image_path.into(),
+        initrd_path: b.initrd_path.map(Into::into),
+        boot_args: b.boot_args,
+        boot_protocol: match b.boot_protocol {
+            None | Some(models::BootProtocol::Auto) => vmm::resources::BootProtocol::Auto,
+            Some(models::BootProtocol::Pvh) => vmm::resources::BootProtocol::Pvh,
+            Some(models::BootProtocol::Linux) => vmm::resources::BootProtocol::Linux,
+        },
+    });
+    if let Some(m) = cfg.machine_config {
+        if m.huge_pages == Some(models::HugePages::Hugetlbfs2M) {
+            return Err(invalid(
+                "machine-config.huge_pages".into(),
+                "\"2M\" is not supported yet (use \"None\")".into(),
+            ));
+        }
+        if m.cpu_template.as_deref().is_some_and(|t| t != "None") {
+            return Err(invalid(
+                "machine-config.cpu_template".into(),
+                "static CPU templates are not supported (omit it or use \"None\")".into(),
+            ));
+        }
+        res.machine_config = MachineConfig {
+            vcpu_count: m.vcpu_count,
+            mem_size_mib: m.mem_size_mib,
+            smt: m.smt,
+            track_dirty_pages: m.track_dirty_pages,
+        };
+    }
+    if let Some(s) = cfg.serial {
+        res.serial_out_path = s.serial_out_path.map(Into::into);
+    }
+    Ok((res, cfg.logger))
+}
+
+/// Reads and parses the config file at `path`.
+pub fn read_config(path: &Path) -> Result<(VmResources, Option<models::Logger>), ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_config(path, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmResources, String> {
+        parse_config(Path::new("vm.json"), text)
+            .map(|(r, _)| r)
+            .map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = r#"{
+        "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0", "initrd_path": "/i"},
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
+        "drives": [], "network-interfaces": []
+    }"#;
+
+    #[test]
+    fn firecracker_config_parses() {
+        let r = parse(GOOD).unwrap();
+        assert_eq!(r.machine_config.vcpu_count, 2);
+        assert_eq!(r.machine_config.mem_size_mib, 256);
+        let b = r.boot_source.unwrap();
+        assert_eq!(b.kernel_image_path, PathBuf::from("/k"));
+        assert_eq!(b.initrd_path, Some(PathBuf::from("/i")));
+        assert_eq!(b.boot_args.as_deref(), Some("console=ttyS0"));
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = parse(r#"{"boot-source": {"kernel_image_path": "/k", "kernel_args": "x"}}"#)
+            .unwrap_err();
+        assert!(e.contains("boot-source"), "{e}");
+        assert!(e.contains("unknown field `kernel_args`"), "{e}");
+        let e = parse(r#"{"boot-source": {"kernel_image_path": "/k"}, "bogus": 1}"#).unwrap_err();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_path() {
+        let e = parse(r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": "two", "mem_size_mib": 128}}"#).unwrap_err();
+        assert!(e.contains("machine-config.vcpu_count: invalid type"), "{e}");
+        let e = parse(r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 300, "mem_size_mib": 128}}"#).unwrap_err();
+        assert!(e.contains("machine-config.vcpu_count"), "{e}");
+    }
+
+    #[test]
+    fn malformed_json_and_missing_sections() {
+        assert!(parse("{").unwrap_err().contains("EOF"));
+        assert!(
+            parse("{}")
+                .unwrap_err()
+                .contains("missing field `boot-source`")
+        );
+    }
+
+    #[test]
+    fn device_sections_are_refused_until_supported() {
+        let e = parse(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": "rootfs"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("drives: not supported yet"), "{e}");
+        let e = parse(r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}}"#).unwrap_err();
+        assert!(e.contains("huge_pages"), "{e}");
+    }
+
+    #[test]
+    fn boot_protocol_extension() {
+        let r = parse(r#"{"boot-source": {"kernel_image_path": "/k", "boot_protocol": "linux"}}"#)
+            .unwrap();
+        assert_eq!(
+            r.boot_source.unwrap().boot_protocol,
+            vmm::resources::BootProtocol::Linux
+        );
+        assert!(
+            parse(r#"{"boot-source": {"kernel_image_path": "/k", "boot_protocol": "bios"}}"#)
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,31 @@
+//! What a guest platform looks like, per CPU architecture: memory layout, boot-time CPU state,
+//! firmware tables. Pure data: nothing here talks to a hypervisor.
+
+#![deny(missing_docs)]
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
+
+/// Errors building platform data.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The guest memory is too small or laid out wrongly for the platform.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Writing a table or structure into guest memory failed.
+    #[error("cannot write {what} into guest memory at {addr:#x}: {source}")]
+    GuestWrite {
+        /// What was being written.
+        what: &'static str,
+        /// Where it was to go.
+        addr: u64,
+        /// The memory error.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Too many vCPUs for the platform description.
+    #[error("{0} vCPUs do not fit the platform tables (at most {1})")]
+    TooManyVcpus(usize, usize),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,190 @@
+//! Minimal hardware-reduced ACPI: RSDP → XSDT → {FADT → DSDT, MADT}.
+//!
+//! The FADT announces hardware-reduced ACPI with a sleep control/status register pair and a
+//! reset register on I/O ports, and the DSDT carries the `_S5_` package, so a stock kernel powers
+//! off (`poweroff -f`) by writing `SLP_TYP=5 | SLP_EN` to the sleep control port. The MADT lists
+//! one local APIC per vCPU and the IOAPIC.
+
+use acpi_tables::{
+    Aml,
+    aml::{Device, EISAName, IO, Interrupt, Name, Package, ResourceTemplate},
+    fadt::{FADTBuilder, Flags},
+    gas::{AccessSize, AddressSpace, GAS},
+    madt::{EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic},
+    rsdp::Rsdp,
+    sdt::Sdt,
+    xsdt::XSDT,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::*;
+use crate::{Error, Result};
+
+const OEM_ID: [u8; 6] = *b"TERN  ";
+const OEM_TABLE_ID: [u8; 8] = *b"TERNVM  ";
+const OEM_REVISION: u32 = 1;
+
+/// IAPC_BOOT_ARCH: no VGA, no CMOS RTC to touch before ACPI says so (tern has only a stub).
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+
+fn io_gas(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+fn bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    table.to_aml_bytes(&mut v);
+    v
+}
+
+fn dsdt() -> Vec<u8> {
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let s5_type = ACPI_S5_SLEEP_TYPE;
+    let s5 = Name::new("_S5_".into(), &Package::new(vec![&s5_type]));
+    s5.to_aml_bytes(&mut dsdt);
+    // With hardware-reduced ACPI the kernel has no legacy PIC, so ISA IRQs are not identity
+    // mapped to IOAPIC pins: a legacy device's interrupt works only if the DSDT describes it.
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+    let uid_val = 0u8;
+    let uid = Name::new("_UID".into(), &uid_val);
+    let irq = Interrupt::new(true, true, false, false, COM1_GSI);
+    let io = IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&io, &irq]));
+    Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut dsdt);
+    // Sdt::append keeps the header's length field as created; fix it up before checksumming.
+    let len = dsdt.len() as u32;
+    dsdt.write_u32(4, len);
+    dsdt.update_checksum();
+    dsdt.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_VGA_NOT_PRESENT.into();
+    fadt.sleep_control_reg = io_gas(ACPI_SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = io_gas(ACPI_SLEEP_STATUS_PORT);
+    fadt.reset_reg = io_gas(ACPI_RESET_PORT);
+    fadt.reset_value = ACPI_RESET_VALUE;
+    bytes(&fadt.finalize())
+}
+
+fn madt(vcpu_count: u8) -> Vec<u8> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(LAPIC_START as u32),
+    );
+    for i in 0..vcpu_count {
+        madt.add_structure(ProcessorLocalApic::new(i, i, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
+    bytes(&madt)
+}
+
+/// Writes the ACPI tables for `vcpu_count` vCPUs at [`ACPI_START`] and returns the RSDP's
+/// address.
+pub fn write_tables(mem: &GuestMemoryMmap, vcpu_count: u8) -> Result<u64> {
+    // The MADT's processor UIDs and APIC IDs are 8 bits; APIC ID 0xff is broadcast.
+    if vcpu_count == u8::MAX {
+        return Err(Error::TooManyVcpus(vcpu_count.into(), 254));
+    }
+    let align = |a: u64| (a + 15) & !15;
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+
+    let dsdt = dsdt();
+    let madt = madt(vcpu_count);
+    // The XSDT holds two 8-byte pointers after its 36-byte header.
+    let fadt_addr = align(xsdt_addr + 36 + 2 * 8);
+    let fadt_len = acpi_tables::fadt::FADT::len() as u64;
+    let dsdt_addr = align(fadt_addr + fadt_len);
+    let madt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let end = madt_addr + madt.len() as u64;
+    if end > ACPI_END {
+        return Err(Error::TooManyVcpus(vcpu_count.into(), 254));
+    }
+    let fadt = fadt(dsdt_addr);
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+
+    for (what, addr, data) in [
+        ("ACPI RSDP", rsdp_addr, bytes(&Rsdp::new(OEM_ID, xsdt_addr))),
+        ("ACPI XSDT", xsdt_addr, bytes(&xsdt)),
+        ("ACPI FADT", fadt_addr, fadt),
+        ("ACPI DSDT", dsdt_addr, dsdt),
+        ("ACPI MADT", madt_addr, madt),
+    ] {
+        mem.write_slice(&data, GuestAddress(addr))
+            .map_err(|source| Error::GuestWrite { what, addr, source })?;
+    }
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(data: &[u8]) -> bool {
+        data.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    fn table_at(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+        let len: u32 = mem.read_obj(GuestAddress(addr + 4)).unwrap();
+        let mut v = vec![0u8; len as usize];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    #[test]
+    fn tables_chain_and_checksum() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let rsdp = write_tables(&mem, 4).unwrap();
+        let mut sig = [0u8; 8];
+        mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        let xsdt_addr: u64 = mem.read_obj(GuestAddress(rsdp + 24)).unwrap();
+        let xsdt = table_at(&mem, xsdt_addr);
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert!(checksum_ok(&xsdt));
+        let fadt_addr = u64::from_le_bytes(xsdt[36..44].try_into().unwrap());
+        let madt_addr = u64::from_le_bytes(xsdt[44..52].try_into().unwrap());
+        let fadt = table_at(&mem, fadt_addr);
+        assert_eq!(&fadt[..4], b"FACP");
+        assert!(checksum_ok(&fadt));
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0, "hardware-reduced flag");
+        // X_DSDT at offset 140.
+        let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        let dsdt = table_at(&mem, dsdt_addr);
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert!(checksum_ok(&dsdt));
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        let madt = table_at(&mem, madt_addr);
+        assert_eq!(&madt[..4], b"APIC");
+        assert!(checksum_ok(&madt));
+        // Header (44) + 4 local APICs (8 each) + 1 IOAPIC (12).
+        assert_eq!(madt.len(), 44 + 4 * 8 + 12);
+    }
+
+    #[test]
+    fn many_vcpus_still_fit() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        assert!(write_tables(&mem, 254).is_ok());
+        assert!(write_tables(&mem, 255).is_err());
+    }
+}

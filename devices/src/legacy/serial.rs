@@ -1,0 +1,208 @@
+//! The 16550 UART (vm-superio's model) on the bus, with a console sink that notices a guest
+//! kernel panic in the output.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vm_superio::Serial;
+use vm_superio::serial::NoEvents;
+
+use crate::bus::BusDevice;
+use crate::interrupt::IrqLine;
+
+/// What a Linux kernel prints first when it panics.
+pub const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
+
+/// Where console output goes: the writer, plus a watch for [`PANIC_MARKER`].
+pub struct ConsoleOutput {
+    out: Box<dyn Write + Send>,
+    window: Vec<u8>,
+    panicked: Arc<AtomicBool>,
+}
+
+impl ConsoleOutput {
+    /// Output to `out`; `panicked` is set once the guest prints a kernel panic.
+    pub fn new(out: Box<dyn Write + Send>, panicked: Arc<AtomicBool>) -> Self {
+        Self {
+            out,
+            window: Vec::with_capacity(PANIC_MARKER.len()),
+            panicked,
+        }
+    }
+
+    fn scan(&mut self, buf: &[u8]) {
+        for &b in buf {
+            if self.window.len() == PANIC_MARKER.len() {
+                self.window.remove(0);
+            }
+            self.window.push(b);
+            if self.window == PANIC_MARKER {
+                self.panicked.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.scan(buf);
+        // A console whose reader went away (closed pipe) must not stop the guest.
+        match self.out.write_all(buf) {
+            Ok(()) => {}
+            Err(e) => log::debug!("console output: {e}"),
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.out.flush();
+        Ok(())
+    }
+}
+
+/// A 16550 UART on 8 consecutive ports.
+pub struct SerialDevice {
+    serial: Serial<IrqLine, NoEvents, ConsoleOutput>,
+}
+
+impl SerialDevice {
+    /// A UART raising `irq` and writing to `out`.
+    pub fn new(irq: IrqLine, out: ConsoleOutput) -> Self {
+        Self {
+            serial: Serial::new(irq, out),
+        }
+    }
+
+    /// Queues input bytes for the guest; returns how many fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.serial.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.serial.enqueue_raw_bytes(&bytes[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial input: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.serial.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let (Ok(off), [b]) = (u8::try_from(offset), data) {
+            *b = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), [b]) = (u8::try_from(offset), data) {
+            if let Err(e) = self.serial.write(off, *b) {
+                log::warn!("serial write: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::CountingInterrupt;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+    impl Write for SharedBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const THR: u64 = 0;
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
+
+    fn uart() -> (
+        SerialDevice,
+        SharedBuf,
+        Arc<CountingInterrupt>,
+        Arc<AtomicBool>,
+    ) {
+        let buf = SharedBuf::default();
+        let irq = Arc::new(CountingInterrupt::default());
+        let panicked = Arc::new(AtomicBool::new(false));
+        let dev = SerialDevice::new(
+            IrqLine(irq.clone()),
+            ConsoleOutput::new(Box::new(buf.clone()), panicked.clone()),
+        );
+        (dev, buf, irq, panicked)
+    }
+
+    #[test]
+    fn guest_output_reaches_the_sink() {
+        let (mut dev, buf, _, _) = uart();
+        for b in b"hello\n" {
+            dev.write(THR, &[*b]);
+        }
+        assert_eq!(&*buf.0.lock().unwrap(), b"hello\n");
+        let mut lsr = [0u8];
+        dev.read(LSR, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0, "transmitter empty");
+    }
+
+    #[test]
+    fn input_raises_the_interrupt_when_enabled() {
+        let (mut dev, _, irq, _) = uart();
+        dev.write(IER, &[0x01]); // received-data interrupt
+        assert_eq!(dev.enqueue_input(b"ab"), 2);
+        assert!(irq.count() >= 1);
+        let mut lsr = [0u8];
+        dev.read(LSR, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut rbr = [0u8];
+        dev.read(0, &mut rbr);
+        assert_eq!(rbr[0], b'a');
+    }
+
+    #[test]
+    fn full_fifo_takes_no_more_input() {
+        let (mut dev, _, _, _) = uart();
+        let room = dev.input_room();
+        assert_eq!(dev.enqueue_input(&vec![b'x'; room + 10]), room);
+        assert_eq!(dev.enqueue_input(b"y"), 0);
+    }
+
+    #[test]
+    fn panic_marker_is_noticed_across_writes() {
+        let (mut dev, _, _, panicked) = uart();
+        for b in b"[ 1.0] Kernel pa" {
+            dev.write(THR, &[*b]);
+        }
+        assert!(!panicked.load(Ordering::SeqCst));
+        for b in b"nic - not syncing: Attempted to kill init!" {
+            dev.write(THR, &[*b]);
+        }
+        assert!(panicked.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn odd_accesses_are_ignored() {
+        let (mut dev, buf, _, _) = uart();
+        dev.write(THR, &[1, 2]);
+        dev.write(u64::MAX, &[1]);
+        let mut d = [0u8; 2];
+        dev.read(0, &mut d);
+        assert!(buf.0.lock().unwrap().is_empty());
+    }
+}

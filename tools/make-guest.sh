@@ -1,0 +1,73 @@
+#!/bin/bash
+# Build tern's test/demo guest from Debian packages only (no /work/shared):
+#   $OUT/bzImage            Debian's cloud kernel (linux-image-<kver>-cloud-amd64)
+#   $OUT/initramfs.cpio.gz  busybox-static + applet links, /init = guest/init,
+#                           /dev/console, /dev/null
+#   $OUT/cmdline            a recommended kernel command line
+# OUT defaults to $TERN_CACHE/guest (TERN_CACHE: ~/.cache/tern). L1_KVER pins
+# the kernel version. Outputs newer than their inputs are left alone.
+#
+# Note: the cloud kernel has virtio (blk/net/mmio/...) as modules, which this
+# initramfs does not carry: enough for console/boot tests, not for devices.
+# Needs: busybox-static, cpio, gzip, kmod (depmod), apt-get; root only for
+# mknod (without it /init takes its console from devtmpfs).
+set -euo pipefail
+
+ME=${0##*/}
+HERE=$(cd "$(dirname "$0")" && pwd)
+INIT=$HERE/../guest/init
+BUSYBOX=/bin/busybox
+# shellcheck source=SCRIPTDIR/lib-debian-kernel.sh
+. "$HERE/lib-debian-kernel.sh"
+OUT=${OUT:-$TERN_CACHE/guest}
+EPOCH=${SOURCE_DATE_EPOCH:-1704067200}      # fixed timestamps: same bytes each build
+
+[ -f "$INIT" ] || { echo "$ME: missing $INIT" >&2; exit 1; }
+[ -x "$BUSYBOX" ] || { echo "$ME: needs busybox-static ($BUSYBOX)" >&2; exit 1; }
+KVER=$(debk_kver)
+KROOT=$(debk_fetch "$KVER")
+mkdir -p "$OUT"
+
+# newer OUTPUT INPUT...: true if OUTPUT exists and is newer than every INPUT
+newer() {
+    local o=$1 i; shift
+    [ -e "$o" ] || return 1
+    for i in "$@"; do [ "$o" -nt "$i" ] || return 1; done
+}
+
+# (dpkg -x keeps the package's old mtimes: compare the version as well)
+if newer "$OUT/bzImage" "$KROOT/boot/vmlinuz-$KVER" &&
+   [ "$(cat "$OUT/kernel-version" 2>/dev/null)" = "$KVER" ]; then
+    echo "$ME: bzImage is up to date"
+else
+    cp "$KROOT/boot/vmlinuz-$KVER" "$OUT/bzImage.tmp" && mv "$OUT/bzImage.tmp" "$OUT/bzImage"
+    echo "$KVER" > "$OUT/kernel-version"
+fi
+
+if newer "$OUT/initramfs.cpio.gz" "$INIT" "$BUSYBOX" "$0"; then
+    echo "$ME: initramfs.cpio.gz is up to date"
+else
+    R=$(mktemp -d "${TMPDIR:-/tmp}/tern-guest.XXXXXX")
+    trap 'rm -rf "$R"' EXIT
+    mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,root,etc}
+    cp "$BUSYBOX" "$R/bin/busybox"
+    # Applet links at build time (bin/sh, sbin/init, usr/bin/tr, ...).
+    for a in $("$BUSYBOX" --list-full); do
+        [ -e "$R/$a" ] || ln -s /bin/busybox "$R/$a"
+    done
+    install -m 755 "$INIT" "$R/init"
+    # The kernel opens /dev/console for init's stdio before init runs.
+    if ! { mknod -m 600 "$R/dev/console" c 5 1 && mknod -m 666 "$R/dev/null" c 1 3; }; then
+        echo "$ME: warning: mknod failed (not root?): no /dev/console in the cpio;" \
+             "init falls back to devtmpfs's" >&2
+    fi
+    find "$R" -exec touch -h -d "@$EPOCH" {} +
+    (cd "$R" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -9n > "$OUT/initramfs.cpio.gz.tmp"
+    mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
+fi
+
+echo "console=ttyS0 reboot=k panic=1 quiet" > "$OUT/cmdline"
+echo "$OUT/bzImage"
+echo "$OUT/initramfs.cpio.gz"
+echo "$OUT/cmdline"

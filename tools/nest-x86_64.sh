@@ -1,0 +1,155 @@
+#!/bin/bash
+# Run a script inside an "L1" Linux guest that has a real /dev/kvm, for
+# integration tests that need KVM on hosts whose own /dev/kvm cannot run
+# stock Linux guests (kvm_pvm). QEMU TCG emulates an x86_64 PC with AMD SVM
+# (`-cpu max,+svm`: QEMU 7.2's TCG emulates SVM with nested paging, not VMX),
+# L1 is Debian's cloud kernel with kvm-amd loaded from an initramfs.
+#
+#   tools/nest-x86_64.sh -s SCRIPT [FILE|DIR ...]
+#
+# FILEs/DIRs go to /nest in L1 (the script's working directory); dynamically
+# linked x86_64 ELF files get their interpreter and libraries from this host,
+# at the same paths. SCRIPT runs with busybox sh, stdin /dev/null.
+# Console (stdout): "NEST L1 UP uptime=<s>", "NEST KVM ok|MISSING",
+# "NEST CMD START", the script's output, "NEST EXIT rc=<N>".
+# Exit status: N, or 255 if L1 never printed NEST EXIT (panic, timeout, ...).
+#
+# Environment: TERN_CACHE (default ~/.cache/tern), L1_KVER, L1_MEM (MiB,
+# default 2048; must exceed what an L2 guest maps), L1_SMP (2), L1_APPEND,
+# NEST_TIMEOUT (s, default 1200), NEST_LOG (copy of the console, default
+# $TERN_CACHE/nest-x86_64/last-console.log), NEST_REBUILD=1.
+# Needs: qemu-system-x86, busybox-static, cpio, binutils, kmod, apt-get.
+set -euo pipefail
+
+ME=${0##*/}
+HERE=$(cd "$(dirname "$0")" && pwd)
+die() { echo "$ME: $*" >&2; exit 255; }
+usage() { echo "usage: $ME -s SCRIPT [FILE|DIR ...]  (see the header of $0)" >&2; exit 2; }
+
+SCRIPT=
+while getopts 's:h' o; do
+    case $o in s) SCRIPT=$OPTARG ;; *) usage ;; esac
+done
+shift $((OPTIND - 1))
+[ -n "$SCRIPT" ] || usage
+[ -f "$SCRIPT" ] || die "no such script: $SCRIPT"
+for f in "$@"; do [ -e "$f" ] || die "no such file: $f"; done
+for t in qemu-system-x86_64 cpio readelf timeout; do
+    command -v "$t" >/dev/null || die "needs $t"
+done
+[ -x /bin/busybox ] || die "needs busybox-static (/bin/busybox)"
+
+# shellcheck source=SCRIPTDIR/lib-debian-kernel.sh
+. "$HERE/lib-debian-kernel.sh"
+KVER=$(debk_kver) || exit 255
+KROOT=$(debk_fetch "$KVER") || exit 255
+VMLINUZ=$KROOT/boot/vmlinuz-$KVER
+C=$TERN_CACHE/nest-x86_64/$KVER
+BASE=$C/base.cpio
+mkdir -p "$C"
+
+# ---- the cached base initramfs: busybox, modules, /init --------------------
+if [ "${NEST_REBUILD:-0}" = 1 ] || [ ! -f "$BASE" ] || [ "$0" -nt "$BASE" ] ||
+   [ "$HERE/lib-debian-kernel.sh" -nt "$BASE" ]; then
+    echo "$ME: building the L1 base initramfs ($KVER)" >&2
+    R=$C/base.root; rm -rf "$R"
+    mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,root,etc,nest,lib/modules/nest}
+    cp /bin/busybox "$R/bin/busybox"; ln -s busybox "$R/bin/sh"
+    : > "$R/etc/nest-modules"
+    # modprobe resolves modules.dep: dependencies first, each printed once
+    # per request ("insmod PATH" lines; "builtin NAME" for built-ins).
+    seen=" "
+    for m in kvm kvm_amd tun vhost_net vhost_vsock; do
+        deps=$(modprobe -C /dev/null -d "$KROOT" -S "$KVER" --show-depends "$m" 2>/dev/null) ||
+            { echo "$ME: warning: module $m not in $KVER" >&2; continue; }
+        for p in $(printf '%s\n' "$deps" | sed -n 's/^insmod \([^ ]*\).*/\1/p'); do
+            b=${p##*/}; b=${b%%.ko*}
+            case $seen in *" $b "*) continue ;; esac
+            seen="$seen$b "
+            case $p in                      # busybox insmod wants plain .ko
+                *.ko.xz)  xz -dc "$p" ;;
+                *.ko.zst) zstd -qdc "$p" ;;
+                *)        cat "$p" ;;
+            esac > "$R/lib/modules/nest/$b.ko"
+            echo "$b" >> "$R/etc/nest-modules"
+        done
+    done
+    cat > "$R/init" <<'EOF'
+#!/bin/sh
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts
+for d in /tmp /run /dev/shm; do mount -t tmpfs tmpfs $d; done
+read -r up _ < /proc/uptime; echo "NEST L1 UP uptime=$up"
+while read -r m; do insmod /lib/modules/nest/$m.ko || echo "NEST insmod $m failed"; done < /etc/nest-modules
+ip link set lo up
+if [ -c /dev/kvm ]; then echo "NEST KVM ok"; else echo "NEST KVM MISSING"; fi
+cd /nest
+echo "NEST CMD START"
+sh /nest-cmd.sh </dev/null
+echo "NEST EXIT rc=$?"
+poweroff -f
+EOF
+    chmod 755 "$R/init"
+    (cd "$R" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$BASE.tmp"
+    mv "$BASE.tmp" "$BASE"
+    rm -rf "$R"
+fi
+
+# ---- the per-run cpio: /nest/<files>, their libraries, /nest-cmd.sh --------
+RUN=$(mktemp -d "${TMPDIR:-/tmp}/tern-nest.XXXXXX")
+trap 'rm -rf "$RUN"' EXIT
+mkdir -p "$RUN/root/nest"
+
+# copy_libs ELF: its interpreter and NEEDED libraries (recursively) into
+# $RUN/root at their host paths. Dereferenced copies, so the merged-/usr
+# symlinks (/lib64 -> usr/lib64) become plain directories in L1.
+LIBDIRS="/lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64 /usr/lib64 /usr/local/lib /lib /usr/lib"
+copy_libs() {
+    local elf=$1 lib d p
+    p=$(readelf -l "$elf" 2>/dev/null | sed -n 's/.*program interpreter: \(.*\)]$/\1/p')
+    if [ -n "$p" ] && [ ! -e "$RUN/root$p" ]; then
+        mkdir -p "$RUN/root${p%/*}"; cp -L "$p" "$RUN/root$p"
+    fi
+    for lib in $(readelf -d "$elf" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'); do
+        p=
+        for d in $LIBDIRS; do
+            if [ -e "$d/$lib" ]; then p=$d/$lib; break; fi
+        done
+        [ -n "$p" ] || { echo "$ME: warning: $lib (needed by $elf) not found" >&2; continue; }
+        [ -e "$RUN/root$p" ] && continue
+        mkdir -p "$RUN/root$d"; cp -L "$p" "$RUN/root$p"
+        copy_libs "$p"
+    done
+}
+
+for f in "$@"; do
+    cp -a "$f" "$RUN/root/nest/"
+    while IFS= read -r -d '' e; do
+        if readelf -h "$e" 2>/dev/null | grep -q 'Machine:.*X86-64'; then copy_libs "$e"; fi
+    done < <(find "$RUN/root/nest/$(basename "$f")" -type f -print0)
+done
+cp "$SCRIPT" "$RUN/root/nest-cmd.sh"
+(cd "$RUN/root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$RUN/run.cpio"
+cat "$BASE" "$RUN/run.cpio" > "$RUN/initramfs.cpio"
+
+# ---- boot L1 under TCG ------------------------------------------------------
+LOG=$RUN/console.log
+set +e
+timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu max,+svm \
+    -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
+    -serial stdio -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=4 ${L1_APPEND:-}" </dev/null 2>&1 |
+    # no \r, and no terminal resets/escapes (SeaBIOS, kernel) before markers
+    sed -u 's/\r//g; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g' | tee "$LOG"
+qrc=${PIPESTATUS[0]}
+set -e
+SAVED=${NEST_LOG:-$TERN_CACHE/nest-x86_64/last-console.log}
+cp "$LOG" "$SAVED" 2>/dev/null || echo "$ME: cannot save the console log to $SAVED" >&2
+rc=$(sed -n 's/.*NEST EXIT rc=\([0-9][0-9]*\).*/\1/p' "$LOG" | tail -n1)
+if [ -z "$rc" ]; then
+    echo "$ME: L1 did not print NEST EXIT (qemu exit status $qrc; 124 = NEST_TIMEOUT hit); console: $SAVED" >&2
+    exit 255
+fi
+exit "$rc"

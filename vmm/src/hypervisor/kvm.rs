@@ -1,0 +1,273 @@
+//! The KVM backend.
+
+use std::sync::Arc;
+
+use devices::interrupt::Interrupt;
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_cpuid_entry2, kvm_msr_entry,
+    kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{HvResult, Hypervisor, HypervisorError, Vcpu, VcpuExit, Vm};
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+/// KVM on `/dev/kvm`.
+pub struct KvmHypervisor {
+    kvm: Kvm,
+}
+
+impl KvmHypervisor {
+    /// Opens `/dev/kvm`.
+    pub fn new() -> HvResult<Self> {
+        let kvm = Kvm::new().map_err(|e| HypervisorError::Open {
+            path: "/dev/kvm",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        Ok(Self { kvm })
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    fn create_vm(&self) -> HvResult<Arc<dyn Vm>> {
+        let vm = self
+            .kvm
+            .create_vm()
+            .map_err(HypervisorError::call("KVM_CREATE_VM"))?;
+        let cpuid = if cfg!(target_arch = "x86_64") {
+            self.kvm
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(HypervisorError::call("KVM_GET_SUPPORTED_CPUID"))?
+                .as_slice()
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(Arc::new(KvmVm {
+            vm,
+            cpuid,
+            run_size: self.kvm.get_vcpu_mmap_size().unwrap_or(0),
+        }))
+    }
+}
+
+struct KvmVm {
+    vm: VmFd,
+    cpuid: Vec<kvm_cpuid_entry2>,
+    #[allow(dead_code)]
+    run_size: usize,
+}
+
+/// An irqfd: writing the eventfd raises the GSI in the in-kernel irqchip.
+struct IrqFd(EventFd);
+
+impl Interrupt for IrqFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+impl Vm for KvmVm {
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> HvResult<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+            flags: 0,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped for the VM's lifetime.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(HypervisorError::call("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    fn create_vcpu(&self, index: u8) -> HvResult<Box<dyn Vcpu>> {
+        let fd = self
+            .vm
+            .create_vcpu(u64::from(index))
+            .map_err(HypervisorError::call("KVM_CREATE_VCPU"))?;
+        Ok(Box::new(KvmVcpu { fd }))
+    }
+
+    fn interrupt_line(&self, gsi: u32) -> HvResult<Arc<dyn Interrupt>> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| HypervisorError::Call {
+            op: "eventfd",
+            source,
+        })?;
+        self.vm
+            .register_irqfd(&evt, gsi)
+            .map_err(HypervisorError::call("KVM_IRQFD"))?;
+        Ok(Arc::new(IrqFd(evt)))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn setup_x86_platform(&self, tss_address: u64) -> HvResult<()> {
+        self.vm
+            .set_tss_address(tss_address as usize)
+            .map_err(HypervisorError::call("KVM_SET_TSS_ADDR"))?;
+        self.vm
+            .create_irq_chip()
+            .map_err(HypervisorError::call("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.vm
+            .create_pit2(pit)
+            .map_err(HypervisorError::call("KVM_CREATE_PIT2"))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn supported_cpuid(&self) -> HvResult<Vec<kvm_cpuid_entry2>> {
+        Ok(self.cpuid.clone())
+    }
+}
+
+struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+// LAPIC register offsets and delivery modes for the LINT pins.
+#[cfg(target_arch = "x86_64")]
+const APIC_LVT0: usize = 0x350;
+#[cfg(target_arch = "x86_64")]
+const APIC_LVT1: usize = 0x360;
+#[cfg(target_arch = "x86_64")]
+const APIC_MODE_NMI: u32 = 0x4;
+#[cfg(target_arch = "x86_64")]
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+#[cfg(target_arch = "x86_64")]
+fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
+    let mut bytes = [0u8; 4];
+    for (b, r) in bytes.iter_mut().zip(&regs[offset..offset + 4]) {
+        *b = *r as u8;
+    }
+    let v = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    for (r, b) in regs[offset..offset + 4].iter_mut().zip(v.to_le_bytes()) {
+        *r = b as std::os::raw::c_char;
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn run(&mut self) -> HvResult<VcpuExit<'_>> {
+        use kvm_ioctls::VcpuExit as K;
+        match self.fd.run() {
+            Ok(exit) => Ok(match exit {
+                K::IoIn(port, data) => VcpuExit::IoIn(port, data),
+                K::IoOut(port, data) => VcpuExit::IoOut(port, data),
+                K::MmioRead(addr, data) => VcpuExit::MmioRead(addr, data),
+                K::MmioWrite(addr, data) => VcpuExit::MmioWrite(addr, data),
+                K::Hlt => VcpuExit::Hlt,
+                K::Shutdown => VcpuExit::Shutdown,
+                K::Intr => VcpuExit::Interrupted,
+                K::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => VcpuExit::SystemOff,
+                K::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => VcpuExit::SystemReset,
+                K::FailEntry(reason, cpu) => VcpuExit::Unhandled(format!(
+                    "KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x} on cpu {cpu})"
+                )),
+                K::InternalError => VcpuExit::Unhandled(
+                    "KVM_EXIT_INTERNAL_ERROR (KVM could not emulate a guest instruction)".into(),
+                ),
+                other => VcpuExit::Unhandled(format!("{other:?}")),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VcpuExit::Interrupted)
+            }
+            Err(e) => Err(HypervisorError::call("KVM_RUN")(e)),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn configure_x86(
+        &mut self,
+        cpuid: &[kvm_cpuid_entry2],
+        msrs: &[kvm_msr_entry],
+        boot: Option<super::X86BootState<'_>>,
+    ) -> HvResult<()> {
+        let cpuid = CpuId::from_entries(cpuid).map_err(|_| HypervisorError::Call {
+            op: "KVM_SET_CPUID2",
+            source: std::io::Error::other("too many CPUID entries"),
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(HypervisorError::call("KVM_SET_CPUID2"))?;
+        let msr_list = Msrs::from_entries(msrs).map_err(|_| HypervisorError::Call {
+            op: "KVM_SET_MSRS",
+            source: std::io::Error::other("too many MSRs"),
+        })?;
+        let n = self
+            .fd
+            .set_msrs(&msr_list)
+            .map_err(HypervisorError::call("KVM_SET_MSRS"))?;
+        if n != msrs.len() {
+            return Err(HypervisorError::Call {
+                op: "KVM_SET_MSRS",
+                source: std::io::Error::other(format!("only {n} of {} MSRs were set", msrs.len())),
+            });
+        }
+        self.fd
+            .set_fpu(&arch::x86_64::regs::boot_fpu())
+            .map_err(HypervisorError::call("KVM_SET_FPU"))?;
+
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(HypervisorError::call("KVM_GET_LAPIC"))?;
+        set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+        set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(HypervisorError::call("KVM_SET_LAPIC"))?;
+
+        if let Some(boot) = boot {
+            let mut sregs = self
+                .fd
+                .get_sregs()
+                .map_err(HypervisorError::call("KVM_GET_SREGS"))?;
+            (boot.sregs_setup)(&mut sregs).map_err(|e| HypervisorError::Call {
+                op: "boot CPU state",
+                source: std::io::Error::other(e),
+            })?;
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(HypervisorError::call("KVM_SET_SREGS"))?;
+            self.fd
+                .set_regs(&boot.regs)
+                .map_err(HypervisorError::call("KVM_SET_REGS"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvt_mode_bits_are_replaced_only() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        regs[APIC_LVT0] = 0x10u8 as std::os::raw::c_char; // vector bits
+        regs[APIC_LVT0 + 1] = 0x05; // some previous mode
+        set_lvt_mode(&mut regs, APIC_LVT0, APIC_MODE_EXTINT);
+        assert_eq!(regs[APIC_LVT0] as u8, 0x10);
+        assert_eq!(regs[APIC_LVT0 + 1] as u8, 0x07);
+    }
+}

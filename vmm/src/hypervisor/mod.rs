@@ -1,0 +1,136 @@
+//! The hypervisor behind a small interface. Only this module's backends call hypervisor APIs
+//! (KVM ioctls today; Hypervisor.framework later); the rest of tern speaks these traits.
+//!
+//! Register state uses kvm-bindings' plain data types (`kvm_regs`, `kvm_sregs`, ...) as the
+//! common currency: they are just C structs, and another backend translates them.
+
+#[cfg(target_os = "linux")]
+pub mod kvm;
+
+use std::sync::Arc;
+
+use devices::interrupt::Interrupt;
+
+/// Errors from a hypervisor backend.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// The hypervisor device could not be opened.
+    #[error(
+        "cannot open {path}: {source} (is KVM available and are you allowed to use it? try `ls -l /dev/kvm`)"
+    )]
+    Open {
+        /// The device path.
+        path: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A hypervisor call failed.
+    #[error("{op} failed: {source}")]
+    Call {
+        /// The operation.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl HypervisorError {
+    pub(crate) fn call(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Self {
+        move |e| HypervisorError::Call {
+            op,
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        }
+    }
+}
+
+/// Result type of hypervisor calls.
+pub type HvResult<T> = std::result::Result<T, HypervisorError>;
+
+/// Why a vCPU stopped running guest code.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    /// Port read: fill the slice.
+    IoIn(u16, &'a mut [u8]),
+    /// Port write.
+    IoOut(u16, &'a [u8]),
+    /// MMIO read: fill the slice.
+    MmioRead(u64, &'a mut [u8]),
+    /// MMIO write.
+    MmioWrite(u64, &'a [u8]),
+    /// The vCPU halted (only without an in-kernel irqchip).
+    Hlt,
+    /// Triple fault or equivalent: the machine resets.
+    Shutdown,
+    /// The platform asked for power-off.
+    SystemOff,
+    /// The platform asked for a reset.
+    SystemReset,
+    /// The run was interrupted by a signal; run again.
+    Interrupted,
+    /// Something the VMM does not handle.
+    Unhandled(String),
+}
+
+/// A hypervisor: makes VMs.
+pub trait Hypervisor: Send + Sync {
+    /// A short name for logs ("kvm").
+    fn name(&self) -> &'static str;
+    /// The most vCPUs one VM may have.
+    fn max_vcpus(&self) -> usize;
+    /// A new, empty VM.
+    fn create_vm(&self) -> HvResult<Arc<dyn Vm>>;
+}
+
+/// A VM: memory, interrupt controllers, vCPUs.
+pub trait Vm: Send + Sync {
+    /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr`.
+    ///
+    /// # Safety
+    /// The host range must stay mapped and valid for as long as the VM exists.
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> HvResult<()>;
+
+    /// Creates vCPU `index`.
+    fn create_vcpu(&self, index: u8) -> HvResult<Box<dyn Vcpu>>;
+
+    /// An edge interrupt line into the guest's interrupt controller at `gsi`.
+    fn interrupt_line(&self, gsi: u32) -> HvResult<Arc<dyn Interrupt>>;
+
+    /// x86: in-kernel LAPIC/IOAPIC/PIC and PIT, and the TSS the hypervisor needs.
+    #[cfg(target_arch = "x86_64")]
+    fn setup_x86_platform(&self, tss_address: u64) -> HvResult<()>;
+
+    /// x86: the CPUID the hypervisor can give a guest.
+    #[cfg(target_arch = "x86_64")]
+    fn supported_cpuid(&self) -> HvResult<Vec<kvm_bindings::kvm_cpuid_entry2>>;
+}
+
+/// One virtual CPU. Runs on its own thread.
+pub trait Vcpu: Send {
+    /// Runs guest code until the next exit.
+    fn run(&mut self) -> HvResult<VcpuExit<'_>>;
+
+    /// x86: CPUID, MSRs, FPU, LAPIC LINT pins, then general and special registers.
+    /// `sregs_setup` adjusts the special registers read from the vCPU.
+    #[cfg(target_arch = "x86_64")]
+    fn configure_x86(
+        &mut self,
+        cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+        msrs: &[kvm_bindings::kvm_msr_entry],
+        boot: Option<X86BootState<'_>>,
+    ) -> HvResult<()>;
+}
+
+/// The boot vCPU's entry state on x86.
+#[cfg(target_arch = "x86_64")]
+pub struct X86BootState<'a> {
+    /// General-purpose registers.
+    pub regs: kvm_bindings::kvm_regs,
+    /// Edits the special registers (writes GDT/page tables as needed).
+    pub sregs_setup: &'a dyn Fn(&mut kvm_bindings::kvm_sregs) -> Result<(), String>,
+}

@@ -1,0 +1,348 @@
+//! Building a VM from [`VmResources`] and running it to its end.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use devices::exit::{ExitRequester, GuestExit};
+use devices::interrupt::IrqLine;
+use devices::legacy::serial::{ConsoleOutput, SerialDevice};
+use devices::{Bus, BusDevice};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::console::{RawTerminal, StdinInput};
+use crate::exit::{ExitChannel, VmStop};
+use crate::hypervisor::{Hypervisor, Vm, X86BootState};
+use crate::resources::{HostLimits, VmResources};
+use crate::vcpu::{self, Buses};
+use crate::{Error, Result};
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset (reboot).
+    Reset,
+    /// The guest kernel panicked (and then reset, with `panic=N`).
+    Panic,
+}
+
+/// Where the guest starts.
+pub enum Payload<'a> {
+    /// A Linux kernel from [`VmResources::boot_source`].
+    Linux,
+    /// Raw 16-bit real-mode code loaded at `load_addr` and entered at CS:IP = 0:`load_addr`.
+    /// For small test payloads that exercise the vCPU loop and devices.
+    RealMode {
+        /// The code.
+        code: &'a [u8],
+        /// Guest address to load and start at (below 64 KiB).
+        load_addr: u16,
+    },
+}
+
+/// Options that are not part of the VM description.
+pub struct RunOptions {
+    /// When the process started (for the boot timer).
+    pub start: Instant,
+    /// Console output; `None` means the configured path or stdout.
+    pub console: Option<Box<dyn Write + Send>>,
+    /// Forward stdin to the guest console when it is a terminal.
+    pub stdin_console: bool,
+}
+
+/// A built VM, vCPUs not yet started.
+pub struct BuiltVm {
+    _vm: Arc<dyn Vm>,
+    _mem: GuestMemoryMmap,
+    vcpus: Vec<(u8, Box<dyn crate::hypervisor::Vcpu>)>,
+    buses: Buses,
+    exit: Arc<ExitChannel>,
+    serial: Arc<Mutex<SerialDevice>>,
+    panicked: Arc<AtomicBool>,
+    stdin_console: bool,
+}
+
+fn guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap> {
+    let bytes = mem_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| Error::Memory(format!("{mem_mib} MiB overflows")))?;
+    let regions: Vec<(GuestAddress, usize)> = arch::x86_64::memory::ram_regions(bytes)
+        .into_iter()
+        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&regions)
+        .map_err(|e| Error::Memory(format!("cannot map {mem_mib} MiB of guest memory: {e}")))
+}
+
+fn map_guest_memory(vm: &dyn Vm, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        // SAFETY: the region belongs to `mem`, which `BuiltVm` keeps alive as long as the VM.
+        unsafe {
+            vm.map_memory(
+                slot as u32,
+                region.start_addr().0,
+                region.len(),
+                host as u64,
+            )
+        }?;
+    }
+    Ok(())
+}
+
+fn insert(bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<()> {
+    bus.insert(dev, base, len)
+        .map_err(|e| Error::Device(e.to_string()))
+}
+
+/// Builds the VM: memory, interrupt controllers, legacy devices, payload, platform tables and
+/// vCPU state.
+pub fn build(
+    hv: &dyn Hypervisor,
+    res: &VmResources,
+    payload: Payload<'_>,
+    opts: RunOptions,
+) -> Result<BuiltVm> {
+    use arch::x86_64::layout::*;
+
+    if matches!(payload, Payload::Linux) {
+        res.validate(&HostLimits::probe(hv.max_vcpus()))?;
+    }
+    let vcpu_count = res.machine_config.vcpu_count;
+    let mem = guest_memory(res.machine_config.mem_size_mib)?;
+    let vm = hv.create_vm()?;
+    map_guest_memory(vm.as_ref(), &mem)?;
+    vm.setup_x86_platform(KVM_TSS_ADDRESS)?;
+
+    let exit = Arc::new(ExitChannel::new()?);
+    let exit_dyn: Arc<dyn ExitRequester> = exit.clone();
+    let panicked = Arc::new(AtomicBool::new(false));
+    let out = match opts.console {
+        Some(o) => o,
+        None => crate::console::output(res.serial_out_path.as_deref()).map_err(|e| {
+            Error::Config(crate::resources::ConfigError::new(
+                "serial.serial_out_path",
+                format!(
+                    "{}: {e}",
+                    res.serial_out_path
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("-"))
+                        .display()
+                ),
+            ))
+        })?,
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        IrqLine(vm.interrupt_line(COM1_GSI)?),
+        ConsoleOutput::new(out, panicked.clone()),
+    )));
+
+    let mut pio = Bus::new();
+    insert(&mut pio, serial.clone(), u64::from(COM1_PORT), 8)?;
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(devices::legacy::i8042::I8042::new(
+            exit_dyn.clone(),
+        ))),
+        u64::from(I8042_PORT),
+        5,
+    )?;
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(devices::legacy::cmos::Cmos::default())),
+        u64::from(CMOS_PORT),
+        2,
+    )?;
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(
+            exit_dyn,
+            ACPI_S5_SLEEP_TYPE,
+            ACPI_RESET_VALUE,
+        ))),
+        u64::from(ACPI_SLEEP_CONTROL_PORT),
+        3,
+    )?;
+    let mut mmio = Bus::new();
+    if res.boot_timer {
+        insert(
+            &mut mmio,
+            Arc::new(Mutex::new(devices::legacy::boot_timer::BootTimer::new(
+                opts.start,
+                BOOT_TIMER_MAGIC,
+            ))),
+            BOOT_TIMER_START,
+            BOOT_TIMER_SIZE,
+        )?;
+    }
+    let buses = Buses {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+    };
+
+    let boot_entry = match payload {
+        Payload::Linux => Some(load_linux(&mem, res, vcpu_count)?),
+        Payload::RealMode { code, load_addr } => {
+            use vm_memory::Bytes;
+            mem.write_slice(code, GuestAddress(u64::from(load_addr)))
+                .map_err(|e| Error::Memory(format!("test payload: {e}")))?;
+            None
+        }
+    };
+
+    let supported = vm.supported_cpuid()?;
+    let msrs = arch::x86_64::msr::boot_msrs();
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    for index in 0..vcpu_count {
+        let mut vcpu = vm.create_vcpu(index)?;
+        let mut cpuid = supported.clone();
+        arch::x86_64::cpuid::normalize(&mut cpuid, index, vcpu_count);
+        if index > 0 {
+            // Application processors wait for the boot vCPU's INIT/SIPI in the in-kernel LAPIC.
+            vcpu.configure_x86(&cpuid, &msrs, None)?;
+        } else if let Some(entry) = boot_entry {
+            let mem = &mem;
+            let setup = move |s: &mut kvm_bindings::kvm_sregs| {
+                arch::x86_64::regs::setup_boot_sregs(mem, entry, s).map_err(|e| e.to_string())
+            };
+            let regs = arch::x86_64::regs::boot_regs(entry);
+            vcpu.configure_x86(
+                &cpuid,
+                &msrs,
+                Some(X86BootState {
+                    regs,
+                    sregs_setup: &setup,
+                }),
+            )?;
+        } else if let Payload::RealMode { load_addr, .. } = payload {
+            let setup = |s: &mut kvm_bindings::kvm_sregs| {
+                s.cs.base = 0;
+                s.cs.selector = 0;
+                Ok(())
+            };
+            let regs = kvm_bindings::kvm_regs {
+                rip: u64::from(load_addr),
+                rflags: 2,
+                ..Default::default()
+            };
+            vcpu.configure_x86(
+                &cpuid,
+                &msrs,
+                Some(X86BootState {
+                    regs,
+                    sregs_setup: &setup,
+                }),
+            )?;
+        }
+        vcpus.push((index, vcpu));
+    }
+
+    Ok(BuiltVm {
+        _vm: vm,
+        _mem: mem,
+        vcpus,
+        buses,
+        exit,
+        serial,
+        panicked,
+        stdin_console: opts.stdin_console,
+    })
+}
+
+fn load_linux(
+    mem: &GuestMemoryMmap,
+    res: &VmResources,
+    vcpu_count: u8,
+) -> Result<arch::x86_64::regs::BootEntry> {
+    let boot = res.boot_source.as_ref().ok_or_else(|| {
+        Error::Config(crate::resources::ConfigError::new("boot-source", "missing"))
+    })?;
+    let kernel = boot::load_kernel(mem, &boot.kernel_image_path, boot.boot_protocol)?;
+    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let initrd = match &boot.initrd_path {
+        Some(p) => Some(boot::load_initrd(
+            mem,
+            p,
+            &kernel,
+            arch::x86_64::memory::low_ram_end(&regions),
+        )?),
+        None => None,
+    };
+    let cmdline_len = boot::load_cmdline_str(mem, res.boot_args())?;
+    let rsdp = arch::x86_64::acpi::write_tables(mem, vcpu_count)?;
+    let e820 = arch::x86_64::memory::e820_map(&regions);
+    boot::write_boot_info(mem, &kernel, cmdline_len, initrd, &e820, rsdp)?;
+    log::info!(
+        "booting {} ({:?}, {:?}) with {} vCPUs and {} MiB",
+        boot.kernel_image_path.display(),
+        kernel.format,
+        kernel.entry,
+        vcpu_count,
+        res.machine_config.mem_size_mib
+    );
+    Ok(kernel.entry)
+}
+
+/// Wakes the event loop when a stop reason is posted.
+struct ExitListener(Arc<ExitChannel>);
+
+impl MutEventSubscriber for ExitListener {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0.evt, EventSet::IN)) {
+            log::error!("cannot watch the VM stop event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.evt.read();
+    }
+}
+
+impl BuiltVm {
+    /// Starts the vCPUs and runs the event loop until the VM stops.
+    pub fn run(self) -> Result<Outcome> {
+        let mut handles: Vec<JoinHandle<()>> = Vec::new();
+        let terminal = if self.stdin_console {
+            Some(RawTerminal::enter())
+        } else {
+            None
+        };
+        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        em.add_subscriber(Arc::new(Mutex::new(ExitListener(self.exit.clone()))));
+        if terminal.as_ref().is_some_and(|t| t.active()) {
+            em.add_subscriber(Arc::new(Mutex::new(StdinInput::new(self.serial.clone()))));
+        }
+        for (index, vcpu) in self.vcpus {
+            handles.push(vcpu::spawn(
+                index,
+                vcpu,
+                self.buses.clone(),
+                self.exit.clone(),
+            )?);
+        }
+        let stop = loop {
+            if let Some(stop) = self.exit.reason() {
+                break stop;
+            }
+            em.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        };
+        drop(terminal);
+        let _ = std::io::stdout().flush();
+        // vCPU threads still inside KVM_RUN end with the process; the VM is over.
+        match stop {
+            VmStop::Guest(_) if self.panicked.load(Ordering::SeqCst) => Ok(Outcome::Panic),
+            VmStop::Guest(GuestExit::PowerOff) => Ok(Outcome::PowerOff),
+            VmStop::Guest(GuestExit::Reset) => Ok(Outcome::Reset),
+            VmStop::VcpuFailed { index, reason } => Err(Error::Vcpu { index, reason }),
+        }
+    }
+}
