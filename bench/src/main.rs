@@ -1,1 +1,265 @@
-fn main() {}
+//! `tern-bench`: runs a VMM command and measures it the same way whatever the VMM.
+//!
+//! `tern-bench run [--timeout S] [--marker TEXT]... [--mem-sample-after TEXT --guest-mib N]
+//!                 [--kill-after TEXT] -- COMMAND...`
+//!
+//! Prints one JSON object: exit code (or signal), wall time, the time of the first line
+//! containing each marker (ms from spawn), the whole output (stdout and stderr interleaved, one
+//! line each, with ms timestamps), peak RSS (wait4's ru_maxrss) and, with `--mem-sample-after`,
+//! the VMM's RSS split into guest memory and everything else at the moment that marker appeared.
+//! The test harness and the benchmarks both use it, inside the nest or directly.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+#[derive(Serialize, Default)]
+struct Report {
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+    wall_ms: f64,
+    markers: Vec<(String, Option<f64>)>,
+    lines: Vec<(f64, char, String)>,
+    max_rss_kib: i64,
+    mem_sample: Option<MemSample>,
+}
+
+#[derive(Serialize, Clone, Copy, Default, Debug, PartialEq)]
+struct MemSample {
+    at_ms: f64,
+    rss_kib: u64,
+    guest_rss_kib: u64,
+    overhead_kib: u64,
+}
+
+/// Splits a process's resident memory into the guest-memory mappings (anonymous mappings at
+/// least `guest_bytes / 2` large: the guest RAM regions of any VMM) and the rest.
+fn split_rss(smaps: &str, guest_bytes: u64) -> (u64, u64) {
+    let (mut total, mut guest) = (0u64, 0u64);
+    let mut size_kib = 0u64;
+    let mut named = false;
+    for line in smaps.lines() {
+        let mut parts = line.split_whitespace();
+        let Some(first) = parts.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            named = parts.nth(4).is_some_and(|p| !p.starts_with("[anon"));
+            let mut range = first.split('-');
+            let a = range
+                .next()
+                .and_then(|x| u64::from_str_radix(x, 16).ok())
+                .unwrap_or(0);
+            let b = range
+                .next()
+                .and_then(|x| u64::from_str_radix(x, 16).ok())
+                .unwrap_or(0);
+            size_kib = b.saturating_sub(a) / 1024;
+        } else if first == "Rss:" {
+            let rss: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            total += rss;
+            if !named && size_kib * 1024 >= guest_bytes / 2 {
+                guest += rss;
+            }
+        }
+    }
+    (total, guest)
+}
+
+struct Args {
+    timeout: Duration,
+    markers: Vec<String>,
+    mem_after: Option<String>,
+    guest_mib: u64,
+    kill_after: Option<String>,
+    cmd: Vec<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    if it.next().as_deref() != Some("run") {
+        return Err("usage: tern-bench run [--timeout S] [--marker TEXT]... [--mem-sample-after TEXT --guest-mib N] [--kill-after TEXT] -- COMMAND...".into());
+    }
+    let mut a = Args {
+        timeout: Duration::from_secs(120),
+        markers: vec![],
+        mem_after: None,
+        guest_mib: 0,
+        kill_after: None,
+        cmd: vec![],
+    };
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--timeout" => {
+                a.timeout =
+                    Duration::from_secs_f64(val()?.parse().map_err(|e| format!("--timeout: {e}"))?)
+            }
+            "--marker" => a.markers.push(val()?),
+            "--mem-sample-after" => a.mem_after = Some(val()?),
+            "--guest-mib" => {
+                a.guest_mib = val()?.parse().map_err(|e| format!("--guest-mib: {e}"))?
+            }
+            "--kill-after" => a.kill_after = Some(val()?),
+            "--" => {
+                a.cmd = it.by_ref().collect();
+                break;
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.cmd.is_empty() {
+        return Err("no command given after --".into());
+    }
+    Ok(a)
+}
+
+fn pump(r: impl Read + Send + 'static, tag: char, tx: mpsc::Sender<(Instant, char, String)>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\n', '\r'])
+                        .replace('\r', "");
+                    if tx.send((Instant::now(), tag, line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tern-bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let t0 = Instant::now();
+    let mut child = match Command::new(&args.cmd[0])
+        .args(&args.cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tern-bench: cannot run {}: {e}", args.cmd[0]);
+            std::process::exit(2);
+        }
+    };
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = mpsc::channel();
+    if let Some(o) = child.stdout.take() {
+        pump(o, 'o', tx.clone());
+    }
+    if let Some(e) = child.stderr.take() {
+        pump(e, 'e', tx);
+    }
+    let ms = |t: Instant| (t - t0).as_secs_f64() * 1000.0;
+    let mut report = Report {
+        markers: args.markers.iter().map(|m| (m.clone(), None)).collect(),
+        ..Default::default()
+    };
+    let deadline = t0 + args.timeout;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            report.timed_out = true;
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok((t, tag, line)) => {
+                for (m, at) in report.markers.iter_mut() {
+                    if at.is_none() && line.contains(m.as_str()) {
+                        *at = Some(ms(t));
+                    }
+                }
+                if args.mem_after.as_deref().is_some_and(|m| line.contains(m))
+                    && report.mem_sample.is_none()
+                {
+                    // Let the guest settle for a moment, as a user's first command would.
+                    std::thread::sleep(Duration::from_millis(200));
+                    if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) {
+                        let (rss, guest) = split_rss(&s, args.guest_mib << 20);
+                        report.mem_sample = Some(MemSample {
+                            at_ms: ms(Instant::now()),
+                            rss_kib: rss,
+                            guest_rss_kib: guest,
+                            overhead_kib: rss - guest,
+                        });
+                    }
+                }
+                let kill = args.kill_after.as_deref().is_some_and(|m| line.contains(m));
+                report.lines.push((ms(t), tag, line));
+                if kill {
+                    if args.mem_after.is_none() || report.mem_sample.is_some() {
+                        // SAFETY: plain kill(2) of our own child.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe {
+        // SAFETY: rusage is plain old data; all-zero is a valid value.
+        std::mem::zeroed()
+    };
+    // SAFETY: waits for our own child; `status` and `usage` are valid for writes.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    report.wall_ms = ms(Instant::now());
+    if r == pid {
+        let st = std::process::ExitStatus::from_raw(status);
+        report.exit_code = st.code();
+        report.signal = st.signal();
+        report.max_rss_kib = usage.ru_maxrss;
+    }
+    // Drain what the pipes still held.
+    let _ = child.try_wait();
+    match serde_json::to_string(&report) {
+        Ok(s) => println!("{s}"),
+        Err(e) => {
+            eprintln!("tern-bench: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_mappings_are_split_from_the_rest() {
+        let smaps = "\
+7f0000000000-7f0010000000 rw-p 00000000 00:00 0 \n\
+Size:             262144 kB\n\
+Rss:               20000 kB\n\
+55d000000000-55d000100000 r-xp 00000000 08:01 123 /usr/bin/tern\n\
+Size:               1024 kB\n\
+Rss:                 900 kB\n\
+7f1000000000-7f1000200000 rw-p 00000000 00:00 0 \n\
+Rss:                 300 kB\n";
+        let (total, guest) = split_rss(smaps, 256 << 20);
+        assert_eq!(total, 21200);
+        assert_eq!(guest, 20000);
+    }
+}

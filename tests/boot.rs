@@ -1,0 +1,143 @@
+//! Boots the test guest under real KVM (directly or nested; see tests/common) and checks what
+//! the guest and tern report: vCPU count, memory, boot protocols, power-off, reboot, panic.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{Kernel, Outcome, Scenario};
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        vcpus: 1,
+        mem_mib: 256,
+        ..Scenario::new("pvh_1vcpu_256m")
+    },
+    Scenario {
+        vcpus: 2,
+        mem_mib: 5120,
+        ..Scenario::new("pvh_2vcpu_5g")
+    },
+    Scenario {
+        boot_protocol: Some("linux"),
+        vcpus: 2,
+        mem_mib: 256,
+        ..Scenario::new("linux64_vmlinux_2vcpu")
+    },
+    Scenario {
+        kernel: Kernel::BzImage,
+        vcpus: 1,
+        mem_mib: 512,
+        ..Scenario::new("bzimage_1vcpu_512m")
+    },
+    Scenario {
+        guest_cmd: "reboot",
+        ..Scenario::new("guest_reboot")
+    },
+    Scenario {
+        guest_cmd: "panic",
+        ..Scenario::new("guest_panic")
+    },
+];
+
+static BATCH: OnceLock<Result<common::Batch, String>> = OnceLock::new();
+
+fn run(name: &str) -> Option<&'static Outcome> {
+    common::outcome(&BATCH, "boot", SCENARIOS, name)
+}
+
+fn scenario(name: &str) -> &'static Scenario {
+    SCENARIOS
+        .iter()
+        .find(|s| s.name == name)
+        .expect("scenario is listed")
+}
+
+/// Booted, saw the expected CPUs and memory, powered off, tern exited 0.
+fn check_boot(name: &str, protocol_log: &str) {
+    let Some(o) = run(name) else { return };
+    let s = scenario(name);
+    let ctx = || format!("scenario {name}:\n{}", o.console());
+    assert!(!o.timed_out, "timed out; {}", ctx());
+    assert!(
+        o.marker_ms("GUEST BOOTED").is_some(),
+        "no GUEST BOOTED; {}",
+        ctx()
+    );
+    assert_eq!(
+        o.guest_value("NPROC").as_deref(),
+        Some(s.vcpus.to_string().as_str()),
+        "{}",
+        ctx()
+    );
+    let mem_kib: u64 = o
+        .guest_value("MEMTOTAL")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let configured = s.mem_mib * 1024;
+    // The kernel keeps its image (~16 MiB), page structs and reserved areas (~3%) out of
+    // MemTotal, and with RAM above 4 GiB also its 64 MiB swiotlb bounce buffer.
+    let swiotlb = if s.mem_mib > 3 * 1024 { 64 * 1024 } else { 0 };
+    let floor = configured - (16 * 1024 + swiotlb + configured * 3 / 100);
+    assert!(
+        (floor..=configured).contains(&mem_kib),
+        "MemTotal {mem_kib} kB not within [{floor}, {configured}] kB; {}",
+        ctx()
+    );
+    assert!(
+        o.has_line(protocol_log),
+        "tern did not log {protocol_log:?}; {}",
+        ctx()
+    );
+    assert!(o.marker_ms("GUEST POWEROFF").is_some(), "{}", ctx());
+    assert_eq!(o.exit_code, Some(0), "{}", ctx());
+}
+
+#[test]
+fn pvh_1vcpu_256m() {
+    check_boot("pvh_1vcpu_256m", "Pvh {");
+}
+
+#[test]
+fn pvh_2vcpu_5g() {
+    check_boot("pvh_2vcpu_5g", "Pvh {");
+}
+
+#[test]
+fn linux64_vmlinux_2vcpu() {
+    check_boot("linux64_vmlinux_2vcpu", "(Elf, Linux64 {");
+}
+
+#[test]
+fn bzimage_1vcpu_512m() {
+    check_boot("bzimage_1vcpu_512m", "(BzImage, Linux64 {");
+}
+
+#[test]
+fn guest_reboot_ends_tern_with_0() {
+    let Some(o) = run("guest_reboot") else { return };
+    assert!(!o.timed_out, "{}", o.console());
+    let marker = o
+        .marker_ms("GUEST REBOOT")
+        .unwrap_or_else(|| panic!("no GUEST REBOOT:\n{}", o.console()));
+    assert_eq!(o.exit_code, Some(0), "{}", o.console());
+    // Reported, not asserted: timings vary with the host (and a nest).
+    eprintln!(
+        "guest_reboot: tern exited {:.0} ms after GUEST REBOOT",
+        o.wall_ms - marker
+    );
+}
+
+#[test]
+fn guest_panic_ends_tern_with_2_and_shows_the_panic() {
+    let Some(o) = run("guest_panic") else { return };
+    assert!(!o.timed_out, "{}", o.console());
+    assert!(o.marker_ms("GUEST PANIC").is_some(), "{}", o.console());
+    assert!(o.has_line("Kernel panic - not syncing"), "{}", o.console());
+    assert!(
+        o.has_line("tern: the guest kernel panicked"),
+        "{}",
+        o.console()
+    );
+    assert_eq!(o.exit_code, Some(2), "{}", o.console());
+}

@@ -1,0 +1,388 @@
+//! The integration-test harness: boots real guests under real KVM semantics.
+//!
+//! A scenario is written once (the VM's configuration and the guest's command), and the harness
+//! decides where it runs:
+//! - **direct** on a host whose `/dev/kvm` is hardware KVM (`kvm_intel` or `kvm_amd` loaded);
+//! - **nested** elsewhere: `tools/nest-x86_64.sh` boots an L1 Linux under QEMU TCG with an
+//!   emulated AMD SVM CPU, whose KVM is real, and tern runs inside L1. All scenarios of a test
+//!   binary share one L1 boot;
+//! - **skip**, printing why, when neither is possible.
+//!
+//! `TERN_TEST_MODE=direct|nested|skip` forces a mode. Both modes run the very same generated
+//! shell script, in which `tern-bench run` starts tern, timestamps its output and reports in
+//! JSON; the harness parses those reports and each `#[test]` checks its scenario's.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+
+/// Which kernel file a scenario boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The ELF vmlinux.
+    Vmlinux,
+    /// The bzImage.
+    BzImage,
+}
+
+/// One VM run: configuration plus what the guest does.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Unique name (also the `#[test]` that checks it).
+    pub name: &'static str,
+    pub kernel: Kernel,
+    /// tern's `boot_protocol` extension, if set.
+    pub boot_protocol: Option<&'static str>,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// `guest.cmd=` for the guest init: poweroff, reboot, panic.
+    pub guest_cmd: &'static str,
+    /// More kernel command-line arguments.
+    pub extra_args: &'static str,
+    /// Extra tern flags.
+    pub tern_flags: &'static [&'static str],
+    /// Seconds before the harness kills tern.
+    pub timeout_s: u32,
+}
+
+impl Scenario {
+    pub const fn new(name: &'static str) -> Self {
+        Scenario {
+            name,
+            kernel: Kernel::Vmlinux,
+            boot_protocol: None,
+            vcpus: 1,
+            mem_mib: 256,
+            guest_cmd: "poweroff",
+            extra_args: "",
+            tern_flags: &[],
+            timeout_s: 120,
+        }
+    }
+}
+
+/// What `tern-bench run` reported for a scenario.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Outcome {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub wall_ms: f64,
+    pub markers: Vec<(String, Option<f64>)>,
+    /// (ms since start, 'o' stdout | 'e' stderr, text)
+    pub lines: Vec<(f64, char, String)>,
+    pub max_rss_kib: i64,
+}
+
+impl Outcome {
+    pub fn marker_ms(&self, m: &str) -> Option<f64> {
+        self.markers
+            .iter()
+            .find(|(k, _)| k == m)
+            .and_then(|(_, v)| *v)
+    }
+
+    /// The value after `GUEST <KEY> ` on the console.
+    pub fn guest_value(&self, key: &str) -> Option<String> {
+        let prefix = format!("GUEST {key} ");
+        self.lines.iter().find_map(|(_, _, l)| {
+            l.find(&prefix)
+                .map(|i| l[i + prefix.len()..].trim().to_string())
+        })
+    }
+
+    pub fn console(&self) -> String {
+        self.lines
+            .iter()
+            .map(|(t, s, l)| format!("{t:9.1} {s} {l}\n"))
+            .collect()
+    }
+
+    pub fn has_line(&self, text: &str) -> bool {
+        self.lines.iter().any(|(_, _, l)| l.contains(text))
+    }
+}
+
+/// How scenarios run on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    Nested,
+}
+
+pub const MARKERS: &[&str] = &[
+    "GUEST BOOTED",
+    "GUEST POWEROFF",
+    "GUEST REBOOT",
+    "GUEST PANIC",
+    "Kernel panic",
+];
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn hardware_kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+        && (Path::new("/sys/module/kvm_intel").exists()
+            || Path::new("/sys/module/kvm_amd").exists())
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Direct, nested, or the reason scenarios cannot run here.
+pub fn mode() -> Result<Mode, String> {
+    match std::env::var("TERN_TEST_MODE").as_deref() {
+        Ok("direct") => return Ok(Mode::Direct),
+        Ok("nested") => return Ok(Mode::Nested),
+        Ok("skip") => return Err("TERN_TEST_MODE=skip".into()),
+        _ => {}
+    }
+    if hardware_kvm() {
+        return Ok(Mode::Direct);
+    }
+    if have("qemu-system-x86_64") {
+        return Ok(Mode::Nested);
+    }
+    Err("no hardware KVM (kvm_intel/kvm_amd) and no qemu-system-x86_64 for the nest; install qemu-system-x86 (see README)".into())
+}
+
+/// The guest files: kernels from `TERN_GUEST_DIR` or `../shared/guest` when present, otherwise
+/// tern's own guest; the initramfs (with tern's `guest/init`) always from `tools/make-guest.sh`.
+pub struct GuestFiles {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+pub fn guest_files() -> Result<GuestFiles, String> {
+    let own = std::env::var("TERN_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/tern")
+        })
+        .join("guest");
+    let status = Command::new("bash")
+        .arg(workspace().join("tools/make-guest.sh"))
+        .env("OUT", &own)
+        .status()
+        .map_err(|e| format!("tools/make-guest.sh: {e}"))?;
+    if !status.success() {
+        return Err(format!("tools/make-guest.sh failed ({status})"));
+    }
+    let shared = std::env::var("TERN_GUEST_DIR")
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| {
+            Some(workspace().join("../shared/guest")).filter(|p| p.join("vmlinux").exists())
+        });
+    let kdir = shared.unwrap_or_else(|| own.clone());
+    let files = GuestFiles {
+        vmlinux: kdir.join("vmlinux"),
+        bzimage: kdir.join("bzImage"),
+        initramfs: own.join("initramfs.cpio.gz"),
+    };
+    for f in [&files.vmlinux, &files.bzimage, &files.initramfs] {
+        if !f.exists() {
+            return Err(format!("guest file {} is missing", f.display()));
+        }
+    }
+    Ok(files)
+}
+
+fn config_json(s: &Scenario) -> String {
+    let kernel = match s.kernel {
+        Kernel::Vmlinux => "vmlinux",
+        Kernel::BzImage => "bzImage",
+    };
+    let proto = s
+        .boot_protocol
+        .map(|p| format!(r#", "boot_protocol": "{p}""#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{kernel}", "initrd_path": "initramfs.cpio.gz",
+  "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet guest.cmd={} {}"{proto}}},
+ "machine-config": {{"vcpu_count": {}, "mem_size_mib": {}}}}}
+"#,
+        s.guest_cmd, s.extra_args, s.vcpus, s.mem_mib
+    )
+}
+
+/// Writes the run directory: binaries, guest files, one config per scenario, `run.sh`.
+fn stage(dir: &Path, scenarios: &[Scenario], guest: &GuestFiles) -> std::io::Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(env!("CARGO_BIN_EXE_tern"), dir.join("tern"))?;
+    std::fs::copy(env!("CARGO_BIN_EXE_tern-bench"), dir.join("tern-bench"))?;
+    std::fs::copy(&guest.vmlinux, dir.join("vmlinux"))?;
+    std::fs::copy(&guest.bzimage, dir.join("bzImage"))?;
+    std::fs::copy(&guest.initramfs, dir.join("initramfs.cpio.gz"))?;
+    let mut script = String::from(
+        "#!/bin/sh\n# Generated by tests/common/mod.rs: one block per scenario; runs in the staging dir.\n",
+    );
+    for s in scenarios {
+        std::fs::write(dir.join(format!("{}.json", s.name)), config_json(s))?;
+        let markers: String = MARKERS.iter().map(|m| format!(" --marker '{m}'")).collect();
+        let flags: String = s.tern_flags.iter().map(|f| format!(" {f}")).collect();
+        let _ = writeln!(
+            script,
+            "./tern-bench run --timeout {t}{markers} -- ./tern --no-api --config-file {n}.json{flags} > {n}.result 2>&1\n\
+             echo '@@SCENARIO {n}'; cat {n}.result; echo; echo '@@END {n}'",
+            t = s.timeout_s,
+            n = s.name
+        );
+    }
+    std::fs::write(dir.join("run.sh"), script)
+}
+
+/// Pulls `@@SCENARIO name` ... `@@END name` blocks out of the output.
+pub fn parse_blocks(out: &str) -> HashMap<String, String> {
+    let mut blocks = HashMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in out.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(name) = line.strip_prefix("@@SCENARIO ") {
+            current = Some((name.trim().to_string(), String::new()));
+        } else if let Some(name) = line.strip_prefix("@@END ") {
+            if let Some((n, body)) = current.take() {
+                if n == name.trim() {
+                    blocks.insert(n, body);
+                }
+            }
+        } else if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    blocks
+}
+
+pub struct Batch {
+    pub mode: Mode,
+    pub results: HashMap<String, Result<Outcome, String>>,
+}
+
+/// Runs all `scenarios` (once per test binary) and returns each one's outcome.
+pub fn run_batch(tag: &str, scenarios: &[Scenario]) -> Result<Batch, String> {
+    let mode = mode()?;
+    let guest = guest_files()?;
+    let dir = workspace().join("target").join("scenarios").join(tag);
+    stage(&dir, scenarios, &guest).map_err(|e| format!("staging {}: {e}", dir.display()))?;
+    let output = match mode {
+        Mode::Direct => Command::new("sh").arg("run.sh").current_dir(&dir).output(),
+        Mode::Nested => {
+            let total: u32 = scenarios.iter().map(|s| s.timeout_s).sum();
+            let max_mem = scenarios.iter().map(|s| s.mem_mib).max().unwrap_or(256);
+            // L1 must hold the largest guest's mapping plus its own ~1 GiB.
+            let l1_mem = (max_mem + 2048).max(3072);
+            Command::new("bash")
+                .arg(workspace().join("tools/nest-x86_64.sh"))
+                .arg("-s")
+                .arg(dir.join("run.sh"))
+                .args(
+                    [
+                        "tern",
+                        "tern-bench",
+                        "vmlinux",
+                        "bzImage",
+                        "initramfs.cpio.gz",
+                    ]
+                    .map(|f| dir.join(f)),
+                )
+                .args(
+                    scenarios
+                        .iter()
+                        .map(|s| dir.join(format!("{}.json", s.name))),
+                )
+                .env("L1_MEM", l1_mem.to_string())
+                .env("NEST_TIMEOUT", (total + 300).to_string())
+                .output()
+        }
+    }
+    .map_err(|e| format!("running the scenarios: {e}"))?;
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    std::fs::write(dir.join("console.log"), &out).ok();
+    let blocks = parse_blocks(&out);
+    let mut results = HashMap::new();
+    for s in scenarios {
+        let r = match blocks.get(s.name) {
+            Some(body) => {
+                let json = body.lines().find(|l| l.starts_with('{')).unwrap_or("");
+                serde_json::from_str::<Outcome>(json)
+                    .map_err(|e| format!("scenario {}: unreadable report ({e}):\n{body}", s.name))
+            }
+            None => Err(format!(
+                "scenario {} produced no report ({:?} mode, exit {:?}); see {}/console.log; stderr:\n{}",
+                s.name,
+                mode,
+                output.status.code(),
+                dir.display(),
+                String::from_utf8_lossy(&output.stderr)
+            )),
+        };
+        results.insert(s.name.to_string(), r);
+    }
+    let summary = workspace().join("target").join("scenario-summary.txt");
+    let line = format!(
+        "{tag}: {} integration scenarios ran {}\n",
+        scenarios.len(),
+        match mode {
+            Mode::Direct => "direct",
+            Mode::Nested => "nested",
+        }
+    );
+    let mut prev = std::fs::read_to_string(&summary).unwrap_or_default();
+    prev.push_str(&line);
+    std::fs::write(&summary, prev).ok();
+    eprint!("{line}");
+    Ok(Batch { mode, results })
+}
+
+/// The outcome of `name` from a batch computed once in `cell`; `None` means skipped (printed).
+pub fn outcome<'a>(
+    cell: &'a OnceLock<Result<Batch, String>>,
+    tag: &str,
+    scenarios: &[Scenario],
+    name: &str,
+) -> Option<&'a Outcome> {
+    let batch = cell.get_or_init(|| run_batch(tag, scenarios));
+    match batch {
+        Err(why)
+            if why.starts_with("no hardware KVM") || why.starts_with("TERN_TEST_MODE=skip") =>
+        {
+            eprintln!("SKIPPED {name}: {why}");
+            None
+        }
+        Err(why) => panic!("scenario batch {tag} failed: {why}"),
+        Ok(b) => match b.results.get(name) {
+            Some(Ok(o)) => Some(o),
+            Some(Err(e)) => panic!("{e}"),
+            None => panic!("scenario {name} is not in batch {tag}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_parse_with_noise() {
+        let out = "noise\n@@SCENARIO a\n[ 1.0] kvm: x\n{\"x\":1}\n@@END a\n@@SCENARIO b\ntruncated";
+        let b = parse_blocks(out);
+        assert_eq!(b.len(), 1);
+        assert!(b["a"].contains("{\"x\":1}"));
+    }
+}
