@@ -207,11 +207,9 @@ fn main() {
                 }
                 let kill = args.kill_after.as_deref().is_some_and(|m| line.contains(m));
                 report.lines.push((ms(t), tag, line));
-                if kill {
-                    if args.mem_after.is_none() || report.mem_sample.is_some() {
-                        // SAFETY: plain kill(2) of our own child.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
+                if kill && (args.mem_after.is_none() || report.mem_sample.is_some()) {
+                    // SAFETY: plain kill(2) of our own child.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
