@@ -129,6 +129,11 @@ fn main() -> ExitCode {
     };
     logger::init(log_cfg, sink);
     resources.boot_timer = cli.boot_timer;
+    // Everything that can be checked without the hypervisor is checked first.
+    let host = vmm::resources::HostLimits::probe(usize::from(vmm::resources::MAX_VCPUS));
+    if let Err(e) = resources.validate(&host) {
+        return fail(e);
+    }
 
     let hv = match vmm::hypervisor::kvm::KvmHypervisor::new() {
         Ok(h) => h,
@@ -139,7 +144,9 @@ fn main() -> ExitCode {
         console: None,
         stdin_console: true,
     };
-    let outcome = vmm::vm::build(&hv, &resources, Payload::Linux, opts).and_then(|vm| vm.run());
+    let outcome = vmm::vm::build(&hv, &resources, Payload::Linux, opts)
+        .and_then(|vm| vm.run())
+        .map(|r| r.outcome);
     match outcome {
         Ok(Outcome::PowerOff) => {
             log::info!("guest powered off");

@@ -174,6 +174,25 @@ impl VmResources {
             )
         })?;
         check_file("boot-source.kernel_image_path", &boot.kernel_image_path)?;
+        #[cfg(target_arch = "x86_64")]
+        {
+            let path = &boot.kernel_image_path;
+            let mut f = std::fs::File::open(path).map_err(|e| {
+                ConfigError::new(
+                    "boot-source.kernel_image_path",
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            boot::detect_format(path, &mut f).map_err(|_| {
+                ConfigError::new(
+                    "boot-source.kernel_image_path",
+                    format!(
+                        "{} is not a Linux kernel (expected an ELF vmlinux or a bzImage)",
+                        path.display()
+                    ),
+                )
+            })?;
+        }
         if let Some(initrd) = &boot.initrd_path {
             check_file("boot-source.initrd_path", initrd)?;
         }
@@ -222,6 +241,7 @@ mod tests {
     };
 
     fn with_kernel() -> VmResources {
+        // Any ELF file passes the format check; the test binary is one.
         VmResources {
             boot_source: Some(BootSource {
                 kernel_image_path: std::env::current_exe().unwrap(),
@@ -276,6 +296,14 @@ mod tests {
         let e = r.validate(&HOST).unwrap_err();
         assert_eq!(e.field, "boot-source.kernel_image_path");
         assert!(e.message.contains("/no/such/vmlinux"));
+        let mut r = with_kernel();
+        r.boot_source.as_mut().unwrap().kernel_image_path = "/etc/hostname".into();
+        assert!(
+            r.validate(&HOST)
+                .unwrap_err()
+                .message
+                .contains("not a Linux kernel")
+        );
         let mut r = with_kernel();
         r.boot_source.as_mut().unwrap().initrd_path = Some("/".into());
         assert!(

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use devices::exit::{ExitRequester, GuestExit};
 use devices::interrupt::IrqLine;
+use devices::legacy::boot_timer::BootTimer;
 use devices::legacy::serial::{ConsoleOutput, SerialDevice};
 use devices::{Bus, BusDevice};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -36,13 +37,13 @@ pub enum Outcome {
 pub enum Payload<'a> {
     /// A Linux kernel from [`VmResources::boot_source`].
     Linux,
-    /// Raw 16-bit real-mode code loaded at `load_addr` and entered at CS:IP = 0:`load_addr`.
-    /// For small test payloads that exercise the vCPU loop and devices.
-    RealMode {
+    /// Raw 32-bit code, loaded at `load_addr` and entered in flat protected mode (the PVH entry
+    /// state, paging off). For small test payloads that exercise the vCPU loop and devices.
+    Flat32 {
         /// The code.
         code: &'a [u8],
-        /// Guest address to load and start at (below 64 KiB).
-        load_addr: u16,
+        /// Guest address to load and start at.
+        load_addr: u64,
     },
 }
 
@@ -66,6 +67,16 @@ pub struct BuiltVm {
     serial: Arc<Mutex<SerialDevice>>,
     panicked: Arc<AtomicBool>,
     stdin_console: bool,
+    boot_timer: Option<Arc<Mutex<BootTimer>>>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    /// How the VM ended.
+    pub outcome: Outcome,
+    /// Wall and CPU time from process start to the guest's boot-timer write, if it wrote.
+    pub boot_time: Option<(std::time::Duration, std::time::Duration)>,
 }
 
 fn guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap> {
@@ -172,17 +183,13 @@ pub fn build(
         3,
     )?;
     let mut mmio = Bus::new();
-    if res.boot_timer {
-        insert(
-            &mut mmio,
-            Arc::new(Mutex::new(devices::legacy::boot_timer::BootTimer::new(
-                opts.start,
-                BOOT_TIMER_MAGIC,
-            ))),
-            BOOT_TIMER_START,
-            BOOT_TIMER_SIZE,
-        )?;
-    }
+    let boot_timer = if res.boot_timer {
+        let timer = Arc::new(Mutex::new(BootTimer::new(opts.start, BOOT_TIMER_MAGIC)));
+        insert(&mut mmio, timer.clone(), BOOT_TIMER_START, BOOT_TIMER_SIZE)?;
+        Some(timer)
+    } else {
+        None
+    };
     let buses = Buses {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
@@ -190,11 +197,11 @@ pub fn build(
 
     let boot_entry = match payload {
         Payload::Linux => Some(load_linux(&mem, res, vcpu_count)?),
-        Payload::RealMode { code, load_addr } => {
+        Payload::Flat32 { code, load_addr } => {
             use vm_memory::Bytes;
-            mem.write_slice(code, GuestAddress(u64::from(load_addr)))
+            mem.write_slice(code, GuestAddress(load_addr))
                 .map_err(|e| Error::Memory(format!("test payload: {e}")))?;
-            None
+            Some(arch::x86_64::regs::BootEntry::Pvh { entry: load_addr })
         }
     };
 
@@ -222,25 +229,6 @@ pub fn build(
                     sregs_setup: &setup,
                 }),
             )?;
-        } else if let Payload::RealMode { load_addr, .. } = payload {
-            let setup = |s: &mut kvm_bindings::kvm_sregs| {
-                s.cs.base = 0;
-                s.cs.selector = 0;
-                Ok(())
-            };
-            let regs = kvm_bindings::kvm_regs {
-                rip: u64::from(load_addr),
-                rflags: 2,
-                ..Default::default()
-            };
-            vcpu.configure_x86(
-                &cpuid,
-                &msrs,
-                Some(X86BootState {
-                    regs,
-                    sregs_setup: &setup,
-                }),
-            )?;
         }
         vcpus.push((index, vcpu));
     }
@@ -254,6 +242,7 @@ pub fn build(
         serial,
         panicked,
         stdin_console: opts.stdin_console,
+        boot_timer,
     })
 }
 
@@ -308,7 +297,7 @@ impl MutEventSubscriber for ExitListener {
 
 impl BuiltVm {
     /// Starts the vCPUs and runs the event loop until the VM stops.
-    pub fn run(self) -> Result<Outcome> {
+    pub fn run(self) -> Result<RunReport> {
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
         let terminal = if self.stdin_console {
             Some(RawTerminal::enter())
@@ -338,11 +327,15 @@ impl BuiltVm {
         drop(terminal);
         let _ = std::io::stdout().flush();
         // vCPU threads still inside KVM_RUN end with the process; the VM is over.
-        match stop {
-            VmStop::Guest(_) if self.panicked.load(Ordering::SeqCst) => Ok(Outcome::Panic),
-            VmStop::Guest(GuestExit::PowerOff) => Ok(Outcome::PowerOff),
-            VmStop::Guest(GuestExit::Reset) => Ok(Outcome::Reset),
-            VmStop::VcpuFailed { index, reason } => Err(Error::Vcpu { index, reason }),
-        }
+        let outcome = match stop {
+            VmStop::Guest(_) if self.panicked.load(Ordering::SeqCst) => Outcome::Panic,
+            VmStop::Guest(GuestExit::PowerOff) => Outcome::PowerOff,
+            VmStop::Guest(GuestExit::Reset) => Outcome::Reset,
+            VmStop::VcpuFailed { index, reason } => return Err(Error::Vcpu { index, reason }),
+        };
+        let boot_time = self
+            .boot_timer
+            .and_then(|t| t.lock().unwrap_or_else(|p| p.into_inner()).last);
+        Ok(RunReport { outcome, boot_time })
     }
 }
