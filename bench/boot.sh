@@ -1,0 +1,55 @@
+#!/bin/bash
+# Boot time and VMM memory overhead of tern beside QEMU's microvm machine, same kernel, initramfs
+# and command line, same run, both measured by tern-bench:
+#   boot time: spawn -> the guest's "GUEST BOOTED" console line (guest.cmd=poweroff), and -> exit
+#   memory:    VMM RSS minus the RSS of its guest-RAM mappings, 200 ms after "GUEST BOOTED"
+#              (guest.cmd=shell; the VMM is killed after the sample)
+# Runs directly on hardware KVM, otherwise inside the nest (tools/nest-x86_64.sh), like the tests.
+#   bench/boot.sh [-n RUNS] [-m MIB]     (default 10 runs, 256 MiB, 1 vCPU)
+# Prints a Markdown table; raw JSON lines go to target/bench/boot/results.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=10 MEM=256
+while getopts 'n:m:' o; do case $o in n) N=$OPTARG ;; m) MEM=$OPTARG ;; *) exit 2 ;; esac; done
+bash tools/deps.sh
+cargo build --release -j2 --bin tern --bin tern-bench
+bash tools/make-guest.sh >/dev/null
+OWN=${TERN_CACHE:-$HOME/.cache/tern}/guest
+G=${TERN_GUEST_DIR:-../shared/guest}
+KERNEL=$G/vmlinux; [ -f "$KERNEL" ] || KERNEL=$OWN/vmlinux
+D=target/bench/boot; rm -rf "$D"; mkdir -p "$D/fw"
+cp target/release/tern target/release/tern-bench "$KERNEL" "$OWN/initramfs.cpio.gz" "$D/"
+QEMU=$(command -v qemu-system-x86_64)
+cp "$QEMU" "$D/"
+for f in bios-microvm.bin qboot.rom; do cp -L "/usr/share/qemu/$f" "$D/fw/" 2>/dev/null || true; done
+ARGS="console=ttyS0 reboot=k panic=1 pci=off quiet"
+for cmd in poweroff shell; do
+cat > "$D/tern-$cmd.json" <<JSON
+{"boot-source": {"kernel_image_path": "vmlinux", "initrd_path": "initramfs.cpio.gz",
+  "boot_args": "$ARGS guest.cmd=$cmd"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": $MEM}}
+JSON
+done
+cp "$KERNEL" "$D/vmlinux" 2>/dev/null || true
+Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m $MEM -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -initrd initramfs.cpio.gz"
+{
+    echo 'for i in $(seq '"$N"'); do'
+    echo '  echo "@@R tern boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- ./tern --no-api --level Warning --config-file tern-poweroff.json)"'
+    echo '  echo "@@R qemu boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- '"$Q"' -append "'"$ARGS"' guest.cmd=poweroff")"'
+    echo '  echo "@@R tern mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- ./tern --no-api --level Warning --config-file tern-shell.json)"'
+    echo '  echo "@@R qemu mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- '"$Q"' -append "'"$ARGS"' guest.cmd=shell")"'
+    echo 'done'
+} > "$D/run.sh"
+hw_kvm() { [ -c /dev/kvm ] && { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; }; }
+if hw_kvm; then
+    where="directly on hardware KVM"
+    (cd "$D" && sh run.sh) > "$D/out.txt"
+else
+    where="nested: L1 under QEMU TCG (-cpu max,+svm), both VMMs inside L1 with its KVM"
+    L1_MEM=$((MEM + 2048)) NEST_TIMEOUT=$((N * 240 + 300)) bash tools/nest-x86_64.sh -s "$D/run.sh" \
+        "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/initramfs.cpio.gz" "$D/tern-poweroff.json" \
+        "$D/tern-shell.json" "$D/qemu-system-x86_64" "$D/fw" > "$D/out.txt"
+fi
+grep -a '^@@R ' "$D/out.txt" | sed 's/^@@R //' > "$D/results.jsonl"
+python3 bench/summarize.py "$D/results.jsonl" --where "$where" --runs "$N" --mem "$MEM" \
+    --qemu "$("$QEMU" --version | head -1)" --kernel "$KERNEL"

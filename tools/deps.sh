@@ -1,0 +1,33 @@
+#!/bin/bash
+# Installs what tern's build, tests and demo need on Debian/Ubuntu, skipping what is there:
+# a Rust toolchain (>= 1.85, for edition 2024), and for the nest (hosts without hardware KVM)
+# QEMU, busybox-static, cpio, binutils, kmod, xz-utils, zstd.
+set -euo pipefail
+SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+missing=()
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
+need qemu-system-x86_64 qemu-system-x86
+# The nest and the guest initramfs copy /bin/busybox as it is: it must be the static one.
+if [ ! -x /bin/busybox ] || readelf -l /bin/busybox 2>/dev/null | grep -q INTERP; then missing+=(busybox-static); fi
+need cpio cpio
+need readelf binutils
+need depmod kmod
+need xz xz-utils
+need zstd zstd
+need python3 python3
+need cc gcc
+rust_ok() {
+    command -v cargo >/dev/null 2>&1 || return 1
+    local v; v=$(rustc --version 2>/dev/null | awk '{print $2}')
+    [ "$(printf '%s\n1.85.0\n' "$v" | sort -V | head -1)" = 1.85.0 ]
+}
+if ! rust_ok; then
+    # Debian bookworm ships a current Rust as rustc-web/cargo-web (bookworm-security).
+    if apt-cache show rustc-web >/dev/null 2>&1; then missing+=(rustc-web cargo-web); else missing+=(rustc cargo); fi
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "tools/deps.sh: installing ${missing[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+rust_ok || { echo "tools/deps.sh: no Rust >= 1.85 after installing; install one (rustup) and retry" >&2; exit 1; }

@@ -1,0 +1,19 @@
+#!/bin/bash
+# Runs every test: unit tests, host-KVM payload tests, CLI tests, and the guest-boot scenarios
+# (directly on hardware KVM, otherwise nested in QEMU; see tests/common/mod.rs).
+# Guest kernels come from $TERN_GUEST_DIR or ../shared/guest when present, else from
+# tools/make-guest.sh (Debian's cloud kernel). Pass extra cargo test arguments after the script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/deps.sh
+rm -f target/scenario-summary.txt
+status=0
+cargo test --workspace -j2 "$@" || status=$?
+echo "== integration scenarios =="
+if [ -f target/scenario-summary.txt ]; then
+    cat target/scenario-summary.txt
+    awk '{n[$NF]+=$2} END {printf "total: %d nested, %d direct\n", n["nested"], n["direct"]}' target/scenario-summary.txt
+else
+    echo "no integration scenario ran"
+fi
+exit $status
