@@ -28,6 +28,16 @@ const SCENARIOS: &[Scenario] = &[
         kernel: Kernel::BzImage,
         vcpus: 1,
         mem_mib: 512,
+        // Firecracker's logging flags; /proc/self/fd/2 (stderr) so the lines reach tern-bench.
+        tern_flags: &[
+            "--id",
+            "vm-7",
+            "--log-path",
+            "/proc/self/fd/2",
+            "--show-level",
+            "--level",
+            "Info",
+        ],
         ..Scenario::new("bzimage_1vcpu_512m")
     },
     Scenario {
@@ -109,8 +119,12 @@ fn linux64_vmlinux_2vcpu() {
 }
 
 #[test]
-fn bzimage_1vcpu_512m() {
+fn bzimage_1vcpu_512m_with_logging_flags() {
     check_boot("bzimage_1vcpu_512m", "(BzImage, Linux64 {");
+    let Some(o) = run("bzimage_1vcpu_512m") else {
+        return;
+    };
+    assert!(o.has_line("[vm-7:main]:INFO booting"), "{}", o.console());
 }
 
 #[test]

@@ -217,6 +217,35 @@ fn several_vcpus_are_created_and_the_boot_vcpu_runs() {
 }
 
 #[test]
+fn serial_output_goes_to_the_configured_file() {
+    let Some(hv) = kvm() else { return };
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serial-out.txt");
+    let _ = std::fs::remove_file(&path);
+    let mut res = VmResources::default();
+    res.machine_config.mem_size_mib = 16;
+    res.serial_out_path = Some(path.clone());
+    let code = Asm::default().print(b"to a file\n").poweroff();
+    let opts = RunOptions {
+        start: Instant::now(),
+        console: None,
+        stdin_console: false,
+    };
+    let r = vmm::vm::build(
+        &hv,
+        &res,
+        Payload::Flat32 {
+            code: &code.0,
+            load_addr: LOAD_ADDR,
+        },
+        opts,
+    )
+    .and_then(|vm| vm.run())
+    .expect("payload VM runs");
+    assert_eq!(r.outcome, Outcome::PowerOff);
+    assert_eq!(std::fs::read(&path).unwrap(), b"to a file\n");
+}
+
+#[test]
 fn cmos_clock_is_readable() {
     // Select the status register A and print it: UIP must be clear (0x26).
     let code = Asm::default()
