@@ -2,28 +2,15 @@
 //! loop, PIO and MMIO dispatch, the UART, the i8042 reset, ACPI power-off, the boot timer and
 //! the triple-fault path. These run on any host with a usable /dev/kvm (kvm_pvm included).
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use devices::interrupt::SharedBuf;
 
 use vmm::VmResources;
 use vmm::hypervisor::kvm::KvmHypervisor;
 use vmm::vm::{Outcome, Payload, RunOptions, RunReport};
 
 const LOAD_ADDR: u64 = 0x10_0000;
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A tiny x86 assembler: just the instructions these payloads use.
 #[derive(Default)]
@@ -102,16 +89,20 @@ fn kvm() -> Option<KvmHypervisor> {
     }
 }
 
-fn run(code: Asm, vcpus: u8, boot_timer: bool) -> Option<(RunReport, Vec<u8>)> {
+/// Runs `code` in a 16 MiB VM shaped by `tweak`; returns the report and the console output
+/// (captured unless `tweak` sets a serial output path).
+fn run_with(code: Asm, tweak: impl FnOnce(&mut VmResources)) -> Option<(RunReport, Vec<u8>)> {
     let hv = kvm()?;
     let mut res = VmResources::default();
-    res.machine_config.vcpu_count = vcpus;
     res.machine_config.mem_size_mib = 16;
-    res.boot_timer = boot_timer;
-    let console = Console::default();
+    tweak(&mut res);
+    let console = SharedBuf::default();
     let opts = RunOptions {
         start: Instant::now(),
-        console: Some(Box::new(console.clone())),
+        console: res
+            .serial_out_path
+            .is_none()
+            .then(|| Box::new(console.clone()) as Box<dyn std::io::Write + Send>),
         stdin_console: false,
     };
     let payload = Payload::Flat32 {
@@ -121,8 +112,14 @@ fn run(code: Asm, vcpus: u8, boot_timer: bool) -> Option<(RunReport, Vec<u8>)> {
     let report = vmm::vm::build(&hv, &res, payload, opts)
         .and_then(|vm| vm.run())
         .expect("payload VM runs");
-    let out = console.0.lock().unwrap().clone();
-    Some((report, out))
+    Some((report, console.contents()))
+}
+
+fn run(code: Asm, vcpus: u8, boot_timer: bool) -> Option<(RunReport, Vec<u8>)> {
+    run_with(code, |r| {
+        r.machine_config.vcpu_count = vcpus;
+        r.boot_timer = boot_timer;
+    })
 }
 
 #[test]
@@ -218,30 +215,14 @@ fn several_vcpus_are_created_and_the_boot_vcpu_runs() {
 
 #[test]
 fn serial_output_goes_to_the_configured_file() {
-    let Some(hv) = kvm() else { return };
     let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serial-out.txt");
     let _ = std::fs::remove_file(&path);
-    let mut res = VmResources::default();
-    res.machine_config.mem_size_mib = 16;
-    res.serial_out_path = Some(path.clone());
     let code = Asm::default().print(b"to a file\n").poweroff();
-    let opts = RunOptions {
-        start: Instant::now(),
-        console: None,
-        stdin_console: false,
+    let Some((r, captured)) = run_with(code, |res| res.serial_out_path = Some(path.clone())) else {
+        return;
     };
-    let r = vmm::vm::build(
-        &hv,
-        &res,
-        Payload::Flat32 {
-            code: &code.0,
-            load_addr: LOAD_ADDR,
-        },
-        opts,
-    )
-    .and_then(|vm| vm.run())
-    .expect("payload VM runs");
     assert_eq!(r.outcome, Outcome::PowerOff);
+    assert!(captured.is_empty());
     assert_eq!(std::fs::read(&path).unwrap(), b"to a file\n");
 }
 

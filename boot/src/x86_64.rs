@@ -165,7 +165,7 @@ pub fn load_initrd(
         size,
     };
     let addr = top.checked_sub(size).ok_or_else(too_big)? & !0xfff;
-    if addr < kernel.end || size == 0 && addr == 0 {
+    if addr < kernel.end {
         return Err(too_big());
     }
     let len = usize::try_from(size).map_err(|_| too_big())?;

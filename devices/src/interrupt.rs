@@ -40,3 +40,30 @@ impl CountingInterrupt {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// Test double: a `Write` whose bytes can be read back from a clone.
+#[cfg(any(test, feature = "test-utils"))]
+#[derive(Clone, Default)]
+pub struct SharedBuf(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(any(test, feature = "test-utils"))]
+impl SharedBuf {
+    /// What was written so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl std::io::Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

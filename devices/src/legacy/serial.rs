@@ -114,20 +114,7 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interrupt::CountingInterrupt;
-    use std::sync::Mutex;
-
-    #[derive(Clone, Default)]
-    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-    impl Write for SharedBuf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::interrupt::{CountingInterrupt, SharedBuf};
 
     const THR: u64 = 0;
     const IER: u64 = 1;
@@ -155,7 +142,7 @@ mod tests {
         for b in b"hello\n" {
             dev.write(THR, &[*b]);
         }
-        assert_eq!(&*buf.0.lock().unwrap(), b"hello\n");
+        assert_eq!(&*buf.contents(), b"hello\n");
         let mut lsr = [0u8];
         dev.read(LSR, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "transmitter empty");
@@ -203,6 +190,6 @@ mod tests {
         dev.write(u64::MAX, &[1]);
         let mut d = [0u8; 2];
         dev.read(0, &mut d);
-        assert!(buf.0.lock().unwrap().is_empty());
+        assert!(buf.contents().is_empty());
     }
 }
