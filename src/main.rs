@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     let opts = RunOptions {
         start,
         console: None,
-        stdin_console: true,
+        console_input: vmm::console::ConsoleInput::TerminalStdin,
     };
     let outcome = vmm::vm::build(&hv, &resources, Payload::Linux, opts)
         .and_then(|vm| vm.run())

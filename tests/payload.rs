@@ -7,6 +7,7 @@ use std::time::Instant;
 use devices::interrupt::SharedBuf;
 
 use vmm::VmResources;
+use vmm::console::ConsoleInput;
 use vmm::hypervisor::kvm::KvmHypervisor;
 use vmm::vm::{Outcome, Payload, RunOptions, RunReport};
 
@@ -62,6 +63,10 @@ impl Asm {
         self.0.extend([0x0f, 0x0b]);
         self
     }
+    fn raw(mut self, bytes: &[u8]) -> Self {
+        self.0.extend(bytes);
+        self
+    }
     fn hlt(mut self) -> Self {
         self.0.push(0xf4);
         self
@@ -92,6 +97,14 @@ fn kvm() -> Option<KvmHypervisor> {
 /// Runs `code` in a 16 MiB VM shaped by `tweak`; returns the report and the console output
 /// (captured unless `tweak` sets a serial output path).
 fn run_with(code: Asm, tweak: impl FnOnce(&mut VmResources)) -> Option<(RunReport, Vec<u8>)> {
+    run_with_input(code, tweak, ConsoleInput::None)
+}
+
+fn run_with_input(
+    code: Asm,
+    tweak: impl FnOnce(&mut VmResources),
+    mut input: ConsoleInput,
+) -> Option<(RunReport, Vec<u8>)> {
     let hv = kvm()?;
     let mut res = VmResources::default();
     res.machine_config.mem_size_mib = 16;
@@ -103,7 +116,7 @@ fn run_with(code: Asm, tweak: impl FnOnce(&mut VmResources)) -> Option<(RunRepor
             .serial_out_path
             .is_none()
             .then(|| Box::new(console.clone()) as Box<dyn std::io::Write + Send>),
-        stdin_console: false,
+        console_input: std::mem::replace(&mut input, ConsoleInput::None),
     };
     let payload = Payload::Flat32 {
         code: &code.0,
@@ -224,6 +237,35 @@ fn serial_output_goes_to_the_configured_file() {
     assert_eq!(r.outcome, Outcome::PowerOff);
     assert!(captured.is_empty());
     assert_eq!(std::fs::read(&path).unwrap(), b"to a file\n");
+}
+
+#[test]
+fn console_input_reaches_the_guest_uart() {
+    // Echo loop: wait for LSR data-ready, read RBR, write it back, until a newline.
+    let code = Asm::default()
+        .raw(&[0x66, 0xba, 0xfd, 0x03]) // 0: mov dx, 0x3fd (LSR)
+        .raw(&[0xec]) // 4: in al, dx
+        .raw(&[0xa8, 0x01]) // 5: test al, 1 (data ready)
+        .raw(&[0x74, 0xf7]) // 7: jz 0
+        .raw(&[0x66, 0xba, 0xf8, 0x03]) // 9: mov dx, 0x3f8 (RBR/THR)
+        .raw(&[0xec, 0xee]) // 13: in al, dx; out dx, al
+        .raw(&[0x3c, 0x0a]) // 15: cmp al, '\n'
+        .raw(&[0x75, 0xed]) // 17: jne 0
+        .poweroff();
+    let (rx, tx) = std::io::pipe().expect("pipe");
+    let mut tx = std::fs::File::from(std::os::fd::OwnedFd::from(tx));
+    // More than the UART's 64-byte FIFO, so the input has to wait for the guest to drain it.
+    let text: Vec<u8> = (0..200)
+        .map(|i| b'a' + (i % 26) as u8)
+        .chain(*b"\n")
+        .collect();
+    std::io::Write::write_all(&mut tx, &text).unwrap();
+    let input = ConsoleInput::File(std::fs::File::from(std::os::fd::OwnedFd::from(rx)));
+    let Some((r, out)) = run_with_input(code, |_| {}, input) else {
+        return;
+    };
+    assert_eq!(r.outcome, Outcome::PowerOff);
+    assert_eq!(out, text);
 }
 
 #[test]

@@ -1,15 +1,16 @@
 //! The host side of the serial console: output to stdout or a file, input from stdin when it is
 //! a terminal (in raw mode, restored on exit).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::serial::SerialDevice;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
 /// Opens where console output goes: `path` (created or appended) or stdout.
@@ -49,45 +50,55 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Feeds stdin to the guest's UART.
-pub struct StdinInput {
+/// Where console input comes from.
+pub enum ConsoleInput {
+    /// No input.
+    None,
+    /// tern's stdin, if it is a terminal (put in raw mode while the VM runs).
+    TerminalStdin,
+    /// Any readable file descriptor (a pipe, a socket, a pty).
+    File(File),
+}
+
+/// Feeds a file descriptor's bytes to the guest's UART, as fast as the guest drains its FIFO:
+/// when the FIFO is full the source is taken out of the event loop until the UART signals
+/// `room` (the guest emptied the FIFO).
+pub struct SerialInput {
     serial: Arc<Mutex<SerialDevice>>,
+    source: File,
+    room: EventFd,
+    paused: bool,
 }
 
-impl StdinInput {
-    /// Input for `serial`.
-    pub fn new(serial: Arc<Mutex<SerialDevice>>) -> Self {
-        Self { serial }
-    }
-}
-
-impl MutEventSubscriber for StdinInput {
-    fn init(&mut self, ops: &mut EventOps) {
-        let stdin = std::io::stdin();
-        if let Err(e) = ops.add(Events::new(&stdin, EventSet::IN)) {
-            log::warn!("console input disabled: {e:?}");
+impl SerialInput {
+    /// Input from `source` for `serial`, resumed by `room`.
+    pub fn new(serial: Arc<Mutex<SerialDevice>>, source: File, room: EventFd) -> Self {
+        Self {
+            serial,
+            source,
+            room,
+            paused: false,
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let stdin = std::io::stdin();
-        if events
-            .event_set()
-            .intersects(EventSet::HANG_UP | EventSet::ERROR)
-        {
-            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
-            return;
-        }
+    /// tern's stdin as a `File` (a duplicate of descriptor 0).
+    pub fn stdin_file() -> std::io::Result<File> {
+        Ok(File::from(std::io::stdin().as_fd().try_clone_to_owned()?))
+    }
+
+    fn pump(&mut self, ops: &mut EventOps) {
         let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let room = serial.input_room().min(64);
         if room == 0 {
-            // The guest is not reading; leave the bytes in the terminal until it does.
+            if ops.remove(Events::new(&self.source, EventSet::IN)).is_ok() {
+                self.paused = true;
+            }
             return;
         }
         let mut buf = [0u8; 64];
-        match stdin.lock().read(&mut buf[..room]) {
+        match self.source.read(&mut buf[..room]) {
             Ok(0) => {
-                let _ = ops.remove(Events::new(&stdin, EventSet::IN));
+                let _ = ops.remove(Events::new(&self.source, EventSet::IN));
             }
             Ok(n) => {
                 serial.enqueue_input(&buf[..n]);
@@ -95,8 +106,34 @@ impl MutEventSubscriber for StdinInput {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 log::warn!("console input: {e}");
-                let _ = ops.remove(Events::new(&stdin, EventSet::IN));
+                let _ = ops.remove(Events::new(&self.source, EventSet::IN));
             }
         }
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops
+            .add(Events::new(&self.source, EventSet::IN))
+            .and_then(|()| ops.add(Events::new(&self.room, EventSet::IN)))
+        {
+            log::warn!("console input disabled: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.room.as_raw_fd() {
+            let _ = self.room.read();
+            if self.paused && ops.add(Events::new(&self.source, EventSet::IN)).is_ok() {
+                self.paused = false;
+            }
+            return;
+        }
+        if events.event_set().intersects(EventSet::ERROR) {
+            let _ = ops.remove(Events::new(&self.source, EventSet::IN));
+            return;
+        }
+        self.pump(ops);
     }
 }

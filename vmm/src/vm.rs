@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use devices::exit::{ExitRequester, GuestExit};
@@ -14,8 +13,9 @@ use devices::{Bus, BusDevice};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::console::{RawTerminal, StdinInput};
+use crate::console::{ConsoleInput, RawTerminal, SerialInput};
 use crate::exit::{ExitChannel, VmStop};
 use crate::hypervisor::{Hypervisor, Vm, X86BootState};
 use crate::resources::{HostLimits, VmResources};
@@ -53,8 +53,8 @@ pub struct RunOptions {
     pub start: Instant,
     /// Console output; `None` means the configured path or stdout.
     pub console: Option<Box<dyn Write + Send>>,
-    /// Forward stdin to the guest console when it is a terminal.
-    pub stdin_console: bool,
+    /// Where the guest console's input comes from.
+    pub console_input: ConsoleInput,
 }
 
 /// A built VM, vCPUs not yet started.
@@ -66,7 +66,8 @@ pub struct BuiltVm {
     exit: Arc<ExitChannel>,
     serial: Arc<Mutex<SerialDevice>>,
     panicked: Arc<AtomicBool>,
-    stdin_console: bool,
+    console_input: ConsoleInput,
+    input_room: EventFd,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
 }
 
@@ -151,9 +152,11 @@ pub fn build(
             ))
         })?,
     };
+    let input_room = EventFd::new(libc::EFD_NONBLOCK)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         IrqLine(vm.interrupt_line(COM1_GSI)?),
         ConsoleOutput::new(out, panicked.clone()),
+        Some(input_room.try_clone()?),
     )));
 
     let mut pio = Bus::new();
@@ -241,7 +244,8 @@ pub fn build(
         exit,
         serial,
         panicked,
-        stdin_console: opts.stdin_console,
+        console_input: opts.console_input,
+        input_room,
         boot_timer,
     })
 }
@@ -298,25 +302,34 @@ impl MutEventSubscriber for ExitListener {
 impl BuiltVm {
     /// Starts the vCPUs and runs the event loop until the VM stops.
     pub fn run(self) -> Result<RunReport> {
-        let mut handles: Vec<JoinHandle<()>> = Vec::new();
-        let terminal = if self.stdin_console {
-            Some(RawTerminal::enter())
-        } else {
-            None
+        let mut terminal = None;
+        let input = match self.console_input {
+            ConsoleInput::None => None,
+            ConsoleInput::File(f) => Some(f),
+            ConsoleInput::TerminalStdin => {
+                let t = RawTerminal::enter();
+                let stdin = if t.active() {
+                    SerialInput::stdin_file().ok()
+                } else {
+                    None
+                };
+                terminal = Some(t);
+                stdin
+            }
         };
         let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
         em.add_subscriber(Arc::new(Mutex::new(ExitListener(self.exit.clone()))));
-        if terminal.as_ref().is_some_and(|t| t.active()) {
-            em.add_subscriber(Arc::new(Mutex::new(StdinInput::new(self.serial.clone()))));
+        if let Some(source) = input {
+            em.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
+                self.serial.clone(),
+                source,
+                self.input_room,
+            ))));
         }
         for (index, vcpu) in self.vcpus {
-            handles.push(vcpu::spawn(
-                index,
-                vcpu,
-                self.buses.clone(),
-                self.exit.clone(),
-            )?);
+            // Detached: the threads end with the process once the VM has stopped.
+            vcpu::spawn(index, vcpu, self.buses.clone(), self.exit.clone())?;
         }
         let stop = loop {
             if let Some(stop) = self.exit.reason() {

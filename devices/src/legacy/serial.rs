@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vm_superio::Serial;
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::SerialEvents;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::interrupt::IrqLine;
@@ -61,16 +62,34 @@ impl Write for ConsoleOutput {
     }
 }
 
+/// Signals an eventfd when the guest has drained the receive FIFO, so that a paused input
+/// source can resume.
+pub struct InputRoom(Option<EventFd>);
+
+impl SerialEvents for InputRoom {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Some(evt) = &self.0 {
+            if let Err(e) = evt.write(1) {
+                log::warn!("serial: cannot signal input room: {e}");
+            }
+        }
+    }
+}
+
 /// A 16550 UART on 8 consecutive ports.
 pub struct SerialDevice {
-    serial: Serial<IrqLine, NoEvents, ConsoleOutput>,
+    serial: Serial<IrqLine, InputRoom, ConsoleOutput>,
 }
 
 impl SerialDevice {
-    /// A UART raising `irq` and writing to `out`.
-    pub fn new(irq: IrqLine, out: ConsoleOutput) -> Self {
+    /// A UART raising `irq` and writing to `out`; `input_room` is written whenever the guest
+    /// empties the receive FIFO.
+    pub fn new(irq: IrqLine, out: ConsoleOutput, input_room: Option<EventFd>) -> Self {
         Self {
-            serial: Serial::new(irq, out),
+            serial: Serial::with_events(irq, InputRoom(input_room), out),
         }
     }
 
@@ -132,6 +151,7 @@ mod tests {
         let dev = SerialDevice::new(
             IrqLine(irq.clone()),
             ConsoleOutput::new(Box::new(buf.clone()), panicked.clone()),
+            None,
         );
         (dev, buf, irq, panicked)
     }
@@ -168,6 +188,25 @@ mod tests {
         let room = dev.input_room();
         assert_eq!(dev.enqueue_input(&vec![b'x'; room + 10]), room);
         assert_eq!(dev.enqueue_input(b"y"), 0);
+    }
+
+    #[test]
+    fn draining_the_fifo_signals_room() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(
+            IrqLine(Arc::new(CountingInterrupt::default())),
+            ConsoleOutput::new(
+                Box::new(SharedBuf::default()),
+                Arc::new(AtomicBool::new(false)),
+            ),
+            Some(evt.try_clone().unwrap()),
+        );
+        dev.enqueue_input(b"ab");
+        let mut b = [0u8];
+        dev.read(0, &mut b);
+        assert!(evt.read().is_err(), "not empty yet");
+        dev.read(0, &mut b);
+        assert_eq!(evt.read().unwrap(), 1);
     }
 
     #[test]
