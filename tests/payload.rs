@@ -283,3 +283,66 @@ fn cmos_clock_is_readable() {
     };
     assert_eq!(out, [0x26]);
 }
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    let Some(hv) = kvm() else { return };
+    const DOTS: u32 = 100_000;
+    // mov ecx, DOTS; mov dx, 0x3f8; mov al, '.'; 1: out dx, al; loop 1b; poweroff
+    let mut code = Asm::default().raw(&[0xb9]).raw(&DOTS.to_le_bytes());
+    code = code
+        .mov_dx(0x3f8)
+        .mov_al(b'.')
+        .raw(&[0xee, 0xe2, 0xfd])
+        .poweroff();
+    let mut res = VmResources::default();
+    res.machine_config.mem_size_mib = 16;
+    res.machine_config.vcpu_count = 2;
+    let console = SharedBuf::default();
+    let opts = RunOptions {
+        start: Instant::now(),
+        console: Some(Box::new(console.clone())),
+        console_input: ConsoleInput::None,
+    };
+    let built = vmm::vm::build(
+        &hv,
+        &res,
+        Payload::Flat32 {
+            code: &code.0,
+            load_addr: LOAD_ADDR,
+        },
+        opts,
+    )
+    .expect("payload VM builds");
+    let mut em = vmm::vm::EventLoop::new().unwrap();
+    let mut vm = built.start(&mut em).expect("starts");
+    let len = || console.contents().len();
+    let sleep = |ms| std::thread::sleep(std::time::Duration::from_millis(ms));
+
+    while len() == 0 {
+        sleep(1);
+    }
+    vm.pause().expect("pauses");
+    assert!(vm.is_paused());
+    let at_pause = len();
+    sleep(200);
+    assert_eq!(len(), at_pause, "the guest made progress while paused");
+    assert!(vm.finished().is_none());
+    vm.pause().expect("pausing twice is harmless");
+
+    vm.resume();
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let report = loop {
+        if let Some(r) = vm.finished() {
+            break r.expect("clean stop");
+        }
+        assert!(Instant::now() < deadline, "payload did not finish");
+        sleep(5);
+    };
+    assert!(
+        at_pause < DOTS as usize,
+        "paused after the guest had finished; nothing tested"
+    );
+    assert_eq!(report.outcome, Outcome::PowerOff);
+    assert_eq!(len(), DOTS as usize, "every dot exactly once");
+}

@@ -46,6 +46,9 @@ pub enum Error {
         /// What happened.
         reason: String,
     },
+    /// The vCPUs could not be paused.
+    #[error("pause: {0}")]
+    Pause(String),
     /// An OS call failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),

@@ -1,7 +1,10 @@
 //! vCPU threads: run guest code, dispatch PIO/MMIO exits to the buses, report stops.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::signal::Killable;
 
 use devices::Bus;
 use devices::exit::GuestExit;
@@ -72,17 +75,140 @@ pub fn handle_exit(index: u8, exit: VcpuExit<'_>, buses: &Buses, stop: &ExitChan
     Next::Continue
 }
 
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (its handler does nothing; the
+/// interrupted `KVM_RUN` returns `EINTR`).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> std::io::Result<()> {
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+                .map_err(|e| e.errno())
+        })
+        .map_err(std::io::Error::from_raw_os_error)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Running,
+    PauseRequested,
+    Paused,
+}
+
+/// What the VMM thread and one vCPU thread share to pause and resume it.
+pub struct VcpuControl {
+    state: Mutex<RunState>,
+    changed: Condvar,
+}
+
+impl VcpuControl {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(RunState::Running),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by the vCPU thread between runs: parks it while a pause is requested.
+    fn checkpoint(&self) {
+        let mut st = self.lock();
+        if *st == RunState::PauseRequested {
+            *st = RunState::Paused;
+            self.changed.notify_all();
+            while *st == RunState::Paused {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+}
+
+/// The VMM thread's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    thread: JoinHandle<()>,
+    control: Arc<VcpuControl>,
+}
+
+/// Errors pausing vCPUs.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    /// A vCPU did not stop in time.
+    #[error("vCPU {0} did not pause within {1:?}")]
+    Timeout(u8, Duration),
+}
+
+/// Pauses every vCPU: each finishes its current exit and parks. Signals kick the ones inside
+/// `KVM_RUN`; the kick is repeated until all have parked, which closes the window where a
+/// signal lands just before a thread re-enters `KVM_RUN`.
+pub fn pause_all(vcpus: &[VcpuHandle], timeout: Duration) -> Result<(), PauseError> {
+    for v in vcpus {
+        let mut st = v.control.lock();
+        if *st == RunState::Running {
+            *st = RunState::PauseRequested;
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut waiting = None;
+        for v in vcpus {
+            if *v.control.lock() != RunState::Paused {
+                waiting = Some(v.index);
+                if let Err(e) = v.thread.kill(kick_signal()) {
+                    log::debug!("vcpu{}: kick: {e}", v.index);
+                }
+            }
+        }
+        let Some(index) = waiting else { return Ok(()) };
+        if v_finished(vcpus, index) {
+            // A thread that already ended (the VM is stopping) counts as paused.
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(PauseError::Timeout(index, timeout));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn v_finished(vcpus: &[VcpuHandle], index: u8) -> bool {
+    vcpus
+        .iter()
+        .any(|v| v.index == index && v.thread.is_finished())
+}
+
+/// Lets every paused vCPU run again.
+pub fn resume_all(vcpus: &[VcpuHandle]) {
+    for v in vcpus {
+        let mut st = v.control.lock();
+        *st = RunState::Running;
+        v.control.changed.notify_all();
+    }
+}
+
 /// Starts vCPU `index` on its own thread.
 pub fn spawn(
     index: u8,
     mut vcpu: Box<dyn Vcpu>,
     buses: Buses,
     stop: Arc<ExitChannel>,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+) -> std::io::Result<VcpuHandle> {
+    install_kick_handler()?;
+    let control = Arc::new(VcpuControl::new());
+    let ctl = control.clone();
+    let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
             loop {
+                ctl.checkpoint();
                 let next = match vcpu.run() {
                     Ok(exit) => handle_exit(index, exit, &buses, &stop),
                     Err(e) => {
@@ -97,7 +223,12 @@ pub fn spawn(
                     break;
                 }
             }
-        })
+        })?;
+    Ok(VcpuHandle {
+        index,
+        thread,
+        control,
+    })
 }
 
 #[cfg(test)]

@@ -299,9 +299,32 @@ impl MutEventSubscriber for ExitListener {
     }
 }
 
+/// Watches the stop eventfd (level: the loop returns, and the caller reads the reason).
+pub fn exit_listener(exit: Arc<ExitChannel>) -> Arc<Mutex<dyn MutEventSubscriber + Send>> {
+    Arc::new(Mutex::new(ExitListener(exit)))
+}
+
+/// The event loop tern's VMM thread runs.
+pub type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+/// A VM whose vCPUs are running.
+pub struct RunningVm {
+    _vm: Arc<dyn Vm>,
+    _mem: GuestMemoryMmap,
+    vcpus: Vec<vcpu::VcpuHandle>,
+    exit: Arc<ExitChannel>,
+    panicked: Arc<AtomicBool>,
+    boot_timer: Option<Arc<Mutex<BootTimer>>>,
+    _terminal: Option<RawTerminal>,
+    paused: bool,
+}
+
+/// How long a pause may take before it is reported as failed.
+pub const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl BuiltVm {
-    /// Starts the vCPUs and runs the event loop until the VM stops.
-    pub fn run(self) -> Result<RunReport> {
+    /// Registers the VM's event sources on `em` and starts the vCPU threads.
+    pub fn start(self, em: &mut EventLoop) -> Result<RunningVm> {
         let mut terminal = None;
         let input = match self.console_input {
             ConsoleInput::None => None,
@@ -317,9 +340,7 @@ impl BuiltVm {
                 stdin
             }
         };
-        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-        em.add_subscriber(Arc::new(Mutex::new(ExitListener(self.exit.clone()))));
+        em.add_subscriber(exit_listener(self.exit.clone()));
         if let Some(source) = input {
             em.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
                 self.serial.clone(),
@@ -327,28 +348,79 @@ impl BuiltVm {
                 self.input_room,
             ))));
         }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus {
-            // Detached: the threads end with the process once the VM has stopped.
-            vcpu::spawn(index, vcpu, self.buses.clone(), self.exit.clone())?;
+            vcpus.push(vcpu::spawn(
+                index,
+                vcpu,
+                self.buses.clone(),
+                self.exit.clone(),
+            )?);
         }
-        let stop = loop {
-            if let Some(stop) = self.exit.reason() {
-                break stop;
+        Ok(RunningVm {
+            _vm: self._vm,
+            _mem: self._mem,
+            vcpus,
+            exit: self.exit,
+            panicked: self.panicked,
+            boot_timer: self.boot_timer,
+            _terminal: terminal,
+            paused: false,
+        })
+    }
+
+    /// Starts the VM and runs an event loop until it stops (the `--no-api` path).
+    pub fn run(self) -> Result<RunReport> {
+        let mut em = EventLoop::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        let vm = self.start(&mut em)?;
+        loop {
+            if let Some(report) = vm.finished() {
+                return report;
             }
             em.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-        };
-        drop(terminal);
+        }
+    }
+}
+
+impl RunningVm {
+    /// The run's report once the VM has stopped; `None` while it runs.
+    pub fn finished(&self) -> Option<Result<RunReport>> {
+        let stop = self.exit.reason()?;
         let _ = std::io::stdout().flush();
-        // vCPU threads still inside KVM_RUN end with the process; the VM is over.
         let outcome = match stop {
             VmStop::Guest(_) if self.panicked.load(Ordering::SeqCst) => Outcome::Panic,
             VmStop::Guest(GuestExit::PowerOff) => Outcome::PowerOff,
             VmStop::Guest(GuestExit::Reset) => Outcome::Reset,
-            VmStop::VcpuFailed { index, reason } => return Err(Error::Vcpu { index, reason }),
+            VmStop::VcpuFailed { index, reason } => {
+                return Some(Err(Error::Vcpu { index, reason }));
+            }
         };
         let boot_time = self
             .boot_timer
+            .as_ref()
             .and_then(|t| t.lock().unwrap_or_else(|p| p.into_inner()).last);
-        Ok(RunReport { outcome, boot_time })
+        Some(Ok(RunReport { outcome, boot_time }))
+    }
+
+    /// Stops all vCPUs where they are. Idempotent.
+    pub fn pause(&mut self) -> Result<()> {
+        if !self.paused {
+            vcpu::pause_all(&self.vcpus, PAUSE_TIMEOUT).map_err(|e| Error::Pause(e.to_string()))?;
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again. Idempotent.
+    pub fn resume(&mut self) {
+        if self.paused {
+            vcpu::resume_all(&self.vcpus);
+            self.paused = false;
+        }
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 }
