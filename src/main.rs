@@ -4,9 +4,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use std::sync::{Arc, mpsc};
+
 use clap::Parser;
+use vmm::VmResources;
+use vmm::console::ConsoleInput;
+use vmm::controller::{Controller, RequestQueue, VmmAction};
+use vmm::hypervisor::Hypervisor;
 use vmm::logger::{self, LoggerConfig};
 use vmm::vm::{Outcome, Payload, RunOptions};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Exit code when the guest kernel panicked.
 const EXIT_GUEST_PANIC: u8 = 2;
@@ -15,7 +22,7 @@ const EXIT_GUEST_PANIC: u8 = 2;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Path of the API Unix socket (Firecracker dialect).
+    /// Path of the API Unix socket (Firecracker's REST API).
     #[arg(long, value_name = "PATH", default_value = "/run/tern.socket")]
     api_sock: PathBuf,
     /// Instance id, shown in log lines.
@@ -84,32 +91,21 @@ fn main() -> ExitCode {
     };
     let mut log_path = cli.log_path.clone();
 
-    let Some(config_file) = cli.config_file.as_deref() else {
-        return fail(
-            "nothing to run: pass --config-file vm.json (the REST API on --api-sock is not implemented yet)",
-        );
-    };
-    if !cli.no_api {
-        eprintln!(
-            "tern: warning: the REST API is not implemented yet; running {} without a socket at {}",
-            config_file.display(),
-            cli.api_sock.display()
-        );
-    }
-    let (mut resources, logger_section) = match api::config::read_config(config_file) {
-        Ok(r) => r,
-        Err(e) => return fail(e),
+    let (mut resources, logger_section) = match cli.config_file.as_deref() {
+        Some(path) => match api::config::read_config(path) {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        },
+        None if cli.no_api => {
+            return fail("--no-api needs --config-file vm.json (nothing else describes the VM)");
+        }
+        None => (VmResources::default(), None),
     };
     if let Some(l) = logger_section {
         if let Some(lv) = &l.level {
             match logger::parse_level(lv) {
                 Some(lv) => log_cfg.level = lv,
-                None => {
-                    return fail(format!(
-                        "config file {}: logger.level: {lv:?} is not a level",
-                        config_file.display()
-                    ));
-                }
+                None => return fail(format!("logger.level: {lv:?} is not a level")),
             }
         }
         log_cfg.show_level |= l.show_level.unwrap_or(false);
@@ -127,26 +123,14 @@ fn main() -> ExitCode {
             ));
         }
     };
-    logger::init(log_cfg, sink);
+    logger::init(log_cfg.clone(), sink);
     resources.boot_timer = cli.boot_timer;
-    // Everything that can be checked without the hypervisor is checked first.
-    let host = vmm::resources::HostLimits::probe(usize::from(vmm::resources::MAX_VCPUS));
-    if let Err(e) = resources.validate(&host) {
-        return fail(e);
-    }
 
-    let hv = match vmm::hypervisor::kvm::KvmHypervisor::new() {
-        Ok(h) => h,
-        Err(e) => return fail(e),
+    let outcome = if cli.no_api {
+        run_without_api(&resources, start)
+    } else {
+        run_with_api(&cli, resources, log_cfg, start)
     };
-    let opts = RunOptions {
-        start,
-        console: None,
-        console_input: vmm::console::ConsoleInput::TerminalStdin,
-    };
-    let outcome = vmm::vm::build(&hv, &resources, Payload::Linux, opts)
-        .and_then(|vm| vm.run())
-        .map(|r| r.outcome);
     match outcome {
         Ok(Outcome::PowerOff) => {
             log::info!("guest powered off");
@@ -162,4 +146,97 @@ fn main() -> ExitCode {
         }
         Err(e) => fail(e),
     }
+}
+
+/// The API socket path, for the signal handler to remove.
+static SOCKET_PATH: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+
+extern "C" fn remove_socket_and_exit(
+    sig: libc::c_int,
+    _: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
+    if let Some(p) = SOCKET_PATH.get() {
+        // SAFETY: unlink and _exit are async-signal-safe; the path is a valid C string that
+        // lives for the whole process.
+        unsafe { libc::unlink(p.as_ptr()) };
+    }
+    // SAFETY: _exit ends the process without running anything else.
+    unsafe { libc::_exit(128 + sig) };
+}
+
+/// On SIGTERM, SIGINT or SIGHUP: remove the API socket, exit with 128 + the signal.
+fn remove_on_signal(sock: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(c) = std::ffi::CString::new(sock.as_os_str().as_bytes()) {
+        let _ = SOCKET_PATH.set(c);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            if let Err(e) =
+                vmm_sys_util::signal::register_signal_handler(sig, remove_socket_and_exit)
+            {
+                log::warn!("cannot handle signal {sig}: {e}");
+            }
+        }
+    }
+}
+
+fn kvm() -> Result<Arc<dyn Hypervisor>, vmm::Error> {
+    Ok(Arc::new(vmm::hypervisor::kvm::KvmHypervisor::new()?))
+}
+
+/// `--no-api`: check everything that needs no hypervisor, then boot and run to the end.
+fn run_without_api(resources: &VmResources, start: Instant) -> Result<Outcome, String> {
+    let host = vmm::resources::HostLimits::probe(usize::from(vmm::resources::MAX_VCPUS));
+    resources.validate(&host).map_err(|e| e.to_string())?;
+    let hv = kvm().map_err(|e| e.to_string())?;
+    let opts = RunOptions {
+        start,
+        console: None,
+        console_input: ConsoleInput::TerminalStdin,
+    };
+    vmm::vm::build(hv.as_ref(), resources, Payload::Linux, opts)
+        .and_then(|vm| vm.run())
+        .map(|r| r.outcome)
+        .map_err(|e| e.to_string())
+}
+
+/// The API socket: serve until the VM, once started, stops. With `--config-file` the VM
+/// starts right away, as in Firecracker.
+fn run_with_api(
+    cli: &Cli,
+    resources: VmResources,
+    log_cfg: LoggerConfig,
+    start: Instant,
+) -> Result<Outcome, String> {
+    if cli.config_file.is_some() {
+        let host = vmm::resources::HostLimits::probe(usize::from(vmm::resources::MAX_VCPUS));
+        resources.validate(&host).map_err(|e| e.to_string())?;
+    }
+    let listener = api::server::bind(&cli.api_sock).map_err(|e| e.to_string())?;
+    let sock = cli.api_sock.clone();
+    remove_on_signal(&sock);
+    let result = (|| {
+        let (tx, rx) = mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let api_wake = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        api::server::spawn(listener, tx, api_wake).map_err(|e| format!("API thread: {e}"))?;
+        log::info!("API socket ready at {}", sock.display());
+        let mut ctl = Controller::new(
+            cli.id.clone(),
+            start,
+            resources,
+            log_cfg,
+            Box::new(kvm),
+            ConsoleInput::TerminalStdin,
+        );
+        let first = cli
+            .config_file
+            .is_some()
+            .then_some(VmmAction::InstanceStart);
+        ctl.serve(RequestQueue { rx, wake }, first)
+            .map(|r| r.outcome)
+            .map_err(|e| e.to_string())
+    })();
+    let _ = std::fs::remove_file(&sock);
+    result
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vmm::resources::{BootSource, MachineConfig, VmResources};
+use vmm::resources::VmResources;
 
 use crate::models::{self, VmConfig};
 
@@ -113,37 +113,14 @@ pub fn parse_config(
         }
     }
 
-    let mut res = VmResources::default();
-    let b = cfg.boot_source;
-    res.boot_source = Some(BootSource {
-        kernel_image_path: b.kernel_image_path.into(),
-        initrd_path: b.initrd_path.map(Into::into),
-        boot_args: b.boot_args,
-        boot_protocol: match b.boot_protocol {
-            None | Some(models::BootProtocol::Auto) => vmm::resources::BootProtocol::Auto,
-            Some(models::BootProtocol::Pvh) => vmm::resources::BootProtocol::Pvh,
-            Some(models::BootProtocol::Linux) => vmm::resources::BootProtocol::Linux,
-        },
-    });
+    let mut res = VmResources {
+        boot_source: Some(cfg.boot_source.into_vmm()),
+        ..Default::default()
+    };
     if let Some(m) = cfg.machine_config {
-        if m.huge_pages == Some(models::HugePages::Hugetlbfs2M) {
-            return Err(invalid(
-                "machine-config.huge_pages".into(),
-                "\"2M\" is not supported yet (use \"None\")".into(),
-            ));
-        }
-        if m.cpu_template.as_deref().is_some_and(|t| t != "None") {
-            return Err(invalid(
-                "machine-config.cpu_template".into(),
-                "static CPU templates are not supported (omit it or use \"None\")".into(),
-            ));
-        }
-        res.machine_config = MachineConfig {
-            vcpu_count: m.vcpu_count,
-            mem_size_mib: m.mem_size_mib,
-            smt: m.smt,
-            track_dirty_pages: m.track_dirty_pages,
-        };
+        res.machine_config = m
+            .into_vmm()
+            .map_err(|(field, message)| invalid(field, message))?;
     }
     if let Some(s) = cfg.serial {
         res.serial_out_path = s.serial_out_path.map(Into::into);

@@ -5,5 +5,7 @@
 
 pub mod config;
 pub mod models;
+pub mod routes;
+pub mod server;
 
 pub use config::{ConfigFileError, parse_config};

@@ -9,10 +9,10 @@ pub struct BootSource {
     /// Host path of the kernel (ELF vmlinux or bzImage).
     pub kernel_image_path: String,
     /// Host path of an initrd.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd_path: Option<String>,
     /// Kernel command line.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
     /// tern extension: "auto" (PVH when the kernel has a PVH note), "pvh" or "linux".
     #[serde(default)]
@@ -59,7 +59,7 @@ pub struct MachineConfig {
     #[serde(default)]
     pub huge_pages: Option<HugePages>,
     /// Firecracker's deprecated static CPU template.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
 }
 
@@ -142,4 +142,155 @@ pub struct VmConfig {
     /// Memory hotplug.
     #[serde(rename = "memory-hotplug", default)]
     pub memory_hotplug: Option<serde_json::Value>,
+}
+
+/// `PATCH /machine-config`: every field optional.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigPatch {
+    /// New vCPU count.
+    #[serde(default)]
+    pub vcpu_count: Option<u8>,
+    /// New memory size.
+    #[serde(default)]
+    pub mem_size_mib: Option<u64>,
+    /// New SMT setting.
+    #[serde(default)]
+    pub smt: Option<bool>,
+    /// New dirty tracking setting.
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    /// Huge pages.
+    #[serde(default)]
+    pub huge_pages: Option<HugePages>,
+    /// Static CPU template.
+    #[serde(default)]
+    pub cpu_template: Option<String>,
+}
+
+/// `PUT /actions`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionInfo {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// Firecracker's instance actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ActionType {
+    /// Boot the VM.
+    InstanceStart,
+    /// Press Ctrl+Alt+Del on the guest's keyboard.
+    SendCtrlAltDel,
+    /// Write the metrics now.
+    FlushMetrics,
+}
+
+/// `PATCH /vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// The wanted state.
+    pub state: VmStateValue,
+}
+
+/// The states a client may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum VmStateValue {
+    /// Stop the vCPUs.
+    Paused,
+    /// Run them again.
+    Resumed,
+}
+
+/// Problems mapping a model onto tern's configuration: (field, message).
+pub type FieldError = (String, String);
+
+impl BootSource {
+    /// The VMM's view.
+    pub fn into_vmm(self) -> vmm::resources::BootSource {
+        vmm::resources::BootSource {
+            kernel_image_path: self.kernel_image_path.into(),
+            initrd_path: self.initrd_path.map(Into::into),
+            boot_args: self.boot_args,
+            boot_protocol: match self.boot_protocol {
+                None | Some(BootProtocol::Auto) => vmm::resources::BootProtocol::Auto,
+                Some(BootProtocol::Pvh) => vmm::resources::BootProtocol::Pvh,
+                Some(BootProtocol::Linux) => vmm::resources::BootProtocol::Linux,
+            },
+        }
+    }
+
+    /// The JSON view of the VMM's boot source.
+    pub fn from_vmm(b: &vmm::resources::BootSource) -> Self {
+        Self {
+            kernel_image_path: b.kernel_image_path.display().to_string(),
+            initrd_path: b.initrd_path.as_ref().map(|p| p.display().to_string()),
+            boot_args: b.boot_args.clone(),
+            boot_protocol: Some(match b.boot_protocol {
+                vmm::resources::BootProtocol::Auto => BootProtocol::Auto,
+                vmm::resources::BootProtocol::Pvh => BootProtocol::Pvh,
+                vmm::resources::BootProtocol::Linux => BootProtocol::Linux,
+            }),
+        }
+    }
+}
+
+/// Refuses the Firecracker machine-config fields tern does not support yet.
+fn check_unsupported(
+    huge_pages: Option<HugePages>,
+    cpu_template: Option<&str>,
+) -> Result<(), FieldError> {
+    if huge_pages == Some(HugePages::Hugetlbfs2M) {
+        return Err((
+            "machine-config.huge_pages".into(),
+            "\"2M\" is not supported yet (use \"None\")".into(),
+        ));
+    }
+    if cpu_template.is_some_and(|t| t != "None") {
+        return Err((
+            "machine-config.cpu_template".into(),
+            "static CPU templates are not supported (omit it or use \"None\")".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl MachineConfig {
+    /// The VMM's view, refusing what tern does not support.
+    pub fn into_vmm(self) -> Result<vmm::resources::MachineConfig, FieldError> {
+        check_unsupported(self.huge_pages, self.cpu_template.as_deref())?;
+        Ok(vmm::resources::MachineConfig {
+            vcpu_count: self.vcpu_count,
+            mem_size_mib: self.mem_size_mib,
+            smt: self.smt,
+            track_dirty_pages: self.track_dirty_pages,
+        })
+    }
+
+    /// The JSON view of the VMM's machine configuration.
+    pub fn from_vmm(m: &vmm::resources::MachineConfig) -> Self {
+        Self {
+            vcpu_count: m.vcpu_count,
+            mem_size_mib: m.mem_size_mib,
+            smt: m.smt,
+            track_dirty_pages: m.track_dirty_pages,
+            huge_pages: Some(HugePages::None),
+            cpu_template: None,
+        }
+    }
+}
+
+impl MachineConfigPatch {
+    /// The VMM's view, refusing what tern does not support.
+    pub fn into_vmm(self) -> Result<vmm::controller::MachineConfigUpdate, FieldError> {
+        check_unsupported(self.huge_pages, self.cpu_template.as_deref())?;
+        Ok(vmm::controller::MachineConfigUpdate {
+            vcpu_count: self.vcpu_count,
+            mem_size_mib: self.mem_size_mib,
+            smt: self.smt,
+            track_dirty_pages: self.track_dirty_pages,
+        })
+    }
 }

@@ -4,6 +4,8 @@
 #![deny(missing_docs)]
 
 pub mod console;
+#[cfg(target_arch = "x86_64")]
+pub mod controller;
 pub mod exit;
 pub mod hypervisor;
 pub mod logger;

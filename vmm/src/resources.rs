@@ -167,6 +167,12 @@ impl MachineConfig {
 impl VmResources {
     /// Checks that the VM can be built: a boot source whose files exist, sane machine values.
     pub fn validate(&self, host: &HostLimits) -> Result<(), ConfigError> {
+        self.validate_boot_source()?;
+        self.machine_config.validate(host)
+    }
+
+    /// Checks the boot source alone: present, its files exist, the kernel is a kernel.
+    pub fn validate_boot_source(&self) -> Result<(), ConfigError> {
         let boot = self.boot_source.as_ref().ok_or_else(|| {
             ConfigError::new(
                 "boot-source",
@@ -208,7 +214,7 @@ impl VmResources {
                 ));
             }
         }
-        self.machine_config.validate(host)
+        Ok(())
     }
 
     /// The kernel command line the guest gets.

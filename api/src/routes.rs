@@ -1,0 +1,369 @@
+//! Firecracker's REST routes → typed VMM actions, and VMM results → HTTP replies.
+//! Pure functions: the server thread does the I/O.
+
+use serde::de::DeserializeOwned;
+use vmm::controller::{ActionError, LoggerUpdate, VmmAction, VmmData};
+
+use crate::models;
+
+/// An HTTP answer: status and optional JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status code.
+    pub status: u16,
+    /// JSON body, if any.
+    pub body: Option<String>,
+}
+
+impl Reply {
+    fn json(status: u16, v: serde_json::Value) -> Self {
+        Self {
+            status,
+            body: Some(v.to_string()),
+        }
+    }
+
+    /// `{"fault_message": ...}` with `status`.
+    pub fn fault(status: u16, msg: impl std::fmt::Display) -> Self {
+        Self::json(
+            status,
+            serde_json::json!({ "fault_message": msg.to_string() }),
+        )
+    }
+
+    fn bad(msg: impl std::fmt::Display) -> Self {
+        Self::fault(400, msg)
+    }
+
+    fn no_content() -> Self {
+        Self {
+            status: 204,
+            body: None,
+        }
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug)]
+pub enum Route {
+    /// To the VMM thread.
+    Action(VmmAction),
+    /// Answered by the API thread itself.
+    Reply(Reply),
+}
+
+/// The prefix of tern's own routes, beside Firecracker's.
+pub const TERN_PREFIX: &str = "/tern/v1";
+
+fn parse<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Reply> {
+    if body.is_empty() {
+        return Err(Reply::bad(format!("{what}: the request needs a JSON body")));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            what.to_string()
+        } else {
+            format!("{what}.{path}")
+        };
+        Reply::bad(format!("{field}: {}", e.into_inner()))
+    })
+}
+
+fn not_yet(what: &str, issue: &str) -> Reply {
+    Reply::bad(format!("{what} is not supported yet ({issue})"))
+}
+
+/// Maps a request to a route, or to an error reply.
+pub fn route(method: &str, path: &str, body: &[u8]) -> Route {
+    match route_inner(method, path, body) {
+        Ok(r) => r,
+        Err(reply) => Route::Reply(reply),
+    }
+}
+
+fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
+    use Route::Action as A;
+    let path = path.split('?').next().unwrap_or(path);
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let invalid = || {
+        Reply::bad(format!(
+            "Invalid request method and/or path: {method} {path}"
+        ))
+    };
+    Ok(match (method, segments.as_slice()) {
+        ("GET", [] | [""]) => A(VmmAction::GetInstanceInfo),
+        ("GET", ["version"]) => Route::Reply(Reply::json(
+            200,
+            serde_json::json!({ "firecracker_version": env!("CARGO_PKG_VERSION") }),
+        )),
+        ("GET", ["vm", "config"]) => A(VmmAction::GetVmConfig),
+        ("PUT", ["boot-source"]) => A(VmmAction::PutBootSource(
+            parse::<models::BootSource>("boot-source", body)?.into_vmm(),
+        )),
+        ("GET", ["machine-config"]) => A(VmmAction::GetMachineConfig),
+        ("PUT", ["machine-config"]) => {
+            let m = parse::<models::MachineConfig>("machine-config", body)?;
+            A(VmmAction::PutMachineConfig(
+                m.into_vmm()
+                    .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?,
+            ))
+        }
+        ("PATCH", ["machine-config"]) => {
+            let m = parse::<models::MachineConfigPatch>("machine-config", body)?;
+            A(VmmAction::PatchMachineConfig(
+                m.into_vmm()
+                    .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?,
+            ))
+        }
+        ("PUT", ["logger"]) => {
+            let l = parse::<models::Logger>("logger", body)?;
+            if l.module.is_some() {
+                return Err(Reply::bad(
+                    "logger.module: filtering by module is not supported yet",
+                ));
+            }
+            A(VmmAction::PutLogger(LoggerUpdate {
+                log_path: l.log_path.map(Into::into),
+                level: l.level,
+                show_level: l.show_level,
+                show_log_origin: l.show_log_origin,
+            }))
+        }
+        ("PUT", ["serial"]) => {
+            let s = parse::<models::Serial>("serial", body)?;
+            A(VmmAction::PutSerial(s.serial_out_path.map(Into::into)))
+        }
+        ("PUT", ["actions"]) => {
+            match parse::<models::InstanceActionInfo>("actions", body)?.action_type {
+                models::ActionType::InstanceStart => A(VmmAction::InstanceStart),
+                models::ActionType::SendCtrlAltDel => {
+                    return Err(not_yet(
+                        "SendCtrlAltDel",
+                        "the i8042 model cannot inject keys yet",
+                    ));
+                }
+                models::ActionType::FlushMetrics => {
+                    return Err(not_yet("FlushMetrics", "metrics arrive later"));
+                }
+            }
+        }
+        ("PATCH", ["vm"]) => match parse::<models::VmState>("vm", body)?.state {
+            models::VmStateValue::Paused => A(VmmAction::Pause),
+            models::VmStateValue::Resumed => A(VmmAction::Resume),
+        },
+        ("PUT", ["metrics"]) => return Err(not_yet("metrics", "metrics arrive later")),
+        ("PUT", ["cpu-config"]) => {
+            return Err(not_yet("cpu-config", "custom CPU templates arrive later"));
+        }
+        ("PUT", ["snapshot", "create" | "load"]) => {
+            return Err(not_yet(
+                "snapshots",
+                "pause/snapshot/restore is its own issue",
+            ));
+        }
+        ("PUT" | "PATCH", ["drives", _]) => {
+            return Err(not_yet(
+                "drives",
+                "virtio-block arrives with the virtio devices issue",
+            ));
+        }
+        ("PUT" | "PATCH", ["network-interfaces", _]) => {
+            return Err(not_yet(
+                "network-interfaces",
+                "virtio-net arrives with the virtio devices issue",
+            ));
+        }
+        ("PUT", ["vsock"]) => {
+            return Err(not_yet(
+                "vsock",
+                "virtio-vsock arrives with the virtio devices issue",
+            ));
+        }
+        ("PUT", ["entropy"]) => {
+            return Err(not_yet(
+                "entropy",
+                "virtio-rng arrives with the virtio devices issue",
+            ));
+        }
+        ("GET" | "PUT" | "PATCH", ["balloon"]) | ("GET" | "PATCH", ["balloon", "statistics"]) => {
+            return Err(not_yet(
+                "balloon",
+                "virtio-balloon arrives with the virtio devices issue",
+            ));
+        }
+        _ => return Err(invalid()),
+    })
+}
+
+/// Turns a VMM result into the reply Firecracker would send.
+pub fn render(result: Result<VmmData, ActionError>) -> Reply {
+    match result {
+        Ok(VmmData::Empty) => Reply::no_content(),
+        Ok(VmmData::InstanceInfo {
+            id,
+            state,
+            vmm_version,
+        }) => Reply::json(
+            200,
+            serde_json::json!({ "id": id, "state": state, "vmm_version": vmm_version, "app_name": "tern" }),
+        ),
+        Ok(VmmData::MachineConfig(m)) => Reply::json(
+            200,
+            serde_json::to_value(models::MachineConfig::from_vmm(&m)).unwrap_or_default(),
+        ),
+        Ok(VmmData::VmConfig(r)) => {
+            let mut v = serde_json::json!({
+                "machine-config": models::MachineConfig::from_vmm(&r.machine_config),
+                "drives": [],
+                "network-interfaces": [],
+            });
+            if let Some(b) = &r.boot_source {
+                v["boot-source"] =
+                    serde_json::to_value(models::BootSource::from_vmm(b)).unwrap_or_default();
+            }
+            if let Some(p) = &r.serial_out_path {
+                v["serial"] = serde_json::json!({ "serial_out_path": p.display().to_string() });
+            }
+            Reply::json(200, v)
+        }
+        Err(e) if e.is_client_error() => Reply::bad(e),
+        Err(e) => Reply::fault(500, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(r: Route) -> Reply {
+        match r {
+            Route::Reply(r) => r,
+            Route::Action(a) => panic!("expected a reply, got {a:?}"),
+        }
+    }
+
+    fn fault(r: Route) -> String {
+        let r = reply(r);
+        assert_eq!(r.status, 400, "{r:?}");
+        let v: serde_json::Value = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+        v["fault_message"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn firecracker_routes_map_to_actions() {
+        assert!(matches!(
+            route("GET", "/", b""),
+            Route::Action(VmmAction::GetInstanceInfo)
+        ));
+        assert!(matches!(
+            route("GET", "/machine-config", b""),
+            Route::Action(VmmAction::GetMachineConfig)
+        ));
+        assert!(matches!(
+            route("PUT", "/actions", br#"{"action_type": "InstanceStart"}"#),
+            Route::Action(VmmAction::InstanceStart)
+        ));
+        assert!(matches!(
+            route("PATCH", "/vm", br#"{"state": "Paused"}"#),
+            Route::Action(VmmAction::Pause)
+        ));
+        assert!(matches!(
+            route("PATCH", "/vm", br#"{"state": "Resumed"}"#),
+            Route::Action(VmmAction::Resume)
+        ));
+        match route(
+            "PUT",
+            "/boot-source",
+            br#"{"kernel_image_path": "/k", "boot_args": "x"}"#,
+        ) {
+            Route::Action(VmmAction::PutBootSource(b)) => {
+                assert_eq!(b.boot_args.as_deref(), Some("x"))
+            }
+            other => panic!("{other:?}"),
+        }
+        match route("PATCH", "/machine-config", br#"{"vcpu_count": 3}"#) {
+            Route::Action(VmmAction::PatchMachineConfig(u)) => assert_eq!(u.vcpu_count, Some(3)),
+            other => panic!("{other:?}"),
+        }
+        let v = reply(route("GET", "/version", b""));
+        assert_eq!(v.status, 200);
+        assert!(v.body.unwrap().contains("firecracker_version"));
+    }
+
+    #[test]
+    fn bad_bodies_name_the_field() {
+        assert!(
+            fault(route(
+                "PUT",
+                "/machine-config",
+                br#"{"vcpu_count": "x", "mem_size_mib": 1}"#
+            ))
+            .starts_with("machine-config.vcpu_count: invalid type")
+        );
+        assert!(
+            fault(route(
+                "PUT",
+                "/boot-source",
+                br#"{"kernel_image_path": "/k", "x": 1}"#
+            ))
+            .contains("unknown field `x`")
+        );
+        assert!(fault(route("PUT", "/boot-source", b"{not json")).starts_with("boot-source"));
+        assert!(fault(route("PUT", "/boot-source", b"")).contains("needs a JSON body"));
+        assert!(
+            fault(route("PUT", "/actions", br#"{"action_type": "Explode"}"#))
+                .contains("unknown variant")
+        );
+        assert!(
+            fault(route("PATCH", "/vm", br#"{"state": "Running"}"#)).contains("unknown variant")
+        );
+        assert!(
+            fault(route(
+                "PUT",
+                "/machine-config",
+                br#"{"vcpu_count": 1, "mem_size_mib": 1, "huge_pages": "2M"}"#
+            ))
+            .contains("huge_pages")
+        );
+    }
+
+    #[test]
+    fn unknown_routes_and_methods_are_400() {
+        assert!(fault(route("GET", "/nope", b"")).contains("Invalid request method and/or path"));
+        assert!(fault(route("DELETE", "/machine-config", b"")).contains("DELETE /machine-config"));
+        assert!(fault(route("PUT", "/drives/rootfs", b"{}")).contains("not supported yet"));
+        assert!(fault(route("PUT", "/snapshot/create", b"{}")).contains("not supported yet"));
+        assert!(
+            fault(route(
+                "PUT",
+                "/actions",
+                br#"{"action_type": "SendCtrlAltDel"}"#
+            ))
+            .contains("not supported yet")
+        );
+    }
+
+    #[test]
+    fn results_render_like_firecracker() {
+        assert_eq!(
+            render(Ok(VmmData::Empty)),
+            Reply {
+                status: 204,
+                body: None
+            }
+        );
+        let r = render(Ok(VmmData::InstanceInfo {
+            id: "a".into(),
+            state: "Running",
+            vmm_version: "0",
+        }));
+        let v: serde_json::Value = serde_json::from_str(&r.body.unwrap()).unwrap();
+        assert_eq!(v["state"], "Running");
+        assert_eq!(v["app_name"], "tern");
+        let r = render(Err(ActionError::InvalidState("too late".into())));
+        assert_eq!(r.status, 400);
+        assert_eq!(render(Err(ActionError::Internal("x".into()))).status, 500);
+    }
+}

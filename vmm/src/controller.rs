@@ -1,0 +1,344 @@
+//! The VMM thread's view of the VM: typed actions (from the API or the config file) applied to
+//! one state machine — configure, start, pause, resume. Only this thread touches VM state.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use event_manager::SubscriberOps;
+
+use crate::console::ConsoleInput;
+use crate::hypervisor::Hypervisor;
+use crate::logger::LoggerConfig;
+use crate::resources::{BootSource, ConfigError, HostLimits, MachineConfig, VmResources};
+use crate::vm::{EventLoop, Payload, RunOptions, RunReport, RunningVm};
+
+/// A change to the machine configuration; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineConfigUpdate {
+    /// New vCPU count.
+    pub vcpu_count: Option<u8>,
+    /// New memory size in MiB.
+    pub mem_size_mib: Option<u64>,
+    /// New SMT setting.
+    pub smt: Option<bool>,
+    /// New dirty-page tracking setting.
+    pub track_dirty_pages: Option<bool>,
+}
+
+/// Logger settings from the API; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoggerUpdate {
+    /// Where log lines go.
+    pub log_path: Option<PathBuf>,
+    /// Level name (Firecracker's spelling).
+    pub level: Option<String>,
+    /// Prefix with the level.
+    pub show_level: Option<bool>,
+    /// Prefix with the source location.
+    pub show_log_origin: Option<bool>,
+}
+
+/// What the VMM thread can be asked to do.
+#[derive(Debug)]
+pub enum VmmAction {
+    /// Instance id, state and version.
+    GetInstanceInfo,
+    /// The whole configuration.
+    GetVmConfig,
+    /// vCPUs and memory.
+    GetMachineConfig,
+    /// Set the kernel (pre-boot).
+    PutBootSource(BootSource),
+    /// Replace the machine configuration (pre-boot).
+    PutMachineConfig(MachineConfig),
+    /// Change parts of the machine configuration (pre-boot).
+    PatchMachineConfig(MachineConfigUpdate),
+    /// Where the serial console writes (pre-boot).
+    PutSerial(Option<PathBuf>),
+    /// Reconfigure logging.
+    PutLogger(LoggerUpdate),
+    /// Build and boot the VM.
+    InstanceStart,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+}
+
+/// What an action returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmData {
+    /// Nothing (HTTP 204).
+    Empty,
+    /// `GET /`.
+    InstanceInfo {
+        /// Instance id.
+        id: String,
+        /// "Not started", "Running" or "Paused" (Firecracker's words).
+        state: &'static str,
+        /// tern's version.
+        vmm_version: &'static str,
+    },
+    /// `GET /vm/config`.
+    VmConfig(VmResources),
+    /// `GET /machine-config`.
+    MachineConfig(MachineConfig),
+}
+
+/// Why an action was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// The action does not fit the VM's state (e.g. configuring after start).
+    #[error("{0}")]
+    InvalidState(String),
+    /// A value is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Starting the VM failed.
+    #[error("cannot start the VM: {0}")]
+    Start(crate::Error),
+    /// Something failed inside tern.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ActionError {
+    /// True when the fault is the client's (HTTP 400) rather than tern's (HTTP 500).
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, ActionError::Internal(_))
+    }
+}
+
+/// Opens the hypervisor when the VM starts (so that configuring needs no KVM access).
+pub type HypervisorFactory = Box<dyn Fn() -> Result<Arc<dyn Hypervisor>, crate::Error> + Send>;
+
+/// The VM's state and everything needed to change it.
+pub struct Controller {
+    id: String,
+    start: Instant,
+    resources: VmResources,
+    logger: LoggerConfig,
+    hypervisor: HypervisorFactory,
+    console_input: Option<ConsoleInput>,
+    vm: Option<RunningVm>,
+}
+
+fn pre_boot(vm: &Option<RunningVm>, what: &str) -> Result<(), ActionError> {
+    match vm {
+        None => Ok(()),
+        Some(_) => Err(ActionError::InvalidState(format!(
+            "{what} is only allowed before the VM starts (InstanceStart was already done)"
+        ))),
+    }
+}
+
+impl Controller {
+    /// A controller for a not-yet-started VM.
+    pub fn new(
+        id: String,
+        start: Instant,
+        resources: VmResources,
+        logger: LoggerConfig,
+        hypervisor: HypervisorFactory,
+        console_input: ConsoleInput,
+    ) -> Self {
+        Self {
+            id,
+            start,
+            resources,
+            logger,
+            hypervisor,
+            console_input: Some(console_input),
+            vm: None,
+        }
+    }
+
+    /// "Not started", "Running" or "Paused".
+    pub fn state(&self) -> &'static str {
+        match &self.vm {
+            None => "Not started",
+            Some(vm) if vm.is_paused() => "Paused",
+            Some(_) => "Running",
+        }
+    }
+
+    /// The running VM's report once it has stopped.
+    pub fn finished(&self) -> Option<crate::Result<RunReport>> {
+        self.vm.as_ref().and_then(|vm| vm.finished())
+    }
+
+    /// Applies `action`; `em` is the VMM thread's event loop (the VM registers on it at start).
+    pub fn handle(
+        &mut self,
+        action: VmmAction,
+        em: &mut EventLoop,
+    ) -> Result<VmmData, ActionError> {
+        let limits = || HostLimits::probe(usize::from(crate::resources::MAX_VCPUS));
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo {
+                id: self.id.clone(),
+                state: self.state(),
+                vmm_version: env!("CARGO_PKG_VERSION"),
+            }),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(self.resources.clone())),
+            VmmAction::GetMachineConfig => Ok(VmmData::MachineConfig(
+                self.resources.machine_config.clone(),
+            )),
+            VmmAction::PutBootSource(b) => {
+                pre_boot(&self.vm, "PUT /boot-source")?;
+                let mut candidate = self.resources.clone();
+                candidate.boot_source = Some(b);
+                candidate.validate_boot_source()?;
+                self.resources = candidate;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMachineConfig(m) => {
+                pre_boot(&self.vm, "PUT /machine-config")?;
+                m.validate(&limits())?;
+                self.resources.machine_config = m;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMachineConfig(u) => {
+                pre_boot(&self.vm, "PATCH /machine-config")?;
+                let mut m = self.resources.machine_config.clone();
+                m.vcpu_count = u.vcpu_count.unwrap_or(m.vcpu_count);
+                m.mem_size_mib = u.mem_size_mib.unwrap_or(m.mem_size_mib);
+                m.smt = u.smt.unwrap_or(m.smt);
+                m.track_dirty_pages = u.track_dirty_pages.unwrap_or(m.track_dirty_pages);
+                m.validate(&limits())?;
+                self.resources.machine_config = m;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutSerial(path) => {
+                pre_boot(&self.vm, "PUT /serial")?;
+                self.resources.serial_out_path = path;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutLogger(u) => {
+                let mut cfg = self.logger.clone();
+                if let Some(l) = &u.level {
+                    cfg.level = crate::logger::parse_level(l).ok_or_else(|| {
+                        ConfigError::new("logger.level", format!("{l:?} is not a level (use Error, Warning, Info, Debug, Trace or Off)"))
+                    })?;
+                }
+                cfg.show_level = u.show_level.unwrap_or(cfg.show_level);
+                cfg.show_log_origin = u.show_log_origin.unwrap_or(cfg.show_log_origin);
+                let sink: Option<Box<dyn std::io::Write + Send>> = match &u.log_path {
+                    Some(p) => Some(Box::new(
+                        std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(p)
+                            .map_err(|e| {
+                                ConfigError::new("logger.log_path", format!("{}: {e}", p.display()))
+                            })?,
+                    )),
+                    None => None,
+                };
+                crate::logger::init(cfg.clone(), sink);
+                self.logger = cfg;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::InstanceStart => {
+                pre_boot(&self.vm, "InstanceStart")?;
+                self.resources.validate(&limits())?;
+                let hv = (self.hypervisor)().map_err(ActionError::Start)?;
+                let opts = RunOptions {
+                    start: self.start,
+                    console: None,
+                    console_input: self.console_input.take().unwrap_or(ConsoleInput::None),
+                };
+                let vm = crate::vm::build(hv.as_ref(), &self.resources, Payload::Linux, opts)
+                    .and_then(|built| built.start(em))
+                    .map_err(ActionError::Start)?;
+                self.vm = Some(vm);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::Pause => match &mut self.vm {
+                None => Err(ActionError::InvalidState(
+                    "cannot pause: the VM has not started".into(),
+                )),
+                Some(vm) => vm
+                    .pause()
+                    .map(|()| VmmData::Empty)
+                    .map_err(|e| ActionError::Internal(e.to_string())),
+            },
+            VmmAction::Resume => match &mut self.vm {
+                None => Err(ActionError::InvalidState(
+                    "cannot resume: the VM has not started".into(),
+                )),
+                Some(vm) => {
+                    vm.resume();
+                    Ok(VmmData::Empty)
+                }
+            },
+        }
+    }
+}
+
+/// One request for the VMM thread, with where to send the answer.
+pub struct Request {
+    /// What to do.
+    pub action: VmmAction,
+    /// Where the result goes.
+    pub reply: std::sync::mpsc::Sender<Result<VmmData, ActionError>>,
+}
+
+/// The VMM thread's end of the request channel: requests, and an eventfd written after each.
+pub struct RequestQueue {
+    /// Incoming requests.
+    pub rx: std::sync::mpsc::Receiver<Request>,
+    /// Readable when requests are waiting.
+    pub wake: vmm_sys_util::eventfd::EventFd,
+}
+
+/// Drains an eventfd so that the level-triggered loop can sleep again.
+struct Wake(vmm_sys_util::eventfd::EventFd);
+
+impl event_manager::MutEventSubscriber for Wake {
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        if let Err(e) = ops.add(event_manager::Events::new(
+            &self.0,
+            vmm_sys_util::epoll::EventSet::IN,
+        )) {
+            log::error!("cannot watch the API request queue: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: event_manager::Events, _: &mut event_manager::EventOps) {
+        let _ = self.0.read();
+    }
+}
+
+impl Controller {
+    /// Applies `first` (if any; its failure ends serving), then serves requests until the VM,
+    /// once started, stops; returns how it ended.
+    pub fn serve(
+        &mut self,
+        queue: RequestQueue,
+        first: Option<VmmAction>,
+    ) -> Result<RunReport, ActionError> {
+        let mut em =
+            EventLoop::new().map_err(|e| ActionError::Internal(format!("event loop: {e:?}")))?;
+        em.add_subscriber(Arc::new(std::sync::Mutex::new(Wake(queue.wake))));
+        if let Some(action) = first {
+            self.handle(action, &mut em)?;
+        }
+        loop {
+            while let Ok(req) = queue.rx.try_recv() {
+                let result = self.handle(req.action, &mut em);
+                if let Err(e) = &result {
+                    log::warn!("request refused: {e}");
+                }
+                // The client may have gone; its answer is then dropped.
+                let _ = req.reply.send(result);
+            }
+            if let Some(report) = self.finished() {
+                return report.map_err(ActionError::Start);
+            }
+            em.run()
+                .map_err(|e| ActionError::Internal(format!("event loop: {e:?}")))?;
+        }
+    }
+}
