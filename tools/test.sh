@@ -12,7 +12,7 @@ cargo test --workspace -j2 "$@" || status=$?
 echo "== integration scenarios =="
 if [ -f target/scenario-summary.txt ]; then
     cat target/scenario-summary.txt
-    awk '{n[$NF]+=$2} END {printf "total: %d nested, %d direct\n", n["nested"], n["direct"]}' target/scenario-summary.txt
+    awk '{n[$6]+=$2} END {printf "total: %d nested, %d direct\n", n["nested"], n["direct"]}' target/scenario-summary.txt
 else
     echo "no integration scenario ran"
 fi

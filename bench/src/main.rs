@@ -8,11 +8,18 @@
 //! line each, with ms timestamps), peak RSS (wait4's ru_maxrss) and, with `--mem-sample-after`,
 //! the VMM's RSS split into guest memory and everything else at the moment that marker appeared.
 //! The test harness and the benchmarks both use it, inside the nest or directly.
+//!
+//! With `--api-sock SOCK --steps FILE` it also drives the VMM's API while it runs: FILE holds a
+//! JSON array of steps, each `{"wait": "console text"}`, `{"sleep_ms": N}` or
+//! `{"req": "METHOD /path", "body": {...}}`, done in order; every request's status, body and
+//! times go into the report's `api` list.
+
+mod http;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -27,6 +34,91 @@ struct Report {
     lines: Vec<(f64, char, String)>,
     max_rss_kib: i64,
     mem_sample: Option<MemSample>,
+    api: Vec<ApiCall>,
+    steps_error: Option<String>,
+}
+
+#[derive(Serialize, Clone, Default, Debug)]
+struct ApiCall {
+    request: String,
+    sent_ms: f64,
+    done_ms: f64,
+    status: u16,
+    body: String,
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct Step {
+    #[serde(default)]
+    wait: Option<String>,
+    #[serde(default)]
+    sleep_ms: Option<u64>,
+    #[serde(default)]
+    req: Option<String>,
+    #[serde(default)]
+    body: Option<serde_json::Value>,
+}
+
+/// Runs the API steps; `lines` is the console so far.
+fn run_steps(
+    sock: std::path::PathBuf,
+    steps: Vec<Step>,
+    lines: Arc<Mutex<Vec<String>>>,
+    t0: Instant,
+    deadline: Instant,
+) -> (Vec<ApiCall>, Option<String>) {
+    let ms = |t: Instant| (t - t0).as_secs_f64() * 1000.0;
+    let mut calls = Vec::new();
+    for step in steps {
+        if let Some(m) = &step.wait {
+            while !lines
+                .lock()
+                .map(|l| l.iter().any(|x| x.contains(m.as_str())))
+                .unwrap_or(false)
+            {
+                if Instant::now() >= deadline {
+                    return (calls, Some(format!("timed out waiting for {m:?}")));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if let Some(n) = step.sleep_ms {
+            std::thread::sleep(Duration::from_millis(n));
+        }
+        if let Some(req) = &step.req {
+            let Some((method, path)) = req.split_once(' ') else {
+                return (
+                    calls,
+                    Some(format!("bad step {req:?}: want \"METHOD /path\"")),
+                );
+            };
+            let body = step.body.as_ref().map(|b| b.to_string());
+            // The socket appears a little after the process starts.
+            let sent = Instant::now();
+            let resp = loop {
+                match http::request(&sock, method, path, body.as_deref()) {
+                    Ok(r) => break r,
+                    Err(e)
+                        if Instant::now() < deadline
+                            && sent.elapsed() < Duration::from_secs(10) =>
+                    {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => return (calls, Some(format!("{req}: {e}"))),
+                }
+            };
+            calls.push(ApiCall {
+                request: req.clone(),
+                sent_ms: ms(sent),
+                done_ms: ms(Instant::now()),
+                status: resp.status,
+                body: resp.body,
+            });
+        }
+    }
+    (calls, None)
 }
 
 #[derive(Serialize, Clone, Copy, Default, Debug, PartialEq)]
@@ -76,13 +168,15 @@ struct Args {
     mem_after: Option<String>,
     guest_mib: u64,
     kill_after: Option<String>,
+    api_sock: Option<std::path::PathBuf>,
+    steps: Option<std::path::PathBuf>,
     cmd: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     if it.next().as_deref() != Some("run") {
-        return Err("usage: tern-bench run [--timeout S] [--marker TEXT]... [--mem-sample-after TEXT --guest-mib N] [--kill-after TEXT] -- COMMAND...".into());
+        return Err("usage: tern-bench run [--timeout S] [--marker TEXT]... [--mem-sample-after TEXT --guest-mib N] [--kill-after TEXT] [--api-sock SOCK --steps FILE] -- COMMAND...".into());
     }
     let mut a = Args {
         timeout: Duration::from_secs(120),
@@ -90,6 +184,8 @@ fn parse_args() -> Result<Args, String> {
         mem_after: None,
         guest_mib: 0,
         kill_after: None,
+        api_sock: None,
+        steps: None,
         cmd: vec![],
     };
     while let Some(arg) = it.next() {
@@ -105,6 +201,8 @@ fn parse_args() -> Result<Args, String> {
                 a.guest_mib = val()?.parse().map_err(|e| format!("--guest-mib: {e}"))?
             }
             "--kill-after" => a.kill_after = Some(val()?),
+            "--api-sock" => a.api_sock = Some(val()?.into()),
+            "--steps" => a.steps = Some(val()?.into()),
             "--" => {
                 a.cmd = it.by_ref().collect();
                 break;
@@ -170,6 +268,28 @@ fn main() {
         pump(e, 'e', tx);
     }
     let ms = |t: Instant| (t - t0).as_secs_f64() * 1000.0;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let steps = match (&args.api_sock, &args.steps) {
+        (Some(sock), Some(file)) => {
+            let steps: Vec<Step> = match std::fs::read_to_string(file)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("tern-bench: steps {}: {e}", file.display());
+                    // SAFETY: plain kill(2) of our own child.
+                    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+                    std::process::exit(2);
+                }
+            };
+            let (sock, seen, deadline) = (sock.clone(), seen.clone(), t0 + args.timeout);
+            Some(std::thread::spawn(move || {
+                run_steps(sock, steps, seen, t0, deadline)
+            }))
+        }
+        _ => None,
+    };
     let mut report = Report {
         markers: args.markers.iter().map(|m| (m.clone(), None)).collect(),
         ..Default::default()
@@ -206,6 +326,9 @@ fn main() {
                     }
                 }
                 let kill = args.kill_after.as_deref().is_some_and(|m| line.contains(m));
+                if let Ok(mut s) = seen.lock() {
+                    s.push(line.clone());
+                }
                 report.lines.push((ms(t), tag, line));
                 if kill && (args.mem_after.is_none() || report.mem_sample.is_some()) {
                     // SAFETY: plain kill(2) of our own child.
@@ -232,6 +355,15 @@ fn main() {
     }
     // Drain what the pipes still held.
     let _ = child.try_wait();
+    if let Some(h) = steps {
+        match h.join() {
+            Ok((calls, err)) => {
+                report.api = calls;
+                report.steps_error = err;
+            }
+            Err(_) => report.steps_error = Some("the steps thread panicked".into()),
+        }
+    }
     match serde_json::to_string(&report) {
         Ok(s) => println!("{s}"),
         Err(e) => {

@@ -39,9 +39,13 @@ impl BusDevice for AcpiPm {
         let Some(&v) = data.first() else { return };
         match offset {
             0 if v & SLP_EN != 0 && (v >> SLP_TYP_SHIFT) & SLP_TYP_MASK == self.s5_sleep_type => {
+                log::info!("guest entered ACPI S5 (power off)");
                 self.exit.request_exit(GuestExit::PowerOff)
             }
-            2 if v == self.reset_value => self.exit.request_exit(GuestExit::Reset),
+            2 if v == self.reset_value => {
+                log::info!("guest reset through the ACPI reset register");
+                self.exit.request_exit(GuestExit::Reset)
+            }
             _ => log::debug!("acpi-pm: ignored write {v:#x} at offset {offset}"),
         }
     }

@@ -56,11 +56,16 @@ pub fn handle_exit(index: u8, exit: VcpuExit<'_>, buses: &Buses, stop: &ExitChan
             }
         }
         VcpuExit::Interrupted => {}
+        VcpuExit::Shutdown => {
+            log::warn!("vcpu{index}: triple fault (KVM_EXIT_SHUTDOWN): the guest resets");
+            stop.post(VmStop::Guest(GuestExit::Reset));
+            return Next::Stop;
+        }
         VcpuExit::Hlt | VcpuExit::SystemOff => {
             stop.post(VmStop::Guest(GuestExit::PowerOff));
             return Next::Stop;
         }
-        VcpuExit::Shutdown | VcpuExit::SystemReset => {
+        VcpuExit::SystemReset => {
             stop.post(VmStop::Guest(GuestExit::Reset));
             return Next::Stop;
         }

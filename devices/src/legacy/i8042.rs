@@ -16,6 +16,7 @@ impl Trigger for ResetLine {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
+        log::info!("guest reset through the i8042 (reset command 0xfe)");
         self.0.request_exit(GuestExit::Reset);
         Ok(())
     }

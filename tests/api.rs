@@ -1,0 +1,528 @@
+//! The REST API on its Unix socket.
+//! - Host tests (no KVM needed): a real `tern` process, every pre-boot route with a success and
+//!   bad inputs, the VM's configuration unchanged after each refusal, and the socket's life.
+//! - One nested (or direct) scenario: a whole VM life driven only through the socket.
+
+mod common;
+#[path = "../bench/src/http.rs"]
+#[allow(dead_code)]
+mod http;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::Scenario;
+
+struct Tern {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Tern {
+    fn start(name: &str) -> Self {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api");
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["--api-sock", sock.to_str().unwrap(), "--level", "Off"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("tern starts");
+        let t = Tern { child, sock };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http::request(&t.sock, "GET", "/", None).is_err() {
+            assert!(Instant::now() < deadline, "API socket never answered");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        t
+    }
+
+    fn req(&self, method: &str, path: &str, body: Option<&str>) -> http::HttpResponse {
+        http::request(&self.sock, method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn config(&self) -> String {
+        self.req("GET", "/vm/config", None).body
+    }
+}
+
+impl Drop for Tern {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fault(r: &http::HttpResponse) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+    v["fault_message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no fault_message: {r:?}"))
+        .to_string()
+}
+
+/// `body` is refused with 400, a fault naming `expect`, and the configuration unchanged.
+fn refused(t: &Tern, method: &str, path: &str, body: Option<&str>, expect: &str) {
+    let before = t.config();
+    let r = t.req(method, path, body);
+    assert_eq!(r.status, 400, "{method} {path} {body:?}: {r:?}");
+    let msg = fault(&r);
+    assert!(
+        msg.contains(expect),
+        "{method} {path} {body:?}: {msg:?} lacks {expect:?}"
+    );
+    assert_eq!(
+        t.config(),
+        before,
+        "{method} {path} {body:?} changed the configuration"
+    );
+}
+
+fn kernel() -> String {
+    env!("CARGO_BIN_EXE_tern").to_string() // an ELF file: passes the kernel-format check
+}
+
+#[test]
+fn instance_info_and_version() {
+    let t = Tern::start("info");
+    let r = t.req("GET", "/", None);
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        (v["state"].as_str(), v["app_name"].as_str()),
+        (Some("Not started"), Some("tern"))
+    );
+    let r = t.req("GET", "/version", None);
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("firecracker_version"));
+    refused(&t, "POST", "/", None, "Invalid request method and/or path");
+    refused(
+        &t,
+        "GET",
+        "/no/such/route",
+        None,
+        "Invalid request method and/or path",
+    );
+}
+
+#[test]
+fn boot_source() {
+    let t = Tern::start("boot-source");
+    let good = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel()
+    );
+    assert_eq!(t.req("PUT", "/boot-source", Some(&good)).status, 204);
+    assert!(t.config().contains("console=ttyS0"));
+    refused(&t, "PUT", "/boot-source", Some("{not json"), "boot-source");
+    refused(
+        &t,
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": 5}"#),
+        "boot-source.kernel_image_path: invalid type",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/no/such"}"#),
+        "/no/such",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/etc/hostname"}"#),
+        "not a Linux kernel",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/boot-source",
+        Some(&format!(
+            r#"{{"kernel_image_path": "{}", "extra": 1}}"#,
+            kernel()
+        )),
+        "unknown field `extra`",
+    );
+    refused(&t, "PUT", "/boot-source", None, "needs a JSON body");
+}
+
+#[test]
+fn machine_config() {
+    let t = Tern::start("machine-config");
+    assert_eq!(
+        t.req(
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 2, "mem_size_mib": 512}"#)
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        t.req("PATCH", "/machine-config", Some(r#"{"mem_size_mib": 256}"#))
+            .status,
+        204
+    );
+    let r = t.req("GET", "/machine-config", None);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        (v["vcpu_count"].as_u64(), v["mem_size_mib"].as_u64()),
+        (Some(2), Some(256))
+    );
+    refused(
+        &t,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 0, "mem_size_mib": 128}"#),
+        "machine-config.vcpu_count",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 0}"#),
+        "machine-config.mem_size_mib",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1}"#),
+        "missing field `mem_size_mib`",
+    );
+    refused(
+        &t,
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 999}"#),
+        "machine-config.vcpu_count",
+    );
+    refused(
+        &t,
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"mem_size_mib": "lots"}"#),
+        "invalid type",
+    );
+    refused(
+        &t,
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"mem_size_mib": 1099511627776}"#),
+        "more than this host",
+    );
+    refused(
+        &t,
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"smt": true}"#),
+        "machine-config.smt",
+    );
+}
+
+#[test]
+fn logger_and_serial() {
+    let t = Tern::start("logger");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api");
+    let log = dir.join("logger.log");
+    let _ = std::fs::remove_file(&log);
+    let body = format!(
+        r#"{{"log_path": "{}", "level": "Debug", "show_level": true}}"#,
+        log.display()
+    );
+    assert_eq!(t.req("PUT", "/logger", Some(&body)).status, 204);
+    t.req("GET", "/", None);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains(":DEBUG API GET /"), "{text:?}");
+    refused(
+        &t,
+        "PUT",
+        "/logger",
+        Some(r#"{"level": "Loud"}"#),
+        "logger.level",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/logger",
+        Some(r#"{"log_path": "/no/such/dir/x.log"}"#),
+        "logger.log_path",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/logger",
+        Some(r#"{"level": 3}"#),
+        "invalid type",
+    );
+
+    let out = dir.join("serial.out");
+    assert_eq!(
+        t.req(
+            "PUT",
+            "/serial",
+            Some(&format!(r#"{{"serial_out_path": "{}"}}"#, out.display()))
+        )
+        .status,
+        204
+    );
+    assert!(t.config().contains("serial.out"));
+    refused(
+        &t,
+        "PUT",
+        "/serial",
+        Some(r#"{"serial_out_path": 1}"#),
+        "invalid type",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/serial",
+        Some(r#"{"path": "x"}"#),
+        "unknown field",
+    );
+}
+
+#[test]
+fn actions_and_vm_state_before_start() {
+    let t = Tern::start("actions");
+    refused(
+        &t,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Paused"}"#),
+        "has not started",
+    );
+    refused(
+        &t,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Resumed"}"#),
+        "has not started",
+    );
+    refused(
+        &t,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Frozen"}"#),
+        "unknown variant",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "Reboot"}"#),
+        "unknown variant",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/actions",
+        Some(r#"{}"#),
+        "missing field `action_type`",
+    );
+    // InstanceStart without a boot source is the client's mistake.
+    refused(
+        &t,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        "boot-source",
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&t.req("GET", "/", None).body).unwrap()["state"],
+        "Not started"
+    );
+}
+
+#[test]
+fn routes_of_later_features_are_refused_clearly() {
+    let t = Tern::start("later");
+    for (m, p) in [
+        ("PUT", "/drives/rootfs"),
+        ("PATCH", "/drives/rootfs"),
+        ("PUT", "/network-interfaces/eth0"),
+        ("PUT", "/vsock"),
+        ("PUT", "/entropy"),
+        ("PUT", "/balloon"),
+        ("GET", "/balloon/statistics"),
+        ("PUT", "/metrics"),
+        ("PUT", "/cpu-config"),
+        ("PUT", "/snapshot/create"),
+        ("PUT", "/snapshot/load"),
+    ] {
+        refused(&t, m, p, Some("{}"), "not supported yet");
+    }
+}
+
+#[test]
+fn socket_is_private_exclusive_and_cleaned_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Tern::start("sock");
+    let mode = std::fs::metadata(&t.sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A second tern on a live socket fails with a clear message.
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["--api-sock", t.sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already serving"), "{err}");
+    // SIGTERM removes the socket.
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(t.child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "socket left behind after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn stale_socket_is_replaced() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("stale.sock");
+    let _ = std::fs::remove_file(&sock);
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap()); // leaves the file, nobody listening
+    assert!(sock.exists());
+    let t = Tern {
+        child: spawn_on(&sock),
+        sock: sock.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http::request(&t.sock, "GET", "/", None).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "tern did not take over the stale socket"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn spawn_on(sock: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["--api-sock", sock.to_str().unwrap(), "--level", "Off"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+// ---- a whole life through the socket, in a booted guest -------------------------------------
+
+const LIFECYCLE_STEPS: &str = r#"[
+  {"req": "GET /"},
+  {"req": "PUT /boot-source", "body": {"kernel_image_path": "vmlinux", "initrd_path": "initramfs.cpio.gz",
+     "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet guest.cmd=ticks guest.ticks=30"}},
+  {"req": "PUT /machine-config", "body": {"vcpu_count": 2, "mem_size_mib": 256}},
+  {"req": "PUT /machine-config", "body": {"vcpu_count": 0, "mem_size_mib": 256}},
+  {"req": "PUT /actions", "body": {"action_type": "InstanceStart"}},
+  {"req": "GET /"},
+  {"req": "PUT /boot-source", "body": {"kernel_image_path": "vmlinux"}},
+  {"req": "PATCH /machine-config", "body": {"vcpu_count": 1}},
+  {"wait": "GUEST TICK 3"},
+  {"req": "PATCH /vm", "body": {"state": "Paused"}},
+  {"req": "GET /"},
+  {"sleep_ms": 1500},
+  {"req": "PATCH /vm", "body": {"state": "Resumed"}},
+  {"req": "GET /"}
+]"#;
+
+const SCENARIOS: &[Scenario] = &[Scenario {
+    api_steps: Some(LIFECYCLE_STEPS),
+    ..Scenario::new("api_lifecycle")
+}];
+
+static BATCH: OnceLock<Result<common::Batch, String>> = OnceLock::new();
+
+#[test]
+fn api_lifecycle_configure_start_pause_resume() {
+    let Some(o) = common::outcome(&BATCH, "api", SCENARIOS, "api_lifecycle") else {
+        return;
+    };
+    let ctx = || format!("{}\napi: {:#?}", o.console(), o.api);
+    assert_eq!(o.steps_error, None, "{}", ctx());
+    let calls: Vec<(&str, u16)> = o
+        .api
+        .iter()
+        .map(|c| (c.request.as_str(), c.status))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("GET /", 200),
+            ("PUT /boot-source", 204),
+            ("PUT /machine-config", 204),
+            ("PUT /machine-config", 400),
+            ("PUT /actions", 204),
+            ("GET /", 200),
+            ("PUT /boot-source", 400),
+            ("PATCH /machine-config", 400),
+            ("PATCH /vm", 204),
+            ("GET /", 200),
+            ("PATCH /vm", 204),
+            ("GET /", 200),
+        ],
+        "{}",
+        ctx()
+    );
+    let state = |i: usize| -> String {
+        serde_json::from_str::<serde_json::Value>(&o.api[i].body).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        [state(0), state(5), state(9), state(11)],
+        ["Not started", "Running", "Paused", "Running"]
+    );
+    assert!(
+        fault_of(&o.api[6]).contains("only allowed before the VM starts"),
+        "{}",
+        ctx()
+    );
+
+    // While paused the counter stops; after resume it continues without a gap.
+    let (paused_at, resumed_at) = (o.api[8].done_ms, o.api[10].sent_ms);
+    let ticks = o.line_times("GUEST TICK ");
+    let during: Vec<_> = ticks
+        .iter()
+        .filter(|(t, _)| *t > paused_at + 50.0 && *t < resumed_at)
+        .collect();
+    assert!(
+        during.is_empty(),
+        "ticks while paused: {during:?}\n{}",
+        ctx()
+    );
+    let numbers: Vec<u32> = ticks
+        .iter()
+        .filter_map(|(_, l)| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(numbers, (1..=30).collect::<Vec<_>>(), "{}", ctx());
+    assert!(
+        ticks.iter().any(|(t, _)| *t > resumed_at),
+        "no ticks after resume\n{}",
+        ctx()
+    );
+    assert_eq!(o.guest_value("NPROC").as_deref(), Some("2"), "{}", ctx());
+    assert_eq!(o.exit_code, Some(0), "{}", ctx());
+}
+
+fn fault_of(c: &common::ApiCall) -> String {
+    serde_json::from_str::<serde_json::Value>(&c.body).unwrap()["fault_message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
