@@ -220,6 +220,14 @@ fn run_with_api(
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         let api_wake = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
         api::server::spawn(listener, tx, api_wake).map_err(|e| format!("API thread: {e}"))?;
+        metrics::METRICS
+            .api_server
+            .process_startup_time_us
+            .set(start.elapsed().as_micros() as u64);
+        metrics::METRICS
+            .api_server
+            .process_startup_time_cpu_us
+            .set(devices::legacy::boot_timer::process_cpu_time().as_micros() as u64);
         log::info!("API socket ready at {}", sock.display());
         let mut ctl = Controller::new(
             cli.id.clone(),

@@ -292,6 +292,99 @@ fn logger_and_serial() {
 }
 
 #[test]
+fn metrics_flush_and_prometheus() {
+    let t = Tern::start("metrics");
+    refused(
+        &t,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+        "PUT /metrics",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/metrics",
+        Some(r#"{"metrics_path": "/no/such/dir/m.json"}"#),
+        "metrics.metrics_path",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/metrics",
+        Some(r#"{"path": "x"}"#),
+        "unknown field",
+    );
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("api")
+        .join("metrics.jsonl");
+    let _ = std::fs::remove_file(&path);
+    let body = format!(r#"{{"metrics_path": "{}"}}"#, path.display());
+    assert_eq!(t.req("PUT", "/metrics", Some(&body)).status, 204);
+    refused(&t, "PUT", "/metrics", Some(&body), "already configured");
+    t.req("GET", "/", None);
+    t.req("GET", "/", None);
+    assert_eq!(
+        t.req(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "FlushMetrics"}"#)
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        t.req(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "FlushMetrics"}"#)
+        )
+        .status,
+        204
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    // Firecracker's semantics: each line counts what happened since the previous one.
+    assert!(
+        lines[0]["get_api_requests"]["instance_info_count"]
+            .as_u64()
+            .unwrap()
+            >= 2,
+        "{text}"
+    );
+    assert_eq!(
+        lines[1]["get_api_requests"]["instance_info_count"], 0,
+        "{text}"
+    );
+    assert!(
+        lines[0]["put_api_requests"]["metrics_fails"]
+            .as_u64()
+            .unwrap()
+            >= 2,
+        "{text}"
+    );
+    assert!(
+        lines[0]["api_server"]["process_startup_time_us"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{text}"
+    );
+    let prom = t.req("GET", "/tern/v1/metrics", None);
+    assert_eq!(prom.status, 200);
+    assert!(
+        prom.body
+            .contains("\ntern_get_api_requests_instance_info_count_total "),
+        "{}",
+        prom.body
+    );
+}
+
+#[test]
 fn actions_and_vm_state_before_start() {
     let t = Tern::start("actions");
     refused(
@@ -354,7 +447,6 @@ fn routes_of_later_features_are_refused_clearly() {
         ("PUT", "/entropy"),
         ("PUT", "/balloon"),
         ("GET", "/balloon/statistics"),
-        ("PUT", "/metrics"),
         ("PUT", "/cpu-config"),
         ("PUT", "/snapshot/create"),
         ("PUT", "/snapshot/load"),
@@ -437,7 +529,8 @@ const LIFECYCLE_STEPS: &str = r#"[
   {"req": "GET /"},
   {"sleep_ms": 1500},
   {"req": "PATCH /vm", "body": {"state": "Resumed"}},
-  {"req": "GET /"}
+  {"req": "GET /"},
+  {"req": "GET /tern/v1/metrics"}
 ]"#;
 
 const SCENARIOS: &[Scenario] = &[Scenario {
@@ -474,6 +567,7 @@ fn api_lifecycle_configure_start_pause_resume() {
             ("GET /", 200),
             ("PATCH /vm", 204),
             ("GET /", 200),
+            ("GET /tern/v1/metrics", 200),
         ],
         "{}",
         ctx()
@@ -517,6 +611,20 @@ fn api_lifecycle_configure_start_pause_resume() {
         ctx()
     );
     assert_eq!(o.guest_value("NPROC").as_deref(), Some("2"), "{}", ctx());
+    // The metrics saw the running guest and the pause.
+    let prom = &o.api[12].body;
+    let value = |name: &str| -> u64 {
+        prom.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{prom}"))
+    };
+    assert!(value("tern_vcpu_exit_io_out_total") > 0, "{prom}");
+    assert!(value("tern_uart_write_count_total") > 0, "{prom}");
+    assert!(value("tern_latencies_us_pause_vm") > 0, "{prom}");
+    assert!(
+        value("tern_patch_api_requests_vm_count_total") >= 2,
+        "{prom}"
+    );
     assert_eq!(o.exit_code, Some(0), "{}", ctx());
 }
 

@@ -84,6 +84,14 @@ pub struct Logger {
     pub module: Option<String>,
 }
 
+/// `metrics` / `PUT /metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// File or FIFO that receives one JSON line per flush.
+    pub metrics_path: String,
+}
+
 /// `serial` / `PUT /serial`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]

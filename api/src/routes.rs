@@ -13,6 +13,8 @@ pub struct Reply {
     pub status: u16,
     /// JSON body, if any.
     pub body: Option<String>,
+    /// The body is plain text rather than JSON.
+    pub text: bool,
 }
 
 impl Reply {
@@ -20,6 +22,7 @@ impl Reply {
         Self {
             status,
             body: Some(v.to_string()),
+            text: false,
         }
     }
 
@@ -39,6 +42,7 @@ impl Reply {
         Self {
             status: 204,
             body: None,
+            text: false,
         }
     }
 }
@@ -73,6 +77,58 @@ fn parse<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Reply> {
 
 fn not_yet(what: &str, issue: &str) -> Reply {
     Reply::bad(format!("{what} is not supported yet ({issue})"))
+}
+
+/// Counts a request in Firecracker's API metrics (`*_count`, and `*_fails` when refused).
+pub fn count(method: &str, path: &str, status: u16) {
+    let m = &metrics::METRICS;
+    let failed = status >= 400;
+    let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
+    let pair = match (method, path) {
+        ("GET", "") => Some((&m.get_api_requests.instance_info_count, None)),
+        ("GET", "/machine-config") => Some((&m.get_api_requests.machine_cfg_count, None)),
+        ("GET", "/vm/config") => Some((&m.get_api_requests.vm_config_count, None)),
+        ("GET", "/version") => Some((&m.get_api_requests.version_count, None)),
+        ("PUT", "/actions") => Some((
+            &m.put_api_requests.actions_count,
+            Some(&m.put_api_requests.actions_fails),
+        )),
+        ("PUT", "/boot-source") => Some((
+            &m.put_api_requests.boot_source_count,
+            Some(&m.put_api_requests.boot_source_fails),
+        )),
+        ("PUT", "/logger") => Some((
+            &m.put_api_requests.logger_count,
+            Some(&m.put_api_requests.logger_fails),
+        )),
+        ("PUT", "/machine-config") => Some((
+            &m.put_api_requests.machine_cfg_count,
+            Some(&m.put_api_requests.machine_cfg_fails),
+        )),
+        ("PUT", "/metrics") => Some((
+            &m.put_api_requests.metrics_count,
+            Some(&m.put_api_requests.metrics_fails),
+        )),
+        ("PUT", "/serial") => Some((
+            &m.put_api_requests.serial_count,
+            Some(&m.put_api_requests.serial_fails),
+        )),
+        ("PATCH", "/machine-config") => Some((
+            &m.patch_api_requests.machine_cfg_count,
+            Some(&m.patch_api_requests.machine_cfg_fails),
+        )),
+        ("PATCH", "/vm") => Some((
+            &m.patch_api_requests.vm_count,
+            Some(&m.patch_api_requests.vm_fails),
+        )),
+        _ => None,
+    };
+    if let Some((count, fails)) = pair {
+        count.inc();
+        if let (true, Some(f)) = (failed, fails) {
+            f.inc();
+        }
+    }
 }
 
 /// Maps a request to a route, or to an error reply.
@@ -144,16 +200,23 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
                         "the i8042 model cannot inject keys yet",
                     ));
                 }
-                models::ActionType::FlushMetrics => {
-                    return Err(not_yet("FlushMetrics", "metrics arrive later"));
-                }
+                models::ActionType::FlushMetrics => A(VmmAction::FlushMetrics),
             }
         }
         ("PATCH", ["vm"]) => match parse::<models::VmState>("vm", body)?.state {
             models::VmStateValue::Paused => A(VmmAction::Pause),
             models::VmStateValue::Resumed => A(VmmAction::Resume),
         },
-        ("PUT", ["metrics"]) => return Err(not_yet("metrics", "metrics arrive later")),
+        ("PUT", ["metrics"]) => A(VmmAction::PutMetrics(
+            parse::<models::Metrics>("metrics", body)?
+                .metrics_path
+                .into(),
+        )),
+        ("GET", ["tern", "v1", "metrics"]) => Route::Reply(Reply {
+            status: 200,
+            body: Some(metrics::METRICS.prometheus()),
+            text: true,
+        }),
         ("PUT", ["cpu-config"]) => {
             return Err(not_yet("cpu-config", "custom CPU templates arrive later"));
         }
@@ -335,6 +398,9 @@ mod tests {
         assert!(fault(route("DELETE", "/machine-config", b"")).contains("DELETE /machine-config"));
         assert!(fault(route("PUT", "/drives/rootfs", b"{}")).contains("not supported yet"));
         assert!(fault(route("PUT", "/snapshot/create", b"{}")).contains("not supported yet"));
+        assert!(fault(route("PUT", "/metrics", b"{}")).contains("missing field `metrics_path`"));
+        let prom = reply(route("GET", "/tern/v1/metrics", b""));
+        assert!(prom.text && prom.body.unwrap().contains("tern_vcpu_exit_io_out_total"));
         assert!(
             fault(route(
                 "PUT",
@@ -351,7 +417,8 @@ mod tests {
             render(Ok(VmmData::Empty)),
             Reply {
                 status: 204,
-                body: None
+                body: None,
+                text: false
             }
         );
         let r = render(Ok(VmmData::InstanceInfo {

@@ -72,7 +72,11 @@ fn http_response(reply: Reply, version: Version) -> Response {
     let mut r = Response::new(version, status);
     r.set_server("tern");
     if let Some(body) = reply.body {
-        r.set_content_type(MediaType::ApplicationJson);
+        r.set_content_type(if reply.text {
+            MediaType::PlainText
+        } else {
+            MediaType::ApplicationJson
+        });
         r.set_body(Body::new(body));
     }
     r
@@ -128,13 +132,9 @@ pub fn spawn(
                 for req in requests {
                     let resp = req.process(|r| {
                         let body = r.body.as_ref().map(|b| b.raw()).unwrap_or(&[]);
-                        let reply = answer(
-                            r.method().to_str(),
-                            r.uri().get_abs_path(),
-                            body,
-                            &to_vmm,
-                            &wake,
-                        );
+                        let (method, path) = (r.method().to_str(), r.uri().get_abs_path());
+                        let reply = answer(method, path, body, &to_vmm, &wake);
+                        routes::count(method, path, reply.status);
                         http_response(reply, r.http_version())
                     });
                     if let Err(e) = server.respond(resp) {

@@ -58,6 +58,10 @@ pub enum VmmAction {
     PutSerial(Option<PathBuf>),
     /// Reconfigure logging.
     PutLogger(LoggerUpdate),
+    /// Where metrics are written (a file or FIFO), once.
+    PutMetrics(PathBuf),
+    /// Write a metrics line now.
+    FlushMetrics,
     /// Build and boot the VM.
     InstanceStart,
     /// Pause the vCPUs.
@@ -122,6 +126,7 @@ pub struct Controller {
     hypervisor: HypervisorFactory,
     console_input: Option<ConsoleInput>,
     vm: Option<RunningVm>,
+    metrics_sink: Option<std::fs::File>,
 }
 
 fn pre_boot(vm: &Option<RunningVm>, what: &str) -> Result<(), ActionError> {
@@ -151,6 +156,7 @@ impl Controller {
             hypervisor,
             console_input: Some(console_input),
             vm: None,
+            metrics_sink: None,
         }
     }
 
@@ -240,8 +246,35 @@ impl Controller {
                 self.logger = cfg;
                 Ok(VmmData::Empty)
             }
+            VmmAction::PutMetrics(path) => {
+                if self.metrics_sink.is_some() {
+                    return Err(ActionError::InvalidState(
+                        "metrics are already configured (PUT /metrics works once)".into(),
+                    ));
+                }
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| {
+                        ConfigError::new("metrics.metrics_path", format!("{}: {e}", path.display()))
+                    })?;
+                self.metrics_sink = Some(f);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::FlushMetrics => {
+                if self.metrics_sink.is_none() {
+                    return Err(ActionError::InvalidState(
+                        "metrics are not configured: PUT /metrics with a metrics_path first".into(),
+                    ));
+                }
+                self.flush_metrics()
+                    .map_err(|e| ActionError::Internal(format!("writing metrics: {e}")))?;
+                Ok(VmmData::Empty)
+            }
             VmmAction::InstanceStart => {
                 pre_boot(&self.vm, "InstanceStart")?;
+                let t = Instant::now();
                 self.resources.validate(&limits())?;
                 let hv = (self.hypervisor)().map_err(ActionError::Start)?;
                 let opts = RunOptions {
@@ -252,6 +285,10 @@ impl Controller {
                 let vm = crate::vm::build(hv.as_ref(), &self.resources, Payload::Linux, opts)
                     .and_then(|built| built.start(em))
                     .map_err(ActionError::Start)?;
+                metrics::METRICS
+                    .latencies_us
+                    .vm_start
+                    .set(t.elapsed().as_micros() as u64);
                 self.vm = Some(vm);
                 Ok(VmmData::Empty)
             }
@@ -311,7 +348,47 @@ impl event_manager::MutEventSubscriber for Wake {
     }
 }
 
+/// How often metrics are written when a sink is configured.
+pub const METRICS_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Fires every [`METRICS_PERIOD`]; the serve loop then writes a metrics line.
+struct MetricsTimer {
+    timer: vmm_sys_util::timerfd::TimerFd,
+    due: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl event_manager::MutEventSubscriber for MetricsTimer {
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        let armed = self.timer.reset(METRICS_PERIOD, Some(METRICS_PERIOD));
+        if let Err(e) = armed.map_err(|e| format!("{e}")).and_then(|()| {
+            ops.add(event_manager::Events::new(
+                &self.timer,
+                vmm_sys_util::epoll::EventSet::IN,
+            ))
+            .map_err(|e| format!("{e:?}"))
+        }) {
+            log::error!("periodic metrics disabled: {e}");
+        }
+    }
+
+    fn process(&mut self, _: event_manager::Events, _: &mut event_manager::EventOps) {
+        let _ = self.timer.wait();
+        self.due.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Controller {
+    /// Writes one metrics line to the configured sink.
+    fn flush_metrics(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        if let Some(f) = &mut self.metrics_sink {
+            let mut line = metrics::METRICS.json_line();
+            line.push('\n');
+            f.write_all(line.as_bytes())?;
+        }
+        Ok(())
+    }
+
     /// Applies `first` (if any; its failure ends serving), then serves requests until the VM,
     /// once started, stops; returns how it ended.
     pub fn serve(
@@ -322,6 +399,16 @@ impl Controller {
         let mut em =
             EventLoop::new().map_err(|e| ActionError::Internal(format!("event loop: {e:?}")))?;
         em.add_subscriber(Arc::new(std::sync::Mutex::new(Wake(queue.wake))));
+        let metrics_due = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        match vmm_sys_util::timerfd::TimerFd::new() {
+            Ok(timer) => {
+                em.add_subscriber(Arc::new(std::sync::Mutex::new(MetricsTimer {
+                    timer,
+                    due: metrics_due.clone(),
+                })));
+            }
+            Err(e) => log::error!("periodic metrics disabled: {e}"),
+        }
         if let Some(action) = first {
             self.handle(action, &mut em)?;
         }
@@ -334,7 +421,14 @@ impl Controller {
                 // The client may have gone; its answer is then dropped.
                 let _ = req.reply.send(result);
             }
+            if metrics_due.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                if let Err(e) = self.flush_metrics() {
+                    log::warn!("writing metrics: {e}");
+                }
+            }
             if let Some(report) = self.finished() {
+                // A last line, so that the end of the run is in the metrics too.
+                let _ = self.flush_metrics();
                 return report.map_err(ActionError::Start);
             }
             em.run()

@@ -33,6 +33,15 @@ pub enum Next {
 /// Handles one exit: device accesses go to the buses (reads from nowhere return all ones,
 /// writes to nowhere are dropped), stop conditions are posted to `exit`.
 pub fn handle_exit(index: u8, exit: VcpuExit<'_>, buses: &Buses, stop: &ExitChannel) -> Next {
+    let m = &metrics::METRICS.vcpu;
+    match &exit {
+        VcpuExit::IoIn(..) => m.exit_io_in.inc(),
+        VcpuExit::IoOut(..) => m.exit_io_out.inc(),
+        VcpuExit::MmioRead(..) => m.exit_mmio_read.inc(),
+        VcpuExit::MmioWrite(..) => m.exit_mmio_write.inc(),
+        VcpuExit::Unhandled(_) => m.failures.inc(),
+        _ => {}
+    }
     match exit {
         VcpuExit::IoIn(port, data) => {
             if !buses.pio.read(u64::from(port), data) {

@@ -388,7 +388,10 @@ impl RunningVm {
         let stop = self.exit.reason()?;
         let _ = std::io::stdout().flush();
         let outcome = match stop {
-            VmStop::Guest(_) if self.panicked.load(Ordering::SeqCst) => Outcome::Panic,
+            VmStop::Guest(_) if self.panicked.load(Ordering::SeqCst) => {
+                metrics::METRICS.vmm.panic_count.inc();
+                Outcome::Panic
+            }
             VmStop::Guest(GuestExit::PowerOff) => Outcome::PowerOff,
             VmStop::Guest(GuestExit::Reset) => Outcome::Reset,
             VmStop::VcpuFailed { index, reason } => {
@@ -405,7 +408,12 @@ impl RunningVm {
     /// Stops all vCPUs where they are. Idempotent.
     pub fn pause(&mut self) -> Result<()> {
         if !self.paused {
+            let t = std::time::Instant::now();
             vcpu::pause_all(&self.vcpus, PAUSE_TIMEOUT).map_err(|e| Error::Pause(e.to_string()))?;
+            metrics::METRICS
+                .latencies_us
+                .pause_vm
+                .set(t.elapsed().as_micros() as u64);
             self.paused = true;
         }
         Ok(())
@@ -414,7 +422,12 @@ impl RunningVm {
     /// Lets paused vCPUs run again. Idempotent.
     pub fn resume(&mut self) {
         if self.paused {
+            let t = std::time::Instant::now();
             vcpu::resume_all(&self.vcpus);
+            metrics::METRICS
+                .latencies_us
+                .resume_vm
+                .set(t.elapsed().as_micros() as u64);
             self.paused = false;
         }
     }

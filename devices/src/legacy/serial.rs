@@ -47,6 +47,7 @@ impl ConsoleOutput {
 
 impl Write for ConsoleOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        metrics::METRICS.uart.write_count.add(buf.len() as u64);
         self.scan(buf);
         // A console whose reader went away (closed pipe) must not stop the guest.
         match self.out.write_all(buf) {
@@ -100,7 +101,10 @@ impl SerialDevice {
             return 0;
         }
         match self.serial.enqueue_raw_bytes(&bytes[..room]) {
-            Ok(n) => n,
+            Ok(n) => {
+                metrics::METRICS.uart.read_count.add(n as u64);
+                n
+            }
             Err(e) => {
                 log::warn!("serial input: {e:?}");
                 0
