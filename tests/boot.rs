@@ -80,18 +80,29 @@ fn check_boot(name: &str, protocol_log: &str) {
         "{}",
         ctx()
     );
+    // The RAM the kernel got from tern's e820 map: all of it but the 385 KiB legacy BIOS area
+    // between the EBDA (0x9fc00) and 1 MiB, and page 0, which Linux always reserves itself.
+    let configured = s.mem_mib * 1024;
+    let ram_kib: u64 = o
+        .guest_value("RAM")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(
+        ram_kib,
+        configured - 385 - 4,
+        "System RAM (kB) vs configured; {}",
+        ctx()
+    );
+    // MemTotal is that minus what the kernel keeps for itself: its image, page structs, and
+    // with RAM above 4 GiB a 64 MiB swiotlb buffer. Loosely bounded: it depends on the kernel.
     let mem_kib: u64 = o
         .guest_value("MEMTOTAL")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let configured = s.mem_mib * 1024;
-    // The kernel keeps its image (~16 MiB), page structs and reserved areas (~3%) out of
-    // MemTotal, and with RAM above 4 GiB also its 64 MiB swiotlb bounce buffer.
-    let swiotlb = if s.mem_mib > 3 * 1024 { 64 * 1024 } else { 0 };
-    let floor = configured - (16 * 1024 + swiotlb + configured * 3 / 100);
+    let floor = ram_kib * 3 / 4;
     assert!(
-        (floor..=configured).contains(&mem_kib),
-        "MemTotal {mem_kib} kB not within [{floor}, {configured}] kB; {}",
+        (floor..ram_kib).contains(&mem_kib),
+        "MemTotal {mem_kib} kB not within [{floor}, {ram_kib}) kB; {}",
         ctx()
     );
     assert!(

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Installs what tern's build, tests and demo need on Debian/Ubuntu, skipping what is there:
 # a Rust toolchain (>= 1.85, for edition 2024), and for the nest (hosts without hardware KVM)
-# QEMU, busybox-static, cpio, binutils, kmod, xz-utils, zstd.
+# QEMU, busybox-static, cpio, binutils, kmod, xz-utils, zstd, lz4.
 set -euo pipefail
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 missing=()
@@ -14,6 +14,7 @@ need readelf binutils
 need depmod kmod
 need xz xz-utils
 need zstd zstd
+need lz4 lz4
 need python3 python3
 need cc gcc
 rust_ok() {

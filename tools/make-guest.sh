@@ -67,7 +67,14 @@ else
     mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
 fi
 
+# The same kernel as an ELF vmlinux (it has the PVH note), for PVH and 64-bit ELF boots.
+if [ ! -s "$OUT/vmlinux" ] || [ "$OUT/bzImage" -nt "$OUT/vmlinux" ]; then
+    python3 "$HERE/extract-vmlinux.py" "$OUT/bzImage" "$OUT/vmlinux.tmp" >&2
+    mv "$OUT/vmlinux.tmp" "$OUT/vmlinux"
+fi
+
 echo "console=ttyS0 reboot=k panic=1 quiet" > "$OUT/cmdline"
 echo "$OUT/bzImage"
+echo "$OUT/vmlinux"
 echo "$OUT/initramfs.cpio.gz"
 echo "$OUT/cmdline"
