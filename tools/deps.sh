@@ -1,7 +1,8 @@
 #!/bin/bash
 # Installs what tern's build, tests and demo need on Debian/Ubuntu, skipping what is there:
 # a Rust toolchain (>= 1.85, for edition 2024), and for the nest (hosts without hardware KVM)
-# QEMU, busybox-static, cpio, binutils, kmod, xz-utils, zstd, lz4.
+# QEMU, busybox-static, cpio, binutils, kmod, xz-utils, zstd, lz4; and schemathesis (PyPI,
+# in a venv) for the OpenAPI test.
 set -euo pipefail
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 missing=()
@@ -32,3 +33,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 rust_ok || { echo "tools/deps.sh: no Rust >= 1.85 after installing; install one (rustup) and retry" >&2; exit 1; }
+
+# schemathesis (PyPI), for the OpenAPI conformance test, in a private venv.
+VENV=${TERN_CACHE:-$HOME/.cache/tern}/venv
+ST_VERSION=4.32.5
+if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "$ST_VERSION"; then
+    python3 -m venv "$VENV" 2>/dev/null || {
+        $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null && python3 -m venv "$VENV"; }
+    echo "tools/deps.sh: installing schemathesis $ST_VERSION into $VENV" >&2
+    "$VENV/bin/pip" install -q "schemathesis==$ST_VERSION" ||
+        echo "tools/deps.sh: warning: schemathesis did not install; tests/openapi.rs will skip" >&2
+fi

@@ -1,7 +1,7 @@
 //! The HTTP server on the API Unix socket, in its own thread. Each request is routed
 //! (`crate::routes`), handed to the VMM thread as a typed action, and answered with its result.
 
-use std::os::fd::IntoRawFd;
+use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -9,7 +9,6 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dbs_uhttp::{Body, HttpServer, MediaType, Response, StatusCode, Version};
 use vmm::controller::Request;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,6 +16,8 @@ use crate::routes::{self, Reply, Route};
 
 /// How long a request may wait for the VMM thread.
 const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request body accepted (Firecracker's default limit).
+pub const MAX_BODY: usize = 51_200;
 
 /// Errors setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -61,25 +62,46 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     Ok(listener)
 }
 
-fn http_response(reply: Reply, version: Version) -> Response {
-    let status = match reply.status {
-        200 => StatusCode::OK,
-        204 => StatusCode::NoContent,
-        400 => StatusCode::BadRequest,
-        404 => StatusCode::NotFound,
-        _ => StatusCode::InternalServerError,
+fn respond(request: tiny_http::Request, reply: Reply) {
+    let content_type = if reply.text {
+        "text/plain; version=0.0.4"
+    } else {
+        "application/json"
     };
-    let mut r = Response::new(version, status);
-    r.set_server("tern");
-    if let Some(body) = reply.body {
-        r.set_content_type(if reply.text {
-            MediaType::PlainText
-        } else {
-            MediaType::ApplicationJson
-        });
-        r.set_body(Body::new(body));
+    let result = match reply.body {
+        Some(body) => {
+            let mut response =
+                tiny_http::Response::from_string(body).with_status_code(reply.status);
+            if let Ok(header) = tiny_http::Header::from_bytes("Content-Type", content_type) {
+                response = response.with_header(header);
+            }
+            request.respond(response)
+        }
+        None => request.respond(tiny_http::Response::empty(reply.status)),
+    };
+    if let Err(e) = result {
+        log::debug!("API: cannot answer: {e}");
     }
-    r
+}
+
+/// Reads the body, refusing one over [`MAX_BODY`].
+fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, Reply> {
+    let mut body = Vec::new();
+    match request
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body)
+    {
+        Ok(_) if body.len() > MAX_BODY => Err(Reply::fault(
+            400,
+            format!("the request body is larger than {MAX_BODY} bytes"),
+        )),
+        Ok(_) => Ok(body),
+        Err(e) => Err(Reply::fault(
+            400,
+            format!("cannot read the request body: {e}"),
+        )),
+    }
 }
 
 fn answer(
@@ -110,37 +132,26 @@ pub fn spawn(
     to_vmm: mpsc::Sender<Request>,
     wake: EventFd,
 ) -> std::io::Result<JoinHandle<()>> {
-    listener.set_nonblocking(true)?;
-    // SAFETY: `into_raw_fd` hands over sole ownership of the descriptor, as
-    // `new_from_fd` requires; nothing else refers to it afterwards.
-    let mut server = HttpServer::new_from_fd(listener.into_raw_fd())
-        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-    server
-        .start_server()
-        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    let server = tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             loop {
-                let requests = match server.requests() {
+                let mut request = match server.recv() {
                     Ok(r) => r,
                     Err(e) => {
-                        log::warn!("API server: {e:?}");
+                        log::warn!("API server: {e}");
                         continue;
                     }
                 };
-                for req in requests {
-                    let resp = req.process(|r| {
-                        let body = r.body.as_ref().map(|b| b.raw()).unwrap_or(&[]);
-                        let (method, path) = (r.method().to_str(), r.uri().get_abs_path());
-                        let reply = answer(method, path, body, &to_vmm, &wake);
-                        routes::count(method, path, reply.status);
-                        http_response(reply, r.http_version())
-                    });
-                    if let Err(e) = server.respond(resp) {
-                        log::warn!("API server: cannot answer: {e:?}");
-                    }
-                }
+                let method = request.method().as_str().to_string();
+                let path = request.url().to_string();
+                let reply = match read_body(&mut request) {
+                    Ok(body) => answer(&method, &path, &body, &to_vmm, &wake),
+                    Err(reply) => reply,
+                };
+                routes::count(&method, &path, reply.status);
+                respond(request, reply);
             }
         })
 }
