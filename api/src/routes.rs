@@ -194,12 +194,7 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
         ("PUT", ["actions"]) => {
             match parse::<models::InstanceActionInfo>("actions", body)?.action_type {
                 models::ActionType::InstanceStart => A(VmmAction::InstanceStart),
-                models::ActionType::SendCtrlAltDel => {
-                    return Err(not_yet(
-                        "SendCtrlAltDel",
-                        "the i8042 model cannot inject keys yet",
-                    ));
-                }
+                models::ActionType::SendCtrlAltDel => A(VmmAction::SendCtrlAltDel),
                 models::ActionType::FlushMetrics => A(VmmAction::FlushMetrics),
             }
         }
@@ -401,14 +396,10 @@ mod tests {
         assert!(fault(route("PUT", "/metrics", b"{}")).contains("missing field `metrics_path`"));
         let prom = reply(route("GET", "/tern/v1/metrics", b""));
         assert!(prom.text && prom.body.unwrap().contains("tern_vcpu_exit_io_out_total"));
-        assert!(
-            fault(route(
-                "PUT",
-                "/actions",
-                br#"{"action_type": "SendCtrlAltDel"}"#
-            ))
-            .contains("not supported yet")
-        );
+        assert!(matches!(
+            route("PUT", "/actions", br#"{"action_type": "SendCtrlAltDel"}"#),
+            Route::Action(VmmAction::SendCtrlAltDel)
+        ));
     }
 
     #[test]

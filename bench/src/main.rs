@@ -14,6 +14,7 @@
 //! `{"req": "METHOD /path", "body": {...}}`, done in order; every request's status, body and
 //! times go into the report's `api` list.
 
+mod apibench;
 mod http;
 
 use std::io::{BufRead, BufReader, Read};
@@ -49,15 +50,15 @@ struct ApiCall {
 
 #[derive(serde::Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
-struct Step {
+pub(crate) struct Step {
     #[serde(default)]
-    wait: Option<String>,
+    pub(crate) wait: Option<String>,
     #[serde(default)]
-    sleep_ms: Option<u64>,
+    pub(crate) sleep_ms: Option<u64>,
     #[serde(default)]
-    req: Option<String>,
+    pub(crate) req: Option<String>,
     #[serde(default)]
-    body: Option<serde_json::Value>,
+    pub(crate) body: Option<serde_json::Value>,
 }
 
 /// Runs the API steps; `lines` is the console so far.
@@ -238,6 +239,13 @@ fn pump(r: impl Read + Send + 'static, tag: char, tx: mpsc::Sender<(Instant, cha
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("api-bench") {
+        if let Err(e) = apibench::main(std::env::args().skip(2).collect()) {
+            eprintln!("tern-bench api-bench: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

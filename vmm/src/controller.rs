@@ -68,6 +68,8 @@ pub enum VmmAction {
     Pause,
     /// Resume the vCPUs.
     Resume,
+    /// Press Ctrl+Alt+Del on the guest's keyboard.
+    SendCtrlAltDel,
 }
 
 /// What an action returns.
@@ -300,6 +302,15 @@ impl Controller {
                     .pause()
                     .map(|()| VmmData::Empty)
                     .map_err(|e| ActionError::Internal(e.to_string())),
+            },
+            VmmAction::SendCtrlAltDel => match &self.vm {
+                None => Err(ActionError::InvalidState(
+                    "cannot send Ctrl+Alt+Del: the VM has not started".into(),
+                )),
+                Some(vm) => {
+                    vm.ctrl_alt_del();
+                    Ok(VmmData::Empty)
+                }
             },
             VmmAction::Resume => match &mut self.vm {
                 None => Err(ActionError::InvalidState(

@@ -69,6 +69,7 @@ pub struct BuiltVm {
     console_input: ConsoleInput,
     input_room: EventFd,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
+    i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
 }
 
 /// What a finished run reports.
@@ -161,14 +162,11 @@ pub fn build(
 
     let mut pio = Bus::new();
     insert(&mut pio, serial.clone(), u64::from(COM1_PORT), 8)?;
-    insert(
-        &mut pio,
-        Arc::new(Mutex::new(devices::legacy::i8042::I8042::new(
-            exit_dyn.clone(),
-        ))),
-        u64::from(I8042_PORT),
-        5,
-    )?;
+    let i8042 = Arc::new(Mutex::new(devices::legacy::i8042::I8042::new(
+        exit_dyn.clone(),
+        IrqLine(vm.interrupt_line(I8042_GSI)?),
+    )));
+    insert(&mut pio, i8042.clone(), u64::from(I8042_PORT), 5)?;
     insert(
         &mut pio,
         Arc::new(Mutex::new(devices::legacy::cmos::Cmos::default())),
@@ -246,6 +244,7 @@ pub fn build(
         panicked,
         console_input: opts.console_input,
         input_room,
+        i8042,
         boot_timer,
     })
 }
@@ -317,6 +316,7 @@ pub struct RunningVm {
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     _terminal: Option<RawTerminal>,
     paused: bool,
+    i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
 }
 
 /// How long a pause may take before it is reported as failed.
@@ -366,6 +366,7 @@ impl BuiltVm {
             boot_timer: self.boot_timer,
             _terminal: terminal,
             paused: false,
+            i8042: self.i8042,
         })
     }
 
@@ -430,6 +431,14 @@ impl RunningVm {
                 .set(t.elapsed().as_micros() as u64);
             self.paused = false;
         }
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard.
+    pub fn ctrl_alt_del(&self) {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ctrl_alt_del();
     }
 
     /// Whether the vCPUs are paused.

@@ -57,6 +57,17 @@ fn dsdt() -> Vec<u8> {
     let io = IO::new(COM1_PORT, COM1_PORT, 1, 8);
     let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&io, &irq]));
     Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut dsdt);
+    // The i8042 keyboard controller (data 0x60, command/status 0x64, IRQ 1), for Linux's
+    // i8042/atkbd drivers (and so the API's SendCtrlAltDel).
+    let kbd_hid = Name::new("_HID".into(), &EISAName::new("PNP0303"));
+    let kbd_irq = Interrupt::new(true, true, false, false, I8042_GSI);
+    let kbd_data = IO::new(I8042_PORT, I8042_PORT, 1, 1);
+    let kbd_cmd = IO::new(I8042_PORT + 4, I8042_PORT + 4, 1, 1);
+    let kbd_crs = Name::new(
+        "_CRS".into(),
+        &ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]),
+    );
+    Device::new("_SB_.PS2K".into(), vec![&kbd_hid, &kbd_crs]).to_aml_bytes(&mut dsdt);
     // Sdt::append keeps the header's length field as created; fix it up before checksumming.
     let len = dsdt.len() as u32;
     dsdt.write_u32(4, len);
@@ -174,6 +185,7 @@ mod tests {
         assert!(checksum_ok(&dsdt));
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        assert!(dsdt.windows(4).any(|w| w == b"PS2K"));
         let madt = table_at(&mem, madt_addr);
         assert_eq!(&madt[..4], b"APIC");
         assert!(checksum_ok(&madt));

@@ -76,5 +76,7 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_GSI: u32 = 4;
 /// PIO: i8042 keyboard controller data port (command port is +4).
 pub const I8042_PORT: u16 = 0x60;
+/// GSI of the i8042 keyboard.
+pub const I8042_GSI: u32 = 1;
 /// PIO: CMOS/RTC index and data ports.
 pub const CMOS_PORT: u16 = 0x70;
