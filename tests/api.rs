@@ -437,6 +437,40 @@ fn actions_and_vm_state_before_start() {
 }
 
 #[test]
+fn wrong_methods_are_refused_on_every_route() {
+    let t = Tern::start("methods");
+    for (m, p) in [
+        ("PUT", "/"),
+        ("DELETE", "/"),
+        ("PUT", "/version"),
+        ("PATCH", "/version"),
+        ("PUT", "/vm/config"),
+        ("PATCH", "/vm/config"),
+        ("GET", "/boot-source"),
+        ("PATCH", "/boot-source"),
+        ("DELETE", "/machine-config"),
+        ("GET", "/logger"),
+        ("GET", "/serial"),
+        ("GET", "/actions"),
+        ("GET", "/vm"),
+        ("PUT", "/vm"),
+        ("PUT", "/tern/v1/metrics"),
+        ("GET", "/tern/v1/nothing"),
+    ] {
+        refused(&t, m, p, Some("{}"), "Invalid request method and/or path");
+    }
+    // A body over Firecracker's 51,200-byte limit.
+    let big = format!(r#"{{"kernel_image_path": "{}"}}"#, "x".repeat(60_000));
+    refused(
+        &t,
+        "PUT",
+        "/boot-source",
+        Some(&big),
+        "larger than 51200 bytes",
+    );
+}
+
+#[test]
 fn routes_of_later_features_are_refused_clearly() {
     let t = Tern::start("later");
     for (m, p) in [
