@@ -437,6 +437,52 @@ fn actions_and_vm_state_before_start() {
 }
 
 #[test]
+fn cpu_config() {
+    let t = Tern::start("cpu-config");
+    let good = r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+        "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"}]}],
+        "msr_modifiers": [{"addr": "0x1a0", "bitmap": "0b1"}]}"#;
+    assert_eq!(t.req("PUT", "/cpu-config", Some(good)).status, 204);
+    let bad_bitmap = r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0", "modifiers": [{"register": "ecx", "bitmap": "0b12"}]}]}"#;
+    refused(
+        &t,
+        "PUT",
+        "/cpu-config",
+        Some(bad_bitmap),
+        "cpu-config.cpuid_modifiers[0].modifiers[0].bitmap",
+    );
+    let bad_reg = r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0", "modifiers": [{"register": "esi", "bitmap": "0b1"}]}]}"#;
+    refused(
+        &t,
+        "PUT",
+        "/cpu-config",
+        Some(bad_reg),
+        "is not eax, ebx, ecx or edx",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/cpu-config",
+        Some(r#"{"msr_modifiers": [{"addr": "zz", "bitmap": "0b1"}]}"#),
+        "is not a number",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/cpu-config",
+        Some(r#"{"kvm_capabilities": ["!56"]}"#),
+        "kvm_capabilities",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/cpu-config",
+        Some(r#"{"reg_modifiers": []}"#),
+        "unknown field",
+    );
+}
+
+#[test]
 fn wrong_methods_are_refused_on_every_route() {
     let t = Tern::start("methods");
     for (m, p) in [
@@ -481,7 +527,6 @@ fn routes_of_later_features_are_refused_clearly() {
         ("PUT", "/entropy"),
         ("PUT", "/balloon"),
         ("GET", "/balloon/statistics"),
-        ("PUT", "/cpu-config"),
         ("PUT", "/snapshot/create"),
         ("PUT", "/snapshot/load"),
     ] {

@@ -9,6 +9,15 @@ use common::{Kernel, Outcome, Scenario};
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
+        extra_args: "guest.cpuflags=1",
+        ..Scenario::new("cpuflags_default")
+    },
+    Scenario {
+        extra_args: "guest.cpuflags=1",
+        cpu_config: Some(NO_SSE3),
+        ..Scenario::new("cpuflags_template")
+    },
+    Scenario {
         vcpus: 1,
         mem_mib: 256,
         ..Scenario::new("pvh_1vcpu_256m")
@@ -49,6 +58,11 @@ const SCENARIOS: &[Scenario] = &[
         ..Scenario::new("guest_panic")
     },
 ];
+
+/// Firecracker's custom CPU template format: clear CPUID.1:ECX bit 0 (SSE3, "pni" in
+/// /proc/cpuinfo), a feature every x86-64 host has and this guest does not need.
+const NO_SSE3: &str = r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+    "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"}]}]}"#;
 
 static BATCH: OnceLock<Result<common::Batch, String>> = OnceLock::new();
 
@@ -165,4 +179,32 @@ fn guest_panic_ends_tern_with_2_and_shows_the_panic() {
         o.console()
     );
     assert_eq!(o.exit_code, Some(2), "{}", o.console());
+}
+
+#[test]
+fn cpu_template_changes_what_the_guest_sees() {
+    let (Some(plain), Some(templ)) = (run("cpuflags_default"), run("cpuflags_template")) else {
+        return;
+    };
+    let flags = |o: &Outcome| -> Vec<String> {
+        o.guest_value("CPUFLAGS")
+            .unwrap_or_else(|| panic!("no GUEST CPUFLAGS:\n{}", o.console()))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let (a, b) = (flags(plain), flags(templ));
+    assert!(
+        a.iter().any(|f| f == "pni"),
+        "the host's CPUID has SSE3: {a:?}"
+    );
+    assert!(
+        !b.iter().any(|f| f == "pni"),
+        "the template cleared SSE3: {b:?}"
+    );
+    assert!(
+        b.iter().any(|f| f == "sse2"),
+        "nothing else was touched: {b:?}"
+    );
+    assert_eq!(templ.exit_code, Some(0), "{}", templ.console());
 }

@@ -51,7 +51,10 @@ const NOT_YET: &[(&str, &str)] = &[
         "entropy",
         "virtio-rng arrives with the virtio devices issue (#4)",
     ),
-    ("metrics", "metrics arrive with the REST API issue (#3)"),
+    (
+        "metrics",
+        "in --config-file; use PUT /metrics on the API socket",
+    ),
     ("mmds-config", "MMDS is not supported yet"),
     (
         "cpu-config",
@@ -90,7 +93,7 @@ pub fn parse_config(
         )
     })?;
 
-    let sections: [(&str, &Option<serde_json::Value>); 10] = [
+    let sections: [(&str, &Option<serde_json::Value>); 9] = [
         ("drives", &cfg.drives),
         ("network-interfaces", &cfg.network_interfaces),
         ("vsock", &cfg.vsock),
@@ -98,7 +101,6 @@ pub fn parse_config(
         ("entropy", &cfg.entropy),
         ("metrics", &cfg.metrics),
         ("mmds-config", &cfg.mmds_config),
-        ("cpu-config", &cfg.cpu_config),
         ("pmem", &cfg.pmem),
         ("memory-hotplug", &cfg.memory_hotplug),
     ];
@@ -121,6 +123,12 @@ pub fn parse_config(
         res.machine_config = m
             .into_vmm()
             .map_err(|(field, message)| invalid(field, message))?;
+    }
+    if let Some(c) = cfg.cpu_config {
+        res.cpu_template = Some(
+            c.into_vmm()
+                .map_err(|(field, message)| invalid(field, message))?,
+        );
     }
     if let Some(s) = cfg.serial {
         res.serial_out_path = s.serial_out_path.map(Into::into);

@@ -143,7 +143,7 @@ pub struct VmConfig {
     pub mmds_config: Option<serde_json::Value>,
     /// Custom CPU template.
     #[serde(rename = "cpu-config", default)]
-    pub cpu_config: Option<serde_json::Value>,
+    pub cpu_config: Option<CpuConfig>,
     /// Persistent memory devices.
     #[serde(default)]
     pub pmem: Option<serde_json::Value>,
@@ -300,5 +300,120 @@ impl MachineConfigPatch {
             smt: self.smt,
             track_dirty_pages: self.track_dirty_pages,
         })
+    }
+}
+
+/// `cpu-config` / `PUT /cpu-config`: Firecracker's custom CPU template (x86 fields).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CpuConfig {
+    /// KVM capabilities to require or refuse (`"!56"`); tern accepts only an empty list.
+    #[serde(default)]
+    pub kvm_capabilities: Vec<String>,
+    /// CPUID changes.
+    #[serde(default)]
+    pub cpuid_modifiers: Vec<CpuidLeafModifier>,
+    /// MSR changes.
+    #[serde(default)]
+    pub msr_modifiers: Vec<MsrModifier>,
+}
+
+/// One CPUID leaf/subleaf's changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidLeafModifier {
+    /// Leaf, as `"0x1"` or decimal.
+    pub leaf: String,
+    /// Subleaf, as `"0x0"` or decimal.
+    pub subleaf: String,
+    /// KVM's CPUID entry flags (informational).
+    #[serde(default)]
+    pub flags: u32,
+    /// Register bitmaps.
+    pub modifiers: Vec<CpuidRegisterModifier>,
+}
+
+/// One register's bitmap.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidRegisterModifier {
+    /// `eax`, `ebx`, `ecx` or `edx`.
+    pub register: String,
+    /// `0b` + up to 32 of `0`, `1`, `x`.
+    pub bitmap: String,
+}
+
+/// One MSR's bitmap.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsrModifier {
+    /// MSR index, as `"0x10a"` or decimal.
+    pub addr: String,
+    /// `0b` + up to 64 of `0`, `1`, `x`.
+    pub bitmap: String,
+}
+
+fn number(field: &str, s: &str) -> Result<u32, FieldError> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| {
+        (
+            field.to_string(),
+            format!("{s:?} is not a number (use 0x.. or decimal)"),
+        )
+    })
+}
+
+impl CpuConfig {
+    /// The VMM's view, with every number and bitmap checked.
+    pub fn into_vmm(self) -> Result<vmm::resources::CpuTemplate, FieldError> {
+        use arch::x86_64::cpuid::{BitModifier, CpuidModifier, CpuidReg, parse_bitmap};
+        if !self.kvm_capabilities.is_empty() {
+            return Err((
+                "cpu-config.kvm_capabilities".into(),
+                "is not supported yet (leave it empty)".into(),
+            ));
+        }
+        let mut t = vmm::resources::CpuTemplate::default();
+        for (i, m) in self.cpuid_modifiers.into_iter().enumerate() {
+            let f = |k: &str| format!("cpu-config.cpuid_modifiers[{i}].{k}");
+            let mut registers = Vec::new();
+            for (j, r) in m.modifiers.into_iter().enumerate() {
+                let reg = match r.register.to_ascii_lowercase().as_str() {
+                    "eax" => CpuidReg::Eax,
+                    "ebx" => CpuidReg::Ebx,
+                    "ecx" => CpuidReg::Ecx,
+                    "edx" => CpuidReg::Edx,
+                    other => {
+                        return Err((
+                            f(&format!("modifiers[{j}].register")),
+                            format!("{other:?} is not eax, ebx, ecx or edx"),
+                        ));
+                    }
+                };
+                let b = parse_bitmap(&r.bitmap, 32)
+                    .map_err(|e| (f(&format!("modifiers[{j}].bitmap")), e))?;
+                registers.push((
+                    reg,
+                    BitModifier {
+                        mask: b.mask as u32,
+                        value: b.value as u32,
+                    },
+                ));
+            }
+            t.cpuid.push(CpuidModifier {
+                leaf: number(&f("leaf"), &m.leaf)?,
+                subleaf: number(&f("subleaf"), &m.subleaf)?,
+                registers,
+            });
+        }
+        for (i, m) in self.msr_modifiers.into_iter().enumerate() {
+            let f = |k: &str| format!("cpu-config.msr_modifiers[{i}].{k}");
+            let b = parse_bitmap(&m.bitmap, 64).map_err(|e| (f("bitmap"), e))?;
+            t.msrs.push((number(&f("addr"), &m.addr)?, b));
+        }
+        Ok(t)
     }
 }

@@ -213,7 +213,11 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
             text: true,
         }),
         ("PUT", ["cpu-config"]) => {
-            return Err(not_yet("cpu-config", "custom CPU templates arrive later"));
+            let c = parse::<models::CpuConfig>("cpu-config", body)?;
+            A(VmmAction::PutCpuConfig(
+                c.into_vmm()
+                    .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?,
+            ))
         }
         ("PUT", ["snapshot", "create" | "load"]) => {
             return Err(not_yet(

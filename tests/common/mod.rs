@@ -51,6 +51,8 @@ pub struct Scenario {
     pub tern_flags: &'static [&'static str],
     /// Seconds before the harness kills tern.
     pub timeout_s: u32,
+    /// A `cpu-config` section for the config file (Firecracker's custom CPU template).
+    pub cpu_config: Option<&'static str>,
     /// API steps (a JSON array for `tern-bench run --steps`): when set, tern runs with
     /// `--api-sock` and no config file, and the steps configure and drive it.
     pub api_steps: Option<&'static str>,
@@ -68,6 +70,7 @@ impl Scenario {
             extra_args: "",
             tern_flags: &[],
             timeout_s: 120,
+            cpu_config: None,
             api_steps: None,
         }
     }
@@ -245,6 +248,10 @@ fn config_json(s: &Scenario) -> String {
         Kernel::BzImage => "bzImage",
         Kernel::OwnBzImage => "own-bzImage",
     };
+    let cpu = s
+        .cpu_config
+        .map(|c| format!(r#", "cpu-config": {c}"#))
+        .unwrap_or_default();
     let proto = s
         .boot_protocol
         .map(|p| format!(r#", "boot_protocol": "{p}""#))
@@ -252,7 +259,7 @@ fn config_json(s: &Scenario) -> String {
     format!(
         r#"{{"boot-source": {{"kernel_image_path": "{kernel}", "initrd_path": "initramfs.cpio.gz",
   "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet guest.cmd={} {}"{proto}}},
- "machine-config": {{"vcpu_count": {}, "mem_size_mib": {}}}}}
+ "machine-config": {{"vcpu_count": {}, "mem_size_mib": {}}}{cpu}}}
 "#,
         s.guest_cmd, s.extra_args, s.vcpus, s.mem_mib
     )

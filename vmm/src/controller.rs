@@ -56,6 +56,8 @@ pub enum VmmAction {
     PatchMachineConfig(MachineConfigUpdate),
     /// Where the serial console writes (pre-boot).
     PutSerial(Option<PathBuf>),
+    /// A custom CPU template (pre-boot).
+    PutCpuConfig(crate::resources::CpuTemplate),
     /// Reconfigure logging.
     PutLogger(LoggerUpdate),
     /// Where metrics are written (a file or FIFO), once.
@@ -216,6 +218,11 @@ impl Controller {
                 m.track_dirty_pages = u.track_dirty_pages.unwrap_or(m.track_dirty_pages);
                 m.validate(&limits())?;
                 self.resources.machine_config = m;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutCpuConfig(t) => {
+                pre_boot(&self.vm, "PUT /cpu-config")?;
+                self.resources.cpu_template = Some(t);
                 Ok(VmmData::Empty)
             }
             VmmAction::PutSerial(path) => {

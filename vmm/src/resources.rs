@@ -67,6 +67,17 @@ impl Default for MachineConfig {
     }
 }
 
+/// A custom CPU template (Firecracker's format, x86): CPUID and MSR bit modifiers applied on top
+/// of tern's normalised CPUID and boot MSRs.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CpuTemplate {
+    /// CPUID modifiers.
+    pub cpuid: Vec<arch::x86_64::cpuid::CpuidModifier>,
+    /// MSR modifiers: (MSR index, bits to force).
+    pub msrs: Vec<(u32, arch::x86_64::cpuid::BitModifier<u64>)>,
+}
+
 /// Everything needed to build the VM.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VmResources {
@@ -78,6 +89,9 @@ pub struct VmResources {
     pub serial_out_path: Option<PathBuf>,
     /// Whether the boot-timer device is present.
     pub boot_timer: bool,
+    /// Custom CPU template.
+    #[cfg(target_arch = "x86_64")]
+    pub cpu_template: Option<CpuTemplate>,
 }
 
 /// Facts about the host that bound a VM.

@@ -207,12 +207,32 @@ pub fn build(
     };
 
     let supported = vm.supported_cpuid()?;
-    let msrs = arch::x86_64::msr::boot_msrs();
+    let mut msrs = arch::x86_64::msr::boot_msrs();
+    if let Some(t) = &res.cpu_template {
+        for (index, b) in &t.msrs {
+            match msrs.iter_mut().find(|m| m.index == *index) {
+                Some(m) => m.data = (m.data & !b.mask) | (b.value & b.mask),
+                None => msrs.push(kvm_bindings::kvm_msr_entry {
+                    index: *index,
+                    data: b.value & b.mask,
+                    ..Default::default()
+                }),
+            }
+        }
+    }
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for index in 0..vcpu_count {
         let mut vcpu = vm.create_vcpu(index)?;
         let mut cpuid = supported.clone();
         arch::x86_64::cpuid::normalize(&mut cpuid, index, vcpu_count);
+        if let Some(t) = &res.cpu_template {
+            arch::x86_64::cpuid::apply_modifiers(&mut cpuid, &t.cpuid).map_err(|e| {
+                Error::Config(crate::resources::ConfigError::new(
+                    "cpu-config.cpuid_modifiers",
+                    e,
+                ))
+            })?;
+        }
         if index > 0 {
             // Application processors wait for the boot vCPU's INIT/SIPI in the in-kernel LAPIC.
             vcpu.configure_x86(&cpuid, &msrs, None)?;

@@ -133,3 +133,154 @@ mod tests {
         );
     }
 }
+
+/// A CPUID register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuidReg {
+    /// EAX.
+    Eax,
+    /// EBX.
+    Ebx,
+    /// ECX.
+    Ecx,
+    /// EDX.
+    Edx,
+}
+
+/// Bits to force in one register: where `mask` is set, the bit becomes the one in `value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitModifier<T> {
+    /// Which bits are forced.
+    pub mask: T,
+    /// Their values.
+    pub value: T,
+}
+
+/// Firecracker's custom-template modifier of one CPUID leaf/subleaf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuidModifier {
+    /// Leaf (EAX input).
+    pub leaf: u32,
+    /// Subleaf (ECX input).
+    pub subleaf: u32,
+    /// Register changes.
+    pub registers: Vec<(CpuidReg, BitModifier<u32>)>,
+}
+
+/// Parses a Firecracker bitmap: `0b` then up to `bits` characters of `0`, `1` or `x` (keep),
+/// most significant first; missing high positions are `x`.
+pub fn parse_bitmap(s: &str, bits: u32) -> Result<BitModifier<u64>, String> {
+    let body = s
+        .strip_prefix("0b")
+        .ok_or_else(|| format!("{s:?} does not start with 0b"))?;
+    if body.is_empty() || body.len() > bits as usize {
+        return Err(format!("{s:?} must have 1 to {bits} digits after 0b"));
+    }
+    let (mut mask, mut value) = (0u64, 0u64);
+    for (i, c) in body.chars().rev().enumerate() {
+        match c {
+            '0' => mask |= 1 << i,
+            '1' => {
+                mask |= 1 << i;
+                value |= 1 << i;
+            }
+            'x' | 'X' => {}
+            other => return Err(format!("{s:?}: {other:?} is not 0, 1 or x")),
+        }
+    }
+    Ok(BitModifier { mask, value })
+}
+
+/// Applies `modifiers` to `entries`; a modifier of a leaf/subleaf KVM does not report is an error.
+pub fn apply_modifiers(
+    entries: &mut [kvm_cpuid_entry2],
+    modifiers: &[CpuidModifier],
+) -> Result<(), String> {
+    for m in modifiers {
+        let e = entries
+            .iter_mut()
+            .find(|e| {
+                e.function == m.leaf && (e.index == m.subleaf || e.flags & 1 == 0 && m.subleaf == 0)
+            })
+            .ok_or_else(|| {
+                format!(
+                    "CPUID leaf {:#x} subleaf {:#x} does not exist on this host",
+                    m.leaf, m.subleaf
+                )
+            })?;
+        for (reg, b) in &m.registers {
+            let r = match reg {
+                CpuidReg::Eax => &mut e.eax,
+                CpuidReg::Ebx => &mut e.ebx,
+                CpuidReg::Ecx => &mut e.ecx,
+                CpuidReg::Edx => &mut e.edx,
+            };
+            *r = (*r & !b.mask) | (b.value & b.mask);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps_parse_msb_first_with_x_as_keep() {
+        let b = parse_bitmap("0bx1x0", 32).unwrap();
+        assert_eq!((b.mask, b.value), (0b0101, 0b0100));
+        assert!(parse_bitmap("1010", 32).is_err());
+        assert!(parse_bitmap("0b", 32).is_err());
+        assert!(parse_bitmap("0b102", 32).is_err());
+        assert!(parse_bitmap(&format!("0b{}", "1".repeat(33)), 32).is_err());
+        assert_eq!(
+            parse_bitmap(&format!("0b1{}", "0".repeat(63)), 64)
+                .unwrap()
+                .value,
+            1 << 63
+        );
+    }
+
+    #[test]
+    fn modifiers_force_only_masked_bits() {
+        let mut e = vec![kvm_cpuid_entry2 {
+            function: 1,
+            ecx: 0xffff_0000,
+            edx: 0x1,
+            ..Default::default()
+        }];
+        let m = CpuidModifier {
+            leaf: 1,
+            subleaf: 0,
+            registers: vec![
+                (
+                    CpuidReg::Ecx,
+                    BitModifier {
+                        mask: 0x8001_0000,
+                        value: 0x0000_0001,
+                    },
+                ),
+                (
+                    CpuidReg::Edx,
+                    BitModifier {
+                        mask: 0x2,
+                        value: 0x2,
+                    },
+                ),
+            ],
+        };
+        apply_modifiers(&mut e, &[m]).unwrap();
+        assert_eq!(e[0].ecx, 0x7ffe_0000 | 0x0000_0000);
+        assert_eq!(e[0].edx, 0x3);
+        let missing = CpuidModifier {
+            leaf: 0x4000_00ff,
+            subleaf: 0,
+            registers: vec![],
+        };
+        assert!(
+            apply_modifiers(&mut e, &[missing])
+                .unwrap_err()
+                .contains("0x400000ff")
+        );
+    }
+}
