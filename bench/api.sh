@@ -13,15 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=10000
 while getopts 'n:' o; do case $o in n) N=$OPTARG ;; *) exit 2 ;; esac; done
-bash tools/deps.sh
-cargo build --release -j2 --bin tern --bin tern-bench
-bash tools/make-guest.sh >/dev/null
-OWN=${TERN_CACHE:-$HOME/.cache/tern}/guest
-G=${TERN_GUEST_DIR:-../shared/guest}
-KERNEL=$G/vmlinux; [ -f "$KERNEL" ] || KERNEL=$OWN/vmlinux
-D=target/bench/api; rm -rf "$D"; mkdir -p "$D/fw"
+. bench/lib.sh
+bench_setup api
 B=target/release/tern-bench
-QEMU=$(command -v qemu-system-x86_64)
 
 echo "== start-up and reads, on this host =="
 $B api-bench --proto tern --sock "$D/tern.sock" -n "$N" -- target/release/tern --api-sock "$D/tern.sock" --level Off \
@@ -30,8 +24,6 @@ $B api-bench --proto qmp --sock "$D/qmp.sock" -n "$N" -- "$QEMU" -M microvm -nod
     -qmp "unix:$D/qmp.sock,server=on,wait=off" | tee "$D/host-qemu.json"
 
 echo "== pause/resume with a running guest =="
-cp target/release/tern target/release/tern-bench "$KERNEL" "$OWN/initramfs.cpio.gz" "$QEMU" "$D/"
-for f in bios-microvm.bin qboot.rom; do cp -L "/usr/share/qemu/$f" "$D/fw/" 2>/dev/null || true; done
 ARGS="console=ttyS0 reboot=k panic=1 pci=off quiet guest.cmd=shell"
 cat > "$D/steps.json" <<JSON
 [{"req": "PUT /boot-source", "body": {"kernel_image_path": "vmlinux", "initrd_path": "initramfs.cpio.gz", "boot_args": "$ARGS"}},
@@ -45,7 +37,6 @@ echo "@@R tern \$(cat nest-tern.json)"
 ./tern-bench api-bench --proto qmp --sock q.sock -n $N --pause -- ./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -display none -serial file:/dev/null -kernel vmlinux -initrd initramfs.cpio.gz -append "$ARGS" -qmp unix:q.sock,server=on,wait=off > nest-qemu.json
 echo "@@R qemu \$(cat nest-qemu.json)"
 RUN
-hw_kvm() { [ -c /dev/kvm ] && { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; }; }
 if hw_kvm; then
     (cd "$D" && sh run.sh) | tee "$D/out.txt"
 else

@@ -11,17 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=10 MEM=256
 while getopts 'n:m:' o; do case $o in n) N=$OPTARG ;; m) MEM=$OPTARG ;; *) exit 2 ;; esac; done
-bash tools/deps.sh
-cargo build --release -j2 --bin tern --bin tern-bench
-bash tools/make-guest.sh >/dev/null
-OWN=${TERN_CACHE:-$HOME/.cache/tern}/guest
-G=${TERN_GUEST_DIR:-../shared/guest}
-KERNEL=$G/vmlinux; [ -f "$KERNEL" ] || KERNEL=$OWN/vmlinux
-D=target/bench/boot; rm -rf "$D"; mkdir -p "$D/fw"
-cp target/release/tern target/release/tern-bench "$KERNEL" "$OWN/initramfs.cpio.gz" "$D/"
-QEMU=$(command -v qemu-system-x86_64)
-cp "$QEMU" "$D/"
-for f in bios-microvm.bin qboot.rom; do cp -L "/usr/share/qemu/$f" "$D/fw/" 2>/dev/null || true; done
+. bench/lib.sh
+bench_setup boot
 ARGS="console=ttyS0 reboot=k panic=1 pci=off quiet"
 for cmd in poweroff shell; do
 cat > "$D/tern-$cmd.json" <<JSON
@@ -30,7 +21,6 @@ cat > "$D/tern-$cmd.json" <<JSON
  "machine-config": {"vcpu_count": 1, "mem_size_mib": $MEM}}
 JSON
 done
-cp "$KERNEL" "$D/vmlinux" 2>/dev/null || true
 Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m $MEM -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -initrd initramfs.cpio.gz"
 {
     echo 'for i in $(seq '"$N"'); do'
@@ -40,7 +30,6 @@ Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-s
     echo '  echo "@@R qemu mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- '"$Q"' -append "'"$ARGS"' guest.cmd=shell")"'
     echo 'done'
 } > "$D/run.sh"
-hw_kvm() { [ -c /dev/kvm ] && { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; }; }
 if hw_kvm; then
     where="directly on hardware KVM"
     (cd "$D" && sh run.sh) > "$D/out.txt"

@@ -3,14 +3,17 @@
 #   $OUT/bzImage            Debian's cloud kernel (linux-image-<kver>-cloud-amd64)
 #   $OUT/initramfs.cpio.gz  busybox-static + applet links, /init = guest/init,
 #                           /dev/console, /dev/null
+#   $OUT/vmlinux            the same kernel as an ELF (extracted from bzImage by
+#                           tools/extract-vmlinux.py; it keeps the PVH note)
 #   $OUT/cmdline            a recommended kernel command line
 # OUT defaults to $TERN_CACHE/guest (TERN_CACHE: ~/.cache/tern). L1_KVER pins
 # the kernel version. Outputs newer than their inputs are left alone.
 #
 # Note: the cloud kernel has virtio (blk/net/mmio/...) as modules, which this
 # initramfs does not carry: enough for console/boot tests, not for devices.
-# Needs: busybox-static, cpio, gzip, kmod (depmod), apt-get; root only for
-# mknod (without it /init takes its console from devtmpfs).
+# Needs: busybox-static, cpio, gzip, kmod (depmod), apt-get, python3, binutils
+# (readelf), and zstd or lz4 if the kernel is compressed that way; root only
+# for mknod (without it /init takes its console from devtmpfs).
 set -euo pipefail
 
 ME=${0##*/}
@@ -68,9 +71,31 @@ else
 fi
 
 # The same kernel as an ELF vmlinux (it has the PVH note), for PVH and 64-bit ELF boots.
-if [ ! -s "$OUT/vmlinux" ] || [ "$OUT/bzImage" -nt "$OUT/vmlinux" ]; then
-    python3 "$HERE/extract-vmlinux.py" "$OUT/bzImage" "$OUT/vmlinux.tmp" >&2
+# extract-vmlinux.py does what the kernel's scripts/extract-vmlinux does: it tries each
+# compression magic found in the bzImage and keeps the first stream that is an ELF.
+if [ -s "$OUT/vmlinux" ] && newer "$OUT/vmlinux" "$OUT/bzImage" "$HERE/extract-vmlinux.py"; then
+    echo "$ME: vmlinux is up to date"
+else
+    command -v python3 >/dev/null ||
+        { echo "$ME: needs python3 (package python3) to extract vmlinux" >&2; exit 1; }
+    if ! python3 "$HERE/extract-vmlinux.py" "$OUT/bzImage" "$OUT/vmlinux.tmp" >&2; then
+        rm -f "$OUT/vmlinux.tmp"
+        # gzip/xz/lzma/bzip2 come with Python; zstd and lz4 need their tools.
+        miss=
+        command -v zstd >/dev/null || miss+=" zstd (package zstd)"
+        command -v lz4 >/dev/null || miss+=" lz4 (package lz4)"
+        echo "$ME: could not extract vmlinux from $OUT/bzImage${miss:+; missing:$miss}" >&2
+        exit 1
+    fi
     mv "$OUT/vmlinux.tmp" "$OUT/vmlinux"
+    # PVH entry: Xen ELF note 18 (XEN_ELFNOTE_PHYS32_ENTRY), needs CONFIG_PVH.
+    if ! command -v readelf >/dev/null; then
+        echo "$ME: warning: no readelf (package binutils): PVH note not checked" >&2
+    elif ! LC_ALL=C readelf -n "$OUT/vmlinux" 2>/dev/null |
+            grep -E 'XEN_ELFNOTE_PHYS32_ENTRY|Unknown note type: \(0x00000012\)' >/dev/null; then
+        echo "$ME: warning: $OUT/vmlinux has no PVH note (XEN_ELFNOTE_PHYS32_ENTRY):" \
+             "boot_protocol \"pvh\" will refuse it" >&2
+    fi
 fi
 
 echo "console=ttyS0 reboot=k panic=1 quiet" > "$OUT/cmdline"

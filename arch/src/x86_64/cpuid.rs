@@ -270,7 +270,7 @@ mod template_tests {
             ],
         };
         apply_modifiers(&mut e, &[m]).unwrap();
-        assert_eq!(e[0].ecx, 0x7ffe_0000 | 0x0000_0000);
+        assert_eq!(e[0].ecx, 0x7ffe_0000);
         assert_eq!(e[0].edx, 0x3);
         let missing = CpuidModifier {
             leaf: 0x4000_00ff,
