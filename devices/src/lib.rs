@@ -9,5 +9,6 @@ pub mod bus;
 pub mod exit;
 pub mod interrupt;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

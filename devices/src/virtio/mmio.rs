@@ -1,0 +1,487 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, section 4.2): one 4 KiB window per device.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::bus::BusDevice;
+use crate::interrupt::IrqLine;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0;
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+/// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+/// The driver knows how to drive the device.
+pub const STATUS_DRIVER: u32 = 2;
+/// The driver is ready; queues may be used.
+pub const STATUS_DRIVER_OK: u32 = 4;
+/// Feature negotiation is complete.
+pub const STATUS_FEATURES_OK: u32 = 8;
+/// The device hit an error the driver must reset.
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+/// The driver gave up.
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// Interrupt status: the device used buffers.
+pub const INT_USED_BUFFER: u32 = 1;
+
+/// Size of one device's window.
+pub const WINDOW_SIZE: u64 = 0x1000;
+
+/// A virtio device on the MMIO bus.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    irq: IrqLine,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: AtomicU32,
+}
+
+impl MmioTransport {
+    /// `device` on a transport that reaches guest memory through `mem` and interrupts on `irq`.
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: IrqLine) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|&max| Queue::new(max).ok())
+            .collect();
+        Self {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: AtomicU32::new(0),
+        }
+    }
+
+    /// The device status register (driver progress).
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queue registers only mean something before DRIVER_OK.
+        if self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device.reset();
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status.store(0, Ordering::SeqCst);
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // FEATURES_OK only sticks when the driver accepted VERSION_1 and nothing we did not offer.
+        let mut v = v;
+        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let offered = self.device.features();
+            let bad = self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0;
+            if bad {
+                v &= !STATUS_FEATURES_OK;
+            }
+        }
+        if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
+            let valid = self
+                .queues
+                .iter()
+                .all(|q| !q.ready() || q.is_valid(&self.mem));
+            if v & STATUS_FEATURES_OK == 0 || !valid {
+                log::warn!("virtio-mmio: DRIVER_OK without valid features or queues");
+                v |= STATUS_NEEDS_RESET;
+            }
+        }
+        self.status = v;
+    }
+
+    fn notify(&mut self, index: u32) {
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index as usize) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        if self.device.process_queue(index as u16, queue, &self.mem) {
+            let needs = queue.needs_notification(&self.mem).unwrap_or(true);
+            if needs {
+                self.interrupt_status
+                    .fetch_or(INT_USED_BUFFER, Ordering::SeqCst);
+                if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
+                    log::warn!("virtio-mmio: interrupt: {e}");
+                }
+            }
+        }
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            REG_DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => match self
+                .driver_features_sel
+            {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            REG_QUEUE_SEL => self.queue_sel = v,
+            REG_QUEUE_NUM => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            REG_QUEUE_NOTIFY => self.notify(v),
+            REG_INTERRUPT_ACK => {
+                self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
+            }
+            REG_STATUS => self.set_status(v),
+            REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
+            | REG_QUEUE_DEVICE_HIGH => {
+                let (low, high) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
+                if let Some(q) = self.selected_queue() {
+                    match offset & !4 {
+                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
+                        REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            _ => log::debug!("virtio-mmio: ignored write {v:#x} at {offset:#x}"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        // Registers are 32-bit and aligned; anything else reads as zero.
+        match <&mut [u8; 4]>::try_from(&mut *data) {
+            Ok(word) if offset % 4 == 0 => *word = self.read_reg(offset).to_le_bytes(),
+            _ => data.fill(0),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.write_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if let (Ok(word), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+            self.write_reg(offset, u32::from_le_bytes(word));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::CountingInterrupt;
+    use crate::virtio::rng::Rng;
+    use std::sync::Arc;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const QSIZE: u16 = 16;
+    const MEM_SIZE: usize = 0x10_0000;
+
+    struct Guest {
+        dev: MmioTransport,
+        mem: GuestMemoryMmap,
+        irq: Arc<CountingInterrupt>,
+        avail_idx: u16,
+    }
+
+    fn w(dev: &mut MmioTransport, off: u64, v: u32) {
+        dev.write(off, &v.to_le_bytes());
+    }
+
+    fn r(dev: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        dev.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Does what the Linux driver does to bring the device up, with one queue.
+    fn guest() -> Guest {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut dev = MmioTransport::new(Box::new(Rng::new()), mem.clone(), IrqLine(irq.clone()));
+        assert_eq!(r(&mut dev, REG_MAGIC), MAGIC);
+        assert_eq!(r(&mut dev, REG_VERSION), 2);
+        assert_eq!(r(&mut dev, REG_DEVICE_ID), 4);
+        w(&mut dev, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut dev, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut dev, REG_DEVICE_FEATURES), 1, "VERSION_1 offered");
+        w(&mut dev, REG_DRIVER_FEATURES_SEL, 1);
+        w(&mut dev, REG_DRIVER_FEATURES, 1);
+        w(
+            &mut dev,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_ne!(r(&mut dev, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        w(&mut dev, REG_QUEUE_SEL, 0);
+        assert_eq!(r(&mut dev, REG_QUEUE_NUM_MAX), 256);
+        w(&mut dev, REG_QUEUE_NUM, u32::from(QSIZE));
+        w(&mut dev, REG_QUEUE_DESC_LOW, DESC as u32);
+        w(&mut dev, REG_QUEUE_DESC_HIGH, 0);
+        w(&mut dev, REG_QUEUE_DRIVER_LOW, AVAIL as u32);
+        w(&mut dev, REG_QUEUE_DEVICE_LOW, USED as u32);
+        w(&mut dev, REG_QUEUE_READY, 1);
+        w(
+            &mut dev,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_eq!(r(&mut dev, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+        Guest {
+            dev,
+            mem,
+            irq,
+            avail_idx: 0,
+        }
+    }
+
+    impl Guest {
+        /// Writes descriptor `i` = (addr, len, flags, next).
+        fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let base = GuestAddress(DESC + u64::from(i) * 16);
+            self.mem.write_obj(addr, base).unwrap();
+            self.mem.write_obj(len, base.unchecked_add(8)).unwrap();
+            self.mem.write_obj(flags, base.unchecked_add(12)).unwrap();
+            self.mem.write_obj(next, base.unchecked_add(14)).unwrap();
+        }
+
+        /// Makes chain `head` available and notifies.
+        fn offer(&mut self, head: u16) {
+            let slot = AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+            w(&mut self.dev, REG_QUEUE_NOTIFY, 0);
+        }
+
+        fn used(&self) -> (u16, Vec<(u32, u32)>) {
+            let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            let elems = (0..idx.min(QSIZE))
+                .map(|i| {
+                    let e = USED + 4 + u64::from(i) * 8;
+                    (
+                        self.mem.read_obj(GuestAddress(e)).unwrap(),
+                        self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
+                    )
+                })
+                .collect();
+            (idx, elems)
+        }
+    }
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    #[test]
+    fn rng_fills_a_buffer_and_interrupts() {
+        let mut g = guest();
+        g.desc(0, 0x8000, 64, F_WRITE, 0);
+        g.offer(0);
+        assert_eq!(g.used(), (1, vec![(0, 64)]));
+        let mut buf = [0u8; 64];
+        g.mem.read_slice(&mut buf, GuestAddress(0x8000)).unwrap();
+        assert!(buf.iter().any(|&b| b != 0), "random bytes arrived");
+        assert_eq!(g.irq.count(), 1);
+        assert_eq!(r(&mut g.dev, REG_INTERRUPT_STATUS), INT_USED_BUFFER);
+        w(&mut g.dev, REG_INTERRUPT_ACK, INT_USED_BUFFER);
+        assert_eq!(r(&mut g.dev, REG_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn malformed_descriptors_neither_panic_nor_hang() {
+        let mut g = guest();
+        // A chain that loops on itself.
+        g.desc(0, 0x8000, 16, F_WRITE | F_NEXT, 1);
+        g.desc(1, 0x9000, 16, F_WRITE | F_NEXT, 0);
+        g.offer(0);
+        // A buffer outside guest memory.
+        g.desc(2, MEM_SIZE as u64 + 0x1000, 32, F_WRITE, 0);
+        g.offer(2);
+        // A buffer that runs off the end of memory.
+        g.desc(3, MEM_SIZE as u64 - 8, 4096, F_WRITE, 0);
+        g.offer(3);
+        // Zero-length, read-only (wrong direction) and oversized buffers.
+        g.desc(4, 0x8000, 0, F_WRITE, 0);
+        g.offer(4);
+        g.desc(5, 0x8000, 128, 0, 0);
+        g.offer(5);
+        g.desc(6, 0x10000, u32::MAX, F_WRITE, 0);
+        g.offer(6);
+        // A next index beyond the queue.
+        g.desc(7, 0x8000, 8, F_WRITE | F_NEXT, 999);
+        g.offer(7);
+        let (idx, used) = g.used();
+        assert!(idx <= 7, "used {used:?}");
+        for (id, len) in &used {
+            assert!(*id < u32::from(QSIZE));
+            assert!(*len <= crate::virtio::rng::MAX_BYTES_PER_REQUEST);
+        }
+        // The zero-length and read-only requests got nothing; the oversized one is capped.
+        assert!(used.contains(&(4, 0)) && used.contains(&(5, 0)), "{used:?}");
+        assert!(
+            used.contains(&(6, crate::virtio::rng::MAX_BYTES_PER_REQUEST)),
+            "{used:?}"
+        );
+    }
+
+    #[test]
+    fn bad_driver_setup_is_refused_not_fatal() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut dev = MmioTransport::new(Box::new(Rng::new()), mem, IrqLine(irq.clone()));
+        // Features without VERSION_1: FEATURES_OK does not stick.
+        w(
+            &mut dev,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r(&mut dev, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        // A queue that does not exist, odd sizes and widths, notifications before DRIVER_OK.
+        w(&mut dev, REG_QUEUE_SEL, 7);
+        w(&mut dev, REG_QUEUE_NUM, 3);
+        w(&mut dev, REG_QUEUE_READY, 1);
+        assert_eq!(r(&mut dev, REG_QUEUE_NUM_MAX), 0);
+        w(&mut dev, REG_QUEUE_NOTIFY, 0);
+        w(&mut dev, REG_QUEUE_NOTIFY, u32::MAX);
+        dev.write(REG_STATUS, &[1, 2]);
+        dev.write(REG_STATUS + 1, &[0, 0, 0, 0]);
+        let mut b = [0u8; 2];
+        dev.read(REG_MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+        // DRIVER_OK with an unusable queue asks for a reset instead of running.
+        w(&mut dev, REG_QUEUE_SEL, 0);
+        w(&mut dev, REG_QUEUE_NUM, 3); // not a power of two: ignored, the size stays valid
+        w(&mut dev, REG_QUEUE_DESC_LOW, 0xffff_f000); // but the table is outside guest memory
+        w(&mut dev, REG_QUEUE_READY, 1);
+        w(&mut dev, REG_DRIVER_FEATURES_SEL, 1);
+        w(&mut dev, REG_DRIVER_FEATURES, 1);
+        w(
+            &mut dev,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        w(
+            &mut dev,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_ne!(r(&mut dev, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+        w(&mut dev, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(irq.count(), 0);
+        // Writing 0 resets everything.
+        w(&mut dev, REG_STATUS, 0);
+        assert_eq!(r(&mut dev, REG_STATUS), 0);
+    }
+}
