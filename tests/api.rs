@@ -437,6 +437,27 @@ fn actions_and_vm_state_before_start() {
 }
 
 #[test]
+fn entropy() {
+    let t = Tern::start("entropy");
+    assert_eq!(t.req("PUT", "/entropy", Some("{}")).status, 204);
+    refused(
+        &t,
+        "PUT",
+        "/entropy",
+        Some(r#"{"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#),
+        "entropy.rate_limiter",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/entropy",
+        Some(r#"{"rng": 1}"#),
+        "unknown field",
+    );
+    refused(&t, "PUT", "/entropy", Some("[1]"), "entropy");
+}
+
+#[test]
 fn cpu_config() {
     let t = Tern::start("cpu-config");
     let good = r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
@@ -524,7 +545,6 @@ fn routes_of_later_features_are_refused_clearly() {
         ("PATCH", "/drives/rootfs"),
         ("PUT", "/network-interfaces/eth0"),
         ("PUT", "/vsock"),
-        ("PUT", "/entropy"),
         ("PUT", "/balloon"),
         ("GET", "/balloon/statistics"),
         ("PUT", "/snapshot/create"),

@@ -9,6 +9,11 @@ use common::{Kernel, Outcome, Scenario};
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
+        extra_args: "guest.hwrng=1",
+        entropy: true,
+        ..Scenario::new("virtio_rng")
+    },
+    Scenario {
         extra_args: "guest.cpuflags=1",
         ..Scenario::new("cpuflags_default")
     },
@@ -207,4 +212,22 @@ fn cpu_template_changes_what_the_guest_sees() {
         "nothing else was touched: {b:?}"
     );
     assert_eq!(templ.exit_code, Some(0), "{}", templ.console());
+}
+
+#[test]
+fn virtio_rng_serves_the_guest_hwrng() {
+    let Some(o) = run("virtio_rng") else { return };
+    assert_eq!(
+        o.guest_value("RNG_CURRENT").as_deref(),
+        Some("virtio_rng.0"),
+        "{}",
+        o.console()
+    );
+    assert_eq!(
+        o.guest_value("HWRNG_BYTES").as_deref(),
+        Some("1048576"),
+        "{}",
+        o.console()
+    );
+    assert_eq!(o.exit_code, Some(0), "{}", o.console());
 }

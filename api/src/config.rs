@@ -93,12 +93,11 @@ pub fn parse_config(
         )
     })?;
 
-    let sections: [(&str, &Option<serde_json::Value>); 9] = [
+    let sections: [(&str, &Option<serde_json::Value>); 8] = [
         ("drives", &cfg.drives),
         ("network-interfaces", &cfg.network_interfaces),
         ("vsock", &cfg.vsock),
         ("balloon", &cfg.balloon),
-        ("entropy", &cfg.entropy),
         ("metrics", &cfg.metrics),
         ("mmds-config", &cfg.mmds_config),
         ("pmem", &cfg.pmem),
@@ -123,6 +122,11 @@ pub fn parse_config(
         res.machine_config = m
             .into_vmm()
             .map_err(|(field, message)| invalid(field, message))?;
+    }
+    if let Some(e) = cfg.entropy {
+        e.check()
+            .map_err(|(field, message)| invalid(field, message))?;
+        res.entropy = true;
     }
     if let Some(c) = cfg.cpu_config {
         res.cpu_template = Some(

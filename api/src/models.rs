@@ -134,7 +134,7 @@ pub struct VmConfig {
     pub balloon: Option<serde_json::Value>,
     /// Entropy device.
     #[serde(default)]
-    pub entropy: Option<serde_json::Value>,
+    pub entropy: Option<Entropy>,
     /// Metrics sink.
     #[serde(default)]
     pub metrics: Option<serde_json::Value>,
@@ -415,5 +415,27 @@ impl CpuConfig {
             t.msrs.push((number(&f("addr"), &m.addr)?, b));
         }
         Ok(t)
+    }
+}
+
+/// `entropy` / `PUT /entropy`: the virtio-rng device.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Entropy {
+    /// Firecracker's token-bucket rate limiter (not supported yet: refused when present).
+    #[serde(default)]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+impl Entropy {
+    /// Checks what tern supports.
+    pub fn check(&self) -> Result<(), FieldError> {
+        match &self.rate_limiter {
+            Some(v) if !v.is_null() => Err((
+                "entropy.rate_limiter".into(),
+                "is not supported yet (omit it)".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 }

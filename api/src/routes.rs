@@ -244,10 +244,10 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
             ));
         }
         ("PUT", ["entropy"]) => {
-            return Err(not_yet(
-                "entropy",
-                "virtio-rng arrives with the virtio devices issue",
-            ));
+            let e = parse::<models::Entropy>("entropy", body)?;
+            e.check()
+                .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?;
+            A(VmmAction::PutEntropy)
         }
         ("GET" | "PUT" | "PATCH", ["balloon"]) | ("GET" | "PATCH", ["balloon", "statistics"]) => {
             return Err(not_yet(

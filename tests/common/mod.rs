@@ -53,6 +53,8 @@ pub struct Scenario {
     pub timeout_s: u32,
     /// A `cpu-config` section for the config file (Firecracker's custom CPU template).
     pub cpu_config: Option<&'static str>,
+    /// An `entropy` section (the virtio-rng device).
+    pub entropy: bool,
     /// API steps (a JSON array for `tern-bench run --steps`): when set, tern runs with
     /// `--api-sock` and no config file, and the steps configure and drive it.
     pub api_steps: Option<&'static str>,
@@ -71,6 +73,7 @@ impl Scenario {
             tern_flags: &[],
             timeout_s: 120,
             cpu_config: None,
+            entropy: false,
             api_steps: None,
         }
     }
@@ -248,10 +251,13 @@ fn config_json(s: &Scenario) -> String {
         Kernel::BzImage => "bzImage",
         Kernel::OwnBzImage => "own-bzImage",
     };
-    let cpu = s
+    let mut cpu = s
         .cpu_config
         .map(|c| format!(r#", "cpu-config": {c}"#))
         .unwrap_or_default();
+    if s.entropy {
+        cpu.push_str(r#", "entropy": {}"#);
+    }
     let proto = s
         .boot_protocol
         .map(|p| format!(r#", "boot_protocol": "{p}""#))

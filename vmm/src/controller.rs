@@ -58,6 +58,8 @@ pub enum VmmAction {
     PutSerial(Option<PathBuf>),
     /// A custom CPU template (pre-boot).
     PutCpuConfig(crate::resources::CpuTemplate),
+    /// Add the virtio-rng entropy device (pre-boot).
+    PutEntropy,
     /// Reconfigure logging.
     PutLogger(LoggerUpdate),
     /// Where metrics are written (a file or FIFO), once.
@@ -218,6 +220,11 @@ impl Controller {
                 m.track_dirty_pages = u.track_dirty_pages.unwrap_or(m.track_dirty_pages);
                 m.validate(&limits())?;
                 self.resources.machine_config = m;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutEntropy => {
+                pre_boot(&self.vm, "PUT /entropy")?;
+                self.resources.entropy = true;
                 Ok(VmmData::Empty)
             }
             VmmAction::PutCpuConfig(t) => {

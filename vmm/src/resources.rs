@@ -92,6 +92,8 @@ pub struct VmResources {
     /// Custom CPU template.
     #[cfg(target_arch = "x86_64")]
     pub cpu_template: Option<CpuTemplate>,
+    /// A virtio-rng entropy device.
+    pub entropy: bool,
 }
 
 /// Facts about the host that bound a VM.

@@ -191,13 +191,40 @@ pub fn build(
     } else {
         None
     };
+    // virtio-mmio devices: one 4 KiB window each from VIRTIO_MMIO_START, GSIs from 5.
+    let mut virtio = Vec::new();
+    let mut add_virtio = |dev: Box<dyn devices::virtio::VirtioDevice>| -> Result<()> {
+        let i = virtio.len() as u64;
+        let base = VIRTIO_MMIO_START + i * devices::virtio::mmio::WINDOW_SIZE;
+        let gsi = VIRTIO_FIRST_GSI + i as u32;
+        let transport = devices::virtio::mmio::MmioTransport::new(
+            dev,
+            mem.clone(),
+            IrqLine(vm.interrupt_line(gsi)?),
+        );
+        insert(
+            &mut mmio,
+            Arc::new(Mutex::new(transport)),
+            base,
+            devices::virtio::mmio::WINDOW_SIZE,
+        )?;
+        virtio.push(arch::x86_64::acpi::MmioDevice {
+            base,
+            len: devices::virtio::mmio::WINDOW_SIZE,
+            gsi,
+        });
+        Ok(())
+    };
+    if res.entropy {
+        add_virtio(Box::new(devices::virtio::rng::Rng::new()))?;
+    }
     let buses = Buses {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
     };
 
     let boot_entry = match payload {
-        Payload::Linux => Some(load_linux(&mem, res, vcpu_count)?),
+        Payload::Linux => Some(load_linux(&mem, res, vcpu_count, &virtio)?),
         Payload::Flat32 { code, load_addr } => {
             use vm_memory::Bytes;
             mem.write_slice(code, GuestAddress(load_addr))
@@ -273,6 +300,7 @@ fn load_linux(
     mem: &GuestMemoryMmap,
     res: &VmResources,
     vcpu_count: u8,
+    virtio: &[arch::x86_64::acpi::MmioDevice],
 ) -> Result<arch::x86_64::regs::BootEntry> {
     let boot = res.boot_source.as_ref().ok_or_else(|| {
         Error::Config(crate::resources::ConfigError::new("boot-source", "missing"))
@@ -289,7 +317,7 @@ fn load_linux(
         None => None,
     };
     let cmdline_len = boot::load_cmdline_str(mem, res.boot_args())?;
-    let rsdp = arch::x86_64::acpi::write_tables(mem, vcpu_count)?;
+    let rsdp = arch::x86_64::acpi::write_tables(mem, vcpu_count, virtio)?;
     let e820 = arch::x86_64::memory::e820_map(&regions);
     boot::write_boot_info(mem, &kernel, cmdline_len, initrd, &e820, rsdp)?;
     log::info!(

@@ -7,7 +7,7 @@
 
 use acpi_tables::{
     Aml,
-    aml::{Device, EISAName, IO, Interrupt, Name, Package, ResourceTemplate},
+    aml::{Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate},
     fadt::{FADTBuilder, Flags},
     gas::{AccessSize, AddressSpace, GAS},
     madt::{EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic},
@@ -43,7 +43,18 @@ fn bytes(table: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device window to describe in the DSDT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDevice {
+    /// Guest-physical base of its register window.
+    pub base: u64,
+    /// Size of the window.
+    pub len: u64,
+    /// Its interrupt (GSI).
+    pub gsi: u32,
+}
+
+fn dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5_type = ACPI_S5_SLEEP_TYPE;
     let s5 = Name::new("_S5_".into(), &Package::new(vec![&s5_type]));
@@ -68,6 +79,18 @@ fn dsdt() -> Vec<u8> {
         &ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]),
     );
     Device::new("_SB_.PS2K".into(), vec![&kbd_hid, &kbd_crs]).to_aml_bytes(&mut dsdt);
+    // virtio-mmio devices: "LNRO0005" is what Linux's virtio_mmio driver matches in ACPI.
+    for (i, d) in virtio.iter().enumerate() {
+        let hid_str: &'static str = "LNRO0005";
+        let hid = Name::new("_HID".into(), &hid_str);
+        let uid_val = i as u32;
+        let uid = Name::new("_UID".into(), &uid_val);
+        let mem = Memory32Fixed::new(true, d.base as u32, d.len as u32);
+        let irq = Interrupt::new(true, true, false, false, d.gsi);
+        let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&mem, &irq]));
+        let path = format!("_SB_.V{i:03X}");
+        Device::new(path.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut dsdt);
+    }
     // Sdt::append keeps the header's length field as created; fix it up before checksumming.
     let len = dsdt.len() as u32;
     dsdt.write_u32(4, len);
@@ -106,7 +129,7 @@ fn madt(vcpu_count: u8) -> Vec<u8> {
 
 /// Writes the ACPI tables for `vcpu_count` vCPUs at [`ACPI_START`] and returns the RSDP's
 /// address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpu_count: u8) -> Result<u64> {
+pub fn write_tables(mem: &GuestMemoryMmap, vcpu_count: u8, virtio: &[MmioDevice]) -> Result<u64> {
     // The MADT's processor UIDs and APIC IDs are 8 bits; APIC ID 0xff is broadcast.
     if vcpu_count == u8::MAX {
         return Err(Error::TooManyVcpus(vcpu_count.into(), 254));
@@ -115,7 +138,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpu_count: u8) -> Result<u64> {
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
 
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     let madt = madt(vcpu_count);
     // The XSDT holds two 8-byte pointers after its 36-byte header.
     let fadt_addr = align(xsdt_addr + 36 + 2 * 8);
@@ -163,7 +186,12 @@ mod tests {
     #[test]
     fn tables_chain_and_checksum() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let rsdp = write_tables(&mem, 4).unwrap();
+        let dev = MmioDevice {
+            base: VIRTIO_MMIO_START,
+            len: 0x1000,
+            gsi: 5,
+        };
+        let rsdp = write_tables(&mem, 4, &[dev]).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
@@ -186,6 +214,8 @@ mod tests {
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
         assert!(dsdt.windows(4).any(|w| w == b"PS2K"));
+        assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(dsdt.windows(4).any(|w| w == b"V000"));
         let madt = table_at(&mem, madt_addr);
         assert_eq!(&madt[..4], b"APIC");
         assert!(checksum_ok(&madt));
@@ -196,7 +226,7 @@ mod tests {
     #[test]
     fn many_vcpus_still_fit() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        assert!(write_tables(&mem, 254).is_ok());
-        assert!(write_tables(&mem, 255).is_err());
+        assert!(write_tables(&mem, 254, &[]).is_ok());
+        assert!(write_tables(&mem, 255, &[]).is_err());
     }
 }

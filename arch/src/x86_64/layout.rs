@@ -53,6 +53,8 @@ pub const BOOT_TIMER_SIZE: u64 = 0x1000;
 pub const BOOT_TIMER_MAGIC: u8 = 123;
 /// Virtio-mmio device windows start here (one 4 KiB window each).
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// GSI of the first virtio-mmio device (the next ones count up).
+pub const VIRTIO_FIRST_GSI: u32 = 5;
 /// IOAPIC base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// LAPIC base.
