@@ -348,10 +348,8 @@ fn main() {
         }
     }
     let mut status = 0;
-    let mut usage: libc::rusage = unsafe {
-        // SAFETY: rusage is plain old data; all-zero is a valid value.
-        std::mem::zeroed()
-    };
+    // SAFETY: rusage is plain old data; all-zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: waits for our own child; `status` and `usage` are valid for writes.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     report.wall_ms = ms(Instant::now());
