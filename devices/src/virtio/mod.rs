@@ -31,4 +31,8 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// Forgets everything the driver set up.
     fn reset(&mut self) {}
+    /// The device's own state for a snapshot (its queues are saved by the transport).
+    fn save(&self) -> serde_json::Value;
+    /// Restores what [`VirtioDevice::save`] returned.
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
 }

@@ -69,6 +69,17 @@ impl VirtioDevice for Rng {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
+    fn save(&self) -> serde_json::Value {
+        serde_json::json!({ "bytes_served": self.bytes_served })
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.bytes_served = state["bytes_served"].as_u64().ok_or_else(|| {
+            format!("virtio-rng state {state}: bytes_served is missing or not a number")
+        })?;
+        Ok(())
+    }
+
     fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
