@@ -56,9 +56,6 @@ pub enum Route {
     Reply(Reply),
 }
 
-/// The prefix of tern's own routes, beside Firecracker's.
-pub const TERN_PREFIX: &str = "/tern/v1";
-
 fn parse<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Reply> {
     if body.is_empty() {
         return Err(Reply::bad(format!("{what}: the request needs a JSON body")));

@@ -3,7 +3,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use arch::x86_64::layout::*;
-use arch::x86_64::memory::{E820_RAM, E820Entry};
+use arch::x86_64::memory::E820Entry;
 use arch::x86_64::regs::BootEntry;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -294,11 +294,6 @@ fn write_pvh_info(
     }
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
         .map_err(|e| Error::BootInfo("hvm_start_info", e.to_string()))
-}
-
-/// Does `e` describe usable RAM?
-pub fn is_ram(e: &E820Entry) -> bool {
-    e.kind == E820_RAM
 }
 
 #[cfg(test)]

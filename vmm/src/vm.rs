@@ -347,7 +347,7 @@ impl MutEventSubscriber for ExitListener {
 }
 
 /// Watches the stop eventfd (level: the loop returns, and the caller reads the reason).
-pub fn exit_listener(exit: Arc<ExitChannel>) -> Arc<Mutex<dyn MutEventSubscriber + Send>> {
+fn exit_listener(exit: Arc<ExitChannel>) -> Arc<Mutex<dyn MutEventSubscriber + Send>> {
     Arc::new(Mutex::new(ExitListener(exit)))
 }
 

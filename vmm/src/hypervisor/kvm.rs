@@ -54,19 +54,13 @@ impl Hypervisor for KvmHypervisor {
         } else {
             Vec::new()
         };
-        Ok(Arc::new(KvmVm {
-            vm,
-            cpuid,
-            run_size: self.kvm.get_vcpu_mmap_size().unwrap_or(0),
-        }))
+        Ok(Arc::new(KvmVm { vm, cpuid }))
     }
 }
 
 struct KvmVm {
     vm: VmFd,
     cpuid: Vec<kvm_cpuid_entry2>,
-    #[allow(dead_code)]
-    run_size: usize,
 }
 
 /// An irqfd: writing the eventfd raises the GSI in the in-kernel irqchip.
