@@ -233,7 +233,7 @@ pub fn spawn(
                         Next::Stop
                     }
                 };
-                if next == Next::Stop || stop.reason().is_some() {
+                if next == Next::Stop || stop.is_stopping() {
                     break;
                 }
             }
