@@ -437,10 +437,7 @@ impl RunningVm {
         let stop = self.exit.reason()?;
         let _ = std::io::stdout().flush();
         let outcome = match stop {
-            VmStop::Guest(_) if self.panicked.load(Ordering::SeqCst) => {
-                metrics::METRICS.vmm.panic_count.inc();
-                Outcome::Panic
-            }
+            VmStop::Guest(_) if self.panicked.load(Ordering::SeqCst) => Outcome::Panic,
             VmStop::Guest(GuestExit::PowerOff) => Outcome::PowerOff,
             VmStop::Guest(GuestExit::Reset) => Outcome::Reset,
             VmStop::VcpuFailed { index, reason } => {

@@ -18,7 +18,8 @@ pub const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 /// Where console output goes: the writer, plus a watch for [`PANIC_MARKER`].
 pub struct ConsoleOutput {
     out: Box<dyn Write + Send>,
-    window: Vec<u8>,
+    /// How many bytes of [`PANIC_MARKER`] the output ends with so far.
+    matched: usize,
     panicked: Arc<AtomicBool>,
 }
 
@@ -27,19 +28,25 @@ impl ConsoleOutput {
     pub fn new(out: Box<dyn Write + Send>, panicked: Arc<AtomicBool>) -> Self {
         Self {
             out,
-            window: Vec::with_capacity(PANIC_MARKER.len()),
+            matched: 0,
             panicked,
         }
     }
 
+    /// Follows the output byte by byte. On a mismatch the match restarts at this byte, which is
+    /// exact because the marker's first byte never occurs again inside it (a test checks that).
     fn scan(&mut self, buf: &[u8]) {
         for &b in buf {
-            if self.window.len() == PANIC_MARKER.len() {
-                self.window.remove(0);
-            }
-            self.window.push(b);
-            if self.window == PANIC_MARKER {
-                self.panicked.store(true, Ordering::SeqCst);
+            self.matched = if PANIC_MARKER[self.matched] == b {
+                self.matched + 1
+            } else {
+                usize::from(PANIC_MARKER[0] == b)
+            };
+            if self.matched == PANIC_MARKER.len() {
+                self.matched = 0;
+                if !self.panicked.swap(true, Ordering::SeqCst) {
+                    metrics::METRICS.vmm.panic_count.inc();
+                }
             }
         }
     }
@@ -224,6 +231,23 @@ mod tests {
             dev.write(THR, &[*b]);
         }
         assert!(panicked.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn marker_restart_is_exact() {
+        // scan() restarts a match at the current byte; that is only right if the marker's first
+        // byte does not recur inside it.
+        assert!(!PANIC_MARKER[1..].contains(&PANIC_MARKER[0]));
+        let (mut dev, _, _, panicked) = uart();
+        for b in b"KKernel panic - not syncinKernel panic - not syncing" {
+            dev.write(THR, &[*b]);
+        }
+        assert!(panicked.load(Ordering::SeqCst));
+        let (mut dev, _, _, panicked) = uart();
+        for b in b"Kernel panic - not syncin" {
+            dev.write(THR, &[*b]);
+        }
+        assert!(!panicked.load(Ordering::SeqCst));
     }
 
     #[test]
