@@ -57,60 +57,24 @@ pub const INT_USED_BUFFER: u32 = 1;
 /// Size of one device's window.
 pub const WINDOW_SIZE: u64 = 0x1000;
 
-/// One queue's state in a snapshot.
+/// Serde description of virtio-queue's `QueueState` (which has no serde support itself).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "virtio_queue::QueueState")]
+struct QueueStateDef {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+/// One queue's state in a snapshot: virtio-queue's own `QueueState`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueSnapshot {
-    /// Largest size the device offers.
-    pub max_size: u16,
-    /// Size the driver chose.
-    pub size: u16,
-    /// Ready bit.
-    pub ready: bool,
-    /// Descriptor table address.
-    pub desc_table: u64,
-    /// Available ring address.
-    pub avail_ring: u64,
-    /// Used ring address.
-    pub used_ring: u64,
-    /// Next available entry the device will read.
-    pub next_avail: u16,
-    /// Next used entry the device will write.
-    pub next_used: u16,
-    /// `VIRTIO_F_RING_EVENT_IDX` negotiated.
-    pub event_idx: bool,
-}
-
-impl From<virtio_queue::QueueState> for QueueSnapshot {
-    fn from(q: virtio_queue::QueueState) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx: q.event_idx_enabled,
-        }
-    }
-}
-
-impl From<QueueSnapshot> for virtio_queue::QueueState {
-    fn from(q: QueueSnapshot) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx,
-        }
-    }
-}
+pub struct QueueSnapshot(#[serde(with = "QueueStateDef")] pub virtio_queue::QueueState);
 
 /// Everything a restored transport needs: the registers the driver set, the queues, and the
 /// device's own state.
@@ -217,7 +181,11 @@ impl MmioTransport {
             driver_features: self.driver_features,
             status: self.status,
             interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot(q.state()))
+                .collect(),
             device: self.device.save(),
         }
     }
@@ -249,17 +217,15 @@ impl MmioTransport {
         }
         let mut queues = Vec::with_capacity(maxes.len());
         for (index, (q, max)) in state.queues.iter().zip(maxes).enumerate() {
-            if q.max_size != max {
+            if q.0.max_size != max {
                 return Err(RestoreError::Queue {
                     index,
-                    reason: format!("max size {} is not the device's {max}", q.max_size),
+                    reason: format!("max size {} is not the device's {max}", q.0.max_size),
                 });
             }
-            let queue = Queue::try_from(virtio_queue::QueueState::from(*q)).map_err(|e| {
-                RestoreError::Queue {
-                    index,
-                    reason: e.to_string(),
-                }
+            let queue = Queue::try_from(q.0).map_err(|e| RestoreError::Queue {
+                index,
+                reason: e.to_string(),
             })?;
             queues.push(queue);
         }
@@ -672,13 +638,13 @@ mod tests {
         s.queues.push(s.queues[0]);
         assert!(matches!(restore(&s), Some(RestoreError::QueueCount { .. })));
         let mut s = good.clone();
-        s.queues[0].size = 3;
+        s.queues[0].0.size = 3;
         assert!(matches!(
             restore(&s),
             Some(RestoreError::Queue { index: 0, .. })
         ));
         let mut s = good.clone();
-        s.queues[0].max_size = 4096;
+        s.queues[0].0.max_size = 4096;
         assert!(matches!(restore(&s), Some(RestoreError::Queue { .. })));
         let mut s = good.clone();
         s.driver_features |= 1 << 40;
