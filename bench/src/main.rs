@@ -329,7 +329,7 @@ fn main() {
                             at_ms: ms(Instant::now()),
                             rss_kib: rss,
                             guest_rss_kib: guest,
-                            overhead_kib: rss - guest,
+                            overhead_kib: rss.saturating_sub(guest),
                         });
                     }
                 }
