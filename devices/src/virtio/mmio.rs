@@ -1,11 +1,14 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x, section 4.2): one 4 KiB window per device.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{Poller, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::interrupt::IrqLine;
 
@@ -53,6 +56,10 @@ pub const STATUS_FAILED: u32 = 0x80;
 
 /// Interrupt status: the device used buffers.
 pub const INT_USED_BUFFER: u32 = 1;
+/// Interrupt status: the configuration space changed.
+pub const INT_CONFIG: u32 = 2;
+/// Offset of the QueueNotify register (for ioeventfds).
+pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
 
 /// Size of one device's window.
 pub const WINDOW_SIZE: u64 = 0x1000;
@@ -86,6 +93,9 @@ pub struct MmioTransportState {
     pub queue_sel: u32,
     /// Device features selector.
     pub device_features_sel: u32,
+    /// Configuration generation.
+    #[serde(default)]
+    pub config_generation: u32,
     /// Driver features selector.
     pub driver_features_sel: u32,
     /// Features the driver accepted.
@@ -130,6 +140,9 @@ pub enum RestoreError {
     /// The device refused its state.
     #[error("device state: {0}")]
     Device(String),
+    /// No eventfd or epoll set could be made.
+    #[error("cannot create the device's event descriptors: {0}")]
+    Io(String),
     /// The features the driver accepted were never offered.
     #[error("driver features {0:#x} were not offered by the device")]
     Features(u64),
@@ -147,17 +160,37 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     interrupt_status: AtomicU32,
+    config_generation: u32,
+    poller: Poller,
+    queue_evts: Vec<EventFd>,
+    activated: bool,
+}
+
+fn queue_events(n: usize, poller: &Poller) -> std::io::Result<Vec<EventFd>> {
+    (0..n)
+        .map(|i| {
+            let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+            poller.add(evt.as_raw_fd(), EventSet::IN, i as u64)?;
+            Ok(evt)
+        })
+        .collect()
 }
 
 impl MmioTransport {
     /// `device` on a transport that reaches guest memory through `mem` and interrupts on `irq`.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: IrqLine) -> Self {
-        let queues = device
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: IrqLine,
+    ) -> std::io::Result<Self> {
+        let queues: Vec<Queue> = device
             .queue_max_sizes()
             .iter()
             .filter_map(|&max| Queue::new(max).ok())
             .collect();
-        Self {
+        let poller = Poller::new()?;
+        let queue_evts = queue_events(queues.len(), &poller)?;
+        Ok(Self {
             device,
             mem,
             irq,
@@ -168,7 +201,116 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             interrupt_status: AtomicU32::new(0),
+            config_generation: 0,
+            poller,
+            queue_evts,
+            activated: false,
+        })
+    }
+
+    /// One eventfd per queue, to be signalled when the driver writes the queue's index to the
+    /// QueueNotify register (at [`QUEUE_NOTIFY_OFFSET`]): the hypervisor's ioeventfd.
+    pub fn queue_events(&self) -> std::io::Result<Vec<EventFd>> {
+        self.queue_evts.iter().map(|e| e.try_clone()).collect()
+    }
+
+    /// A handle on the transport's epoll set, for [`super::worker::spawn`].
+    pub fn poller(&self) -> std::io::Result<Poller> {
+        self.poller.try_clone()
+    }
+
+    /// The device, for updates through the API.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// Runs `f` on the device and the epoll set (to swap a back-end descriptor), then handles
+    /// whatever became ready.
+    pub fn with_device<R>(&mut self, f: impl FnOnce(&mut dyn VirtioDevice, &Poller) -> R) -> R {
+        f(self.device.as_mut(), &self.poller)
+    }
+
+    /// True once the driver started the device (DRIVER_OK) and until it resets it.
+    pub fn is_active(&self) -> bool {
+        self.activated
+    }
+
+    /// Tells the driver the configuration space changed (a resized drive).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.interrupt_status.fetch_or(INT_CONFIG, Ordering::SeqCst);
+            if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
+                log::warn!("virtio-mmio: interrupt: {e}");
+            }
         }
+    }
+
+    /// Handles one event of the epoll set: a queue notification (`token` below the queue
+    /// count) or a device back-end descriptor. Called by the worker thread.
+    pub fn handle_event(&mut self, token: u64, events: EventSet) {
+        let running = self.activated
+            && self.status & STATUS_DRIVER_OK != 0
+            && self.status & STATUS_NEEDS_RESET == 0;
+        let mut ctx = QueueCtx {
+            queues: &mut self.queues,
+            mem: &self.mem,
+            poller: &self.poller,
+            used: 0,
+        };
+        if let Some(evt) = usize::try_from(token)
+            .ok()
+            .and_then(|i| self.queue_evts.get(i))
+        {
+            let _ = evt.read();
+            match ctx.queues.get(token as usize) {
+                Some(q) if running && q.ready() => {}
+                _ => return,
+            }
+            self.device.process_queue(token as u16, &mut ctx);
+        } else if running {
+            self.device.process_backend(token, events, &mut ctx);
+        } else {
+            return;
+        }
+        let used = ctx.used;
+        self.signal_used(used);
+    }
+
+    fn signal_used(&mut self, used: u64) {
+        if used == 0 {
+            return;
+        }
+        let mem = &self.mem;
+        let needs = self
+            .queues
+            .iter_mut()
+            .enumerate()
+            .any(|(i, q)| used & (1 << i) != 0 && q.needs_notification(mem).unwrap_or(true));
+        if needs {
+            self.interrupt_status
+                .fetch_or(INT_USED_BUFFER, Ordering::SeqCst);
+            if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
+                log::warn!("virtio-mmio: interrupt: {e}");
+            }
+        }
+    }
+
+    /// Handles whatever events are ready within `timeout_ms` (the worker's loop body; tests
+    /// call it directly). Returns how many were handled.
+    pub fn run_ready(&mut self, timeout_ms: i32) -> usize {
+        let mut events = [EpollEvent::default(); 16];
+        let n = match self.poller.wait(timeout_ms, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("virtio-mmio: epoll: {e}");
+                return 0;
+            }
+        };
+        for ev in &events[..n] {
+            self.handle_event(ev.data(), ev.event_set());
+        }
+        n
     }
 
     /// The transport's and device's state, for a snapshot (with the VM paused).
@@ -177,6 +319,7 @@ impl MmioTransport {
             device_type: self.device.device_type(),
             queue_sel: self.queue_sel,
             device_features_sel: self.device_features_sel,
+            config_generation: self.config_generation,
             driver_features_sel: self.driver_features_sel,
             driver_features: self.driver_features,
             status: self.status,
@@ -232,7 +375,10 @@ impl MmioTransport {
         device
             .restore(&state.device)
             .map_err(RestoreError::Device)?;
-        Ok(Self {
+        let io = |e: std::io::Error| RestoreError::Io(e.to_string());
+        let poller = Poller::new().map_err(io)?;
+        let queue_evts = queue_events(queues.len(), &poller).map_err(io)?;
+        let mut t = Self {
             device,
             mem,
             irq,
@@ -243,7 +389,15 @@ impl MmioTransport {
             driver_features: state.driver_features,
             status: state.status,
             interrupt_status: AtomicU32::new(state.interrupt_status),
-        })
+            config_generation: state.config_generation,
+            poller,
+            queue_evts,
+            activated: false,
+        };
+        if t.status & STATUS_DRIVER_OK != 0 && t.status & STATUS_NEEDS_RESET == 0 {
+            t.activate();
+        }
+        Ok(t)
     }
 
     /// The device status register (driver progress).
@@ -259,11 +413,25 @@ impl MmioTransport {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
+    fn activate(&mut self) {
+        let mut ctx = QueueCtx {
+            queues: &mut self.queues,
+            mem: &self.mem,
+            poller: &self.poller,
+            used: 0,
+        };
+        self.device.activate(self.driver_features, &mut ctx);
+        let used = ctx.used;
+        self.activated = true;
+        self.signal_used(used);
+    }
+
     fn reset(&mut self) {
         for q in &mut self.queues {
             q.reset();
         }
-        self.device.reset();
+        self.device.reset(&self.poller);
+        self.activated = false;
         self.queue_sel = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -297,27 +465,20 @@ impl MmioTransport {
                 v |= STATUS_NEEDS_RESET;
             }
         }
+        let start = v & STATUS_DRIVER_OK != 0
+            && v & STATUS_NEEDS_RESET == 0
+            && self.status & STATUS_DRIVER_OK == 0;
         self.status = v;
+        if start {
+            self.activate();
+        }
     }
 
     fn notify(&mut self, index: u32) {
-        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
-            return;
-        }
-        let Some(queue) = self.queues.get_mut(index as usize) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        if self.device.process_queue(index as u16, queue, &self.mem) {
-            let needs = queue.needs_notification(&self.mem).unwrap_or(true);
-            if needs {
-                self.interrupt_status
-                    .fetch_or(INT_USED_BUFFER, Ordering::SeqCst);
-                if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
-                    log::warn!("virtio-mmio: interrupt: {e}");
-                }
+        // Reached only where no ioeventfd took the write: signal the queue's eventfd the same.
+        if let Some(evt) = self.queue_evts.get(index as usize) {
+            if let Err(e) = evt.write(1) {
+                log::warn!("virtio-mmio: queue {index} notify: {e}");
             }
         }
     }
@@ -343,7 +504,7 @@ impl MmioTransport {
                 .map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
             REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }
@@ -461,7 +622,8 @@ mod tests {
     fn guest() -> Guest {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let irq = Arc::new(CountingInterrupt::default());
-        let mut dev = MmioTransport::new(Box::new(Rng::new()), mem.clone(), IrqLine(irq.clone()));
+        let mut dev =
+            MmioTransport::new(Box::new(Rng::new()), mem.clone(), IrqLine(irq.clone())).unwrap();
         assert_eq!(r(&mut dev, REG_MAGIC), MAGIC);
         assert_eq!(r(&mut dev, REG_VERSION), 2);
         assert_eq!(r(&mut dev, REG_DEVICE_ID), 4);
@@ -517,6 +679,7 @@ mod tests {
                 .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
                 .unwrap();
             w(&mut self.dev, REG_QUEUE_NOTIFY, 0);
+            self.dev.run_ready(0);
         }
 
         fn used(&self) -> (u16, Vec<(u32, u32)>) {
@@ -659,7 +822,7 @@ mod tests {
     fn bad_driver_setup_is_refused_not_fatal() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let irq = Arc::new(CountingInterrupt::default());
-        let mut dev = MmioTransport::new(Box::new(Rng::new()), mem, IrqLine(irq.clone()));
+        let mut dev = MmioTransport::new(Box::new(Rng::new()), mem, IrqLine(irq.clone())).unwrap();
         // Features without VERSION_1: FEATURES_OK does not stick.
         w(
             &mut dev,
@@ -698,6 +861,7 @@ mod tests {
         );
         assert_ne!(r(&mut dev, REG_STATUS) & STATUS_NEEDS_RESET, 0);
         w(&mut dev, REG_QUEUE_NOTIFY, 0);
+        dev.run_ready(0);
         assert_eq!(irq.count(), 0);
         // Writing 0 resets everything.
         w(&mut dev, REG_STATUS, 0);

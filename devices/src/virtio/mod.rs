@@ -4,15 +4,120 @@
 //! virtio-mmio (version 2) register layout, owns its queues (the virtio-queue crate) and raises
 //! the used-buffer interrupt. Guest-controlled input — registers, descriptors, buffers — is
 //! untrusted: errors become the device's failure status or a short used length, never a panic.
+//!
+//! Each transport has a [`Poller`] (an epoll set) holding one eventfd per queue — registered
+//! with the hypervisor as an ioeventfd on the QueueNotify register, so a notification never
+//! leaves the kernel — and whatever back-end descriptors the device adds (a TAP, sockets, rate
+//! limiter timers). [`worker::spawn`] runs that set on a thread of the device's own, so neither
+//! the vCPUs nor the VMM's event loop ever wait for a disk or a socket.
 
+pub mod balloon;
+pub mod block;
 pub mod mmio;
-pub mod rng;
+pub mod net;
 
-use virtio_queue::Queue;
+pub mod rng;
+#[cfg(test)]
+pub(crate) mod testutil;
+pub mod vsock;
+
+pub mod worker;
+
+use std::any::Any;
+use std::os::fd::RawFd;
+
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// `VIRTIO_F_VERSION_1`: the device speaks virtio 1.x (required over MMIO version 2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// The first epoll token a device may use for its own descriptors; queue eventfds use their
+/// queue index.
+pub const DEVICE_TOKEN_BASE: u64 = 64;
+
+/// An epoll set a device adds its back-end descriptors to.
+pub struct Poller(std::sync::Arc<Epoll>);
+
+impl Poller {
+    /// A new, empty set.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self(std::sync::Arc::new(Epoll::new()?)))
+    }
+
+    /// Watches `fd` for `events`, reported as `token`.
+    pub fn add(&self, fd: RawFd, events: EventSet, token: u64) -> std::io::Result<()> {
+        self.0
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+    }
+
+    /// Changes what `fd` is watched for.
+    pub fn modify(&self, fd: RawFd, events: EventSet, token: u64) -> std::io::Result<()> {
+        self.0
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+    }
+
+    /// Stops watching `fd` (no error if it was not watched).
+    pub fn remove(&self, fd: RawFd) {
+        let _ = self
+            .0
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    /// Waits up to `timeout_ms` (-1: forever) for events.
+    pub fn wait(&self, timeout_ms: i32, out: &mut [EpollEvent]) -> std::io::Result<usize> {
+        loop {
+            match self.0.wait(timeout_ms, out) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// A second handle on the same set (for the worker thread).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self(self.0.clone()))
+    }
+}
+
+/// Un-pops the chain last taken from `queue` (a rate-limited request waits for its tokens).
+pub fn unpop(queue: &mut Queue) {
+    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+}
+
+/// What a device works with while it handles an event: its queues, guest memory, the epoll
+/// set, and a record of which queues got used buffers (the transport interrupts for those).
+pub struct QueueCtx<'a> {
+    /// The device's queues, in order.
+    pub queues: &'a mut [Queue],
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// The device worker's epoll set.
+    pub poller: &'a Poller,
+    /// Bit `i` set: queue `i` has new used buffers.
+    pub used: u64,
+}
+
+impl QueueCtx<'_> {
+    /// Puts chain `head` with `len` bytes written into queue `q`'s used ring. False (and
+    /// logged) when the ring cannot be written: the guest broke the queue.
+    pub fn add_used(&mut self, q: usize, head: u16, len: u32) -> bool {
+        let Some(queue) = self.queues.get_mut(q) else {
+            return false;
+        };
+        match queue.add_used(self.mem, head, len) {
+            Ok(()) => {
+                self.used |= 1 << q;
+                true
+            }
+            Err(e) => {
+                log::warn!("virtio: queue {q}: add_used: {e}");
+                false
+            }
+        }
+    }
+}
 
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
@@ -26,13 +131,32 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes its configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Handles buffers the driver made available on queue `index`; returns true when it put
-    /// anything in the used ring (the transport then decides whether to interrupt).
-    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
-    /// Forgets everything the driver set up.
-    fn reset(&mut self) {}
+    /// The driver set DRIVER_OK having accepted `features`: add back-end descriptors to
+    /// `ctx.poller` (tokens from [`DEVICE_TOKEN_BASE`]) and start.
+    fn activate(&mut self, _features: u64, _ctx: &mut QueueCtx<'_>) {}
+    /// Handles buffers the driver made available on queue `index`.
+    fn process_queue(&mut self, index: u16, ctx: &mut QueueCtx<'_>);
+    /// Handles a back-end descriptor's `events` (`token` as the device registered it).
+    fn process_backend(&mut self, _token: u64, _events: EventSet, _ctx: &mut QueueCtx<'_>) {}
+    /// Forgets everything the driver set up and removes back-end descriptors from `poller`.
+    fn reset(&mut self, _poller: &Poller) {}
     /// The device's own state for a snapshot (its queues are saved by the transport).
     fn save(&self) -> serde_json::Value;
     /// Restores what [`VirtioDevice::save`] returned.
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
+    /// The device as `Any`, for updates through the API (a drive's new backing file).
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Reads a little-endian configuration space `cfg` at `offset` into `data` (zeros beyond it).
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= cfg.len() {
+        return;
+    }
+    let n = data.len().min(cfg.len() - start);
+    data[..n].copy_from_slice(&cfg[start..start + n]);
 }

@@ -1,10 +1,14 @@
 //! virtio-rng (entropy device, type 4): fills the driver's write-only buffers with bytes from the
 //! host's `getrandom(2)`.
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::Bytes;
+use vmm_sys_util::epoll::EventSet;
 
-use super::{VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{DEVICE_TOKEN_BASE, Poller, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
+
+const TOKEN_LIMITER: u64 = DEVICE_TOKEN_BASE;
 
 /// The virtio device ID of an entropy source.
 pub const VIRTIO_ID_RNG: u32 = 4;
@@ -17,6 +21,7 @@ pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 pub struct Rng {
     /// Bytes handed to the guest so far.
     pub bytes_served: u64,
+    limiter: Option<RateLimiter>,
 }
 
 impl Default for Rng {
@@ -28,7 +33,23 @@ impl Default for Rng {
 impl Rng {
     /// A new device.
     pub fn new() -> Self {
-        Self { bytes_served: 0 }
+        Self {
+            bytes_served: 0,
+            limiter: None,
+        }
+    }
+
+    /// A device whose bytes are limited by `config` (Firecracker's `entropy.rate_limiter`).
+    pub fn with_limiter(config: RateLimiterConfig) -> std::io::Result<Self> {
+        let limiter = if config.is_unlimited() {
+            None
+        } else {
+            Some(RateLimiter::new(config)?)
+        };
+        Ok(Self {
+            bytes_served: 0,
+            limiter,
+        })
     }
 }
 
@@ -80,39 +101,82 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
-    fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    fn activate(&mut self, _features: u64, ctx: &mut QueueCtx<'_>) {
+        if let Some(l) = &self.limiter {
+            if let Err(e) = ctx.poller.add(l.timer_fd(), EventSet::IN, TOKEN_LIMITER) {
+                log::warn!("virtio-rng: cannot watch the rate limiter timer: {e}");
+            }
+        }
+    }
+
+    fn reset(&mut self, poller: &Poller) {
+        if let Some(l) = &self.limiter {
+            poller.remove(l.timer_fd());
+        }
+    }
+
+    fn process_backend(&mut self, token: u64, _events: EventSet, ctx: &mut QueueCtx<'_>) {
+        if token == TOKEN_LIMITER {
+            if let Some(l) = &mut self.limiter {
+                l.timer_fired();
+            }
+            self.process_queue(0, ctx);
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
+    fn process_queue(&mut self, _index: u16, ctx: &mut QueueCtx<'_>) {
+        let mem = ctx.mem;
+        loop {
+            let Some(queue) = ctx.queues.get_mut(0) else {
+                return;
+            };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return;
+            };
             let head = chain.head_index();
-            let mut written: u32 = 0;
             // The chain iterator stops at the queue size, so a looped chain ends.
-            for desc in chain {
-                if !desc.is_write_only() {
-                    continue; // a read-only buffer has nothing for us to fill
+            let bufs: Vec<_> = chain
+                .filter(|d| d.is_write_only() && d.len() > 0)
+                .map(|d| (d.addr(), d.len()))
+                .collect();
+            let wanted = bufs
+                .iter()
+                .map(|b| u64::from(b.1))
+                .sum::<u64>()
+                .min(u64::from(MAX_BYTES_PER_REQUEST));
+            if let Some(l) = &mut self.limiter {
+                if !l.consume(wanted) {
+                    // Try again when the limiter's timer fires.
+                    super::unpop(queue);
+                    return;
                 }
+            }
+            let mut written: u32 = 0;
+            for (addr, len) in bufs {
                 let room = MAX_BYTES_PER_REQUEST - written;
-                let len = desc.len().min(room);
+                let len = len.min(room);
                 if len == 0 {
-                    continue;
+                    break;
                 }
                 let mut bytes = vec![0u8; len as usize];
                 if let Err(e) = fill_random(&mut bytes) {
                     log::warn!("virtio-rng: getrandom: {e}");
                     break;
                 }
-                if let Err(e) = mem.write_slice(&bytes, desc.addr()) {
-                    log::debug!("virtio-rng: bad buffer {:#x}+{len}: {e}", desc.addr().0);
+                if let Err(e) = mem.write_slice(&bytes, addr) {
+                    log::debug!("virtio-rng: bad buffer {:#x}+{len}: {e}", addr.0);
                     break;
                 }
                 written += len;
             }
-            if let Err(e) = queue.add_used(mem, head, written) {
-                log::warn!("virtio-rng: add_used: {e}");
-                break;
+            if !ctx.add_used(0, head, written) {
+                return;
             }
             self.bytes_served += u64::from(written);
-            used_any = true;
         }
-        used_any
     }
 }

@@ -111,6 +111,12 @@ impl Vm for KvmVm {
         Ok(Arc::new(IrqFd(evt)))
     }
 
+    fn register_notify(&self, evt: &EventFd, addr: u64, datamatch: u32) -> HvResult<()> {
+        self.vm
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(HypervisorError::call("KVM_IOEVENTFD"))
+    }
+
     #[cfg(target_arch = "x86_64")]
     fn setup_x86_platform(&self, tss_address: u64) -> HvResult<()> {
         self.vm

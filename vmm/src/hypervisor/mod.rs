@@ -101,6 +101,15 @@ pub trait Vm: Send + Sync {
     /// An edge interrupt line into the guest's interrupt controller at `gsi`.
     fn interrupt_line(&self, gsi: u32) -> HvResult<Arc<dyn Interrupt>>;
 
+    /// Signals `evt` instead of exiting when the guest writes the 32-bit value `datamatch` to
+    /// the MMIO address `addr` (a virtio queue notification).
+    fn register_notify(
+        &self,
+        evt: &vmm_sys_util::eventfd::EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> HvResult<()>;
+
     /// x86: in-kernel LAPIC/IOAPIC/PIC and PIT, and the TSS the hypervisor needs.
     #[cfg(target_arch = "x86_64")]
     fn setup_x86_platform(&self, tss_address: u64) -> HvResult<()>;

@@ -1,0 +1,808 @@
+//! virtio-blk (type 2) on a raw image file: read, write, flush (`fdatasync`), GET_ID, discard
+//! and write-zeroes, with Firecracker's rate limiter. Requests run synchronously on the
+//! device's worker thread (`pread`/`pwrite` straight into guest memory), so a slow disk stalls
+//! only this drive's queue.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use virtio_queue::QueueT;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::{
+    DEVICE_TOKEN_BASE, Poller, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
+};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
+
+/// The virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Queue size offered.
+pub const QUEUE_SIZE: u16 = 256;
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the GET_ID answer.
+pub const ID_BYTES: usize = 20;
+
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// Most discard / write-zeroes segments in one request, and sectors per segment.
+const MAX_SEGMENTS: u32 = 32;
+const MAX_SEGMENT_SECTORS: u32 = (1 << 30) / 512;
+
+const TOKEN_LIMITER: u64 = DEVICE_TOKEN_BASE;
+
+/// Why a drive cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The backing file cannot be opened.
+    #[error("cannot open drive {id} backing file {path}: {source}")]
+    Open {
+        /// Drive id.
+        id: String,
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The rate limiter's timer cannot be created.
+    #[error("drive {id}: rate limiter: {0}", id = .1)]
+    Limiter(std::io::Error, String),
+}
+
+/// What a drive is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The drive id (GET_ID answers it, truncated to 20 bytes).
+    pub id: String,
+    /// The raw image file or block device.
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+    /// Optional rate limiter.
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Counters of one drive (exported as metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockStats {
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Requests answered with an error status.
+    pub errors: u64,
+    /// Times the rate limiter held the queue.
+    pub throttled: u64,
+}
+
+struct Backing {
+    file: File,
+    path: PathBuf,
+    sectors: u64,
+    is_file: bool,
+}
+
+fn open_backing(id: &str, path: &Path, read_only: bool) -> Result<Backing, BlockError> {
+    let err = |source| BlockError::Open {
+        id: id.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    let bytes = if meta.file_type().is_block_device() {
+        use std::io::{Seek, SeekFrom};
+        (&file).seek(SeekFrom::End(0)).map_err(err)?
+    } else if meta.is_file() {
+        meta.len()
+    } else {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file or block device",
+        )));
+    };
+    if bytes % SECTOR_SIZE != 0 {
+        log::warn!(
+            "drive {id}: {} is {bytes} bytes, not a multiple of 512; the last {} bytes are invisible",
+            path.display(),
+            bytes % SECTOR_SIZE
+        );
+    }
+    Ok(Backing {
+        file,
+        path: path.to_path_buf(),
+        sectors: bytes / SECTOR_SIZE,
+        is_file: meta.is_file(),
+    })
+}
+
+/// The block device.
+pub struct Block {
+    id: String,
+    read_only: bool,
+    backing: Backing,
+    limiter: Option<RateLimiter>,
+    features: u64,
+    /// Counters.
+    pub stats: BlockStats,
+}
+
+/// One parsed request's buffers.
+struct Request {
+    head: u16,
+    kind: u32,
+    sector: u64,
+    /// (address, length) of the data buffers, in order.
+    data: Vec<(GuestAddress, u32)>,
+    /// Direction of every data buffer agrees with the request type.
+    directions_ok: bool,
+    status: GuestAddress,
+}
+
+impl Block {
+    /// Opens the drive.
+    pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
+        let backing = open_backing(&cfg.id, &cfg.path, cfg.read_only)?;
+        let limiter = match cfg.rate_limiter {
+            Some(c) if !c.is_unlimited() => {
+                Some(RateLimiter::new(c).map_err(|e| BlockError::Limiter(e, cfg.id.clone()))?)
+            }
+            _ => None,
+        };
+        let mut features = VIRTIO_F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        if cfg.read_only {
+            features |= F_RO;
+        } else if backing.is_file {
+            features |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        Ok(Self {
+            id: cfg.id.clone(),
+            read_only: cfg.read_only,
+            backing,
+            limiter,
+            features,
+            stats: BlockStats::default(),
+        })
+    }
+
+    /// The drive id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.backing.sectors
+    }
+
+    /// The backing file's path.
+    pub fn path(&self) -> &Path {
+        &self.backing.path
+    }
+
+    /// Switches to another backing file (PATCH /drives): the caller then tells the driver the
+    /// configuration (capacity) changed.
+    pub fn set_backing(&mut self, path: &Path) -> Result<(), BlockError> {
+        let b = open_backing(&self.id, path, self.read_only)?;
+        // Flush what went to the old file before letting it go.
+        if let Err(e) = self.backing.file.sync_data() {
+            log::warn!("drive {}: flushing the old backing file: {e}", self.id);
+        }
+        self.backing = b;
+        Ok(())
+    }
+
+    /// Replaces the rate limiter (PATCH /drives). Takes effect at the next request; the
+    /// caller re-registers the timer with the worker through [`Block::limiter_timer`].
+    pub fn set_rate_limiter(&mut self, cfg: RateLimiterConfig) -> std::io::Result<()> {
+        self.limiter = if cfg.is_unlimited() {
+            None
+        } else {
+            Some(RateLimiter::new(cfg)?)
+        };
+        Ok(())
+    }
+
+    /// The rate limiter's timer descriptor, if there is a limiter.
+    pub fn limiter_timer(&self) -> Option<std::os::fd::RawFd> {
+        self.limiter.as_ref().map(|l| l.timer_fd())
+    }
+
+    /// The epoll token of the limiter timer.
+    pub const LIMITER_TOKEN: u64 = TOKEN_LIMITER;
+
+    fn config_space(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&self.backing.sectors.to_le_bytes());
+        // seg_max: as many data segments as a chain can hold besides header and status.
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[36..40].copy_from_slice(&MAX_SEGMENT_SECTORS.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&MAX_SEGMENT_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    fn parse(
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Request, u16> {
+        let head = chain.head_index();
+        let descs: Vec<_> = chain.collect();
+        let (Some(first), Some(last)) = (descs.first(), descs.last()) else {
+            return Err(head);
+        };
+        if descs.len() < 2 || first.is_write_only() || first.len() < 16 {
+            return Err(head);
+        }
+        if !last.is_write_only() || last.len() < 1 {
+            return Err(head);
+        }
+        let kind: u32 = mem.read_obj(first.addr()).map_err(|_| head)?;
+        let sector: u64 = mem
+            .read_obj(first.addr().checked_add(8).ok_or(head)?)
+            .map_err(|_| head)?;
+        let middle = &descs[1..descs.len() - 1];
+        let device_writes = matches!(kind, T_IN | T_GET_ID);
+        let directions_ok = middle.iter().all(|d| d.is_write_only() == device_writes);
+        Ok(Request {
+            head,
+            kind,
+            sector,
+            data: middle.iter().map(|d| (d.addr(), d.len())).collect(),
+            directions_ok,
+            status: last.addr(),
+        })
+    }
+
+    /// Bytes of data a request moves (for the bandwidth bucket).
+    fn data_len(r: &Request) -> u64 {
+        match r.kind {
+            T_IN | T_OUT => r.data.iter().map(|d| u64::from(d.1)).sum(),
+            _ => 0,
+        }
+    }
+
+    /// Does the request; returns the status and the bytes written into guest buffers.
+    fn execute(&mut self, r: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
+        if !r.directions_ok {
+            return (S_IOERR, 0);
+        }
+        match r.kind {
+            T_IN | T_OUT => {
+                let total: u64 = Self::data_len(r);
+                let Some(start) = r.sector.checked_mul(SECTOR_SIZE) else {
+                    return (S_IOERR, 0);
+                };
+                let end = start.checked_add(total);
+                if end.is_none_or(|e| e > self.backing.sectors * SECTOR_SIZE) {
+                    return (S_IOERR, 0);
+                }
+                if r.kind == T_OUT && self.read_only {
+                    return (S_IOERR, 0);
+                }
+                let mut off = start;
+                for &(addr, len) in &r.data {
+                    if let Err(e) = self.transfer(r.kind == T_IN, mem, addr, len, off) {
+                        log::debug!("drive {}: I/O at {off}: {e}", self.id);
+                        return (S_IOERR, 0);
+                    }
+                    off += u64::from(len);
+                }
+                if r.kind == T_IN {
+                    self.stats.reads += 1;
+                    self.stats.read_bytes += total;
+                    (S_OK, total.min(u64::from(u32::MAX - 1)) as u32)
+                } else {
+                    self.stats.writes += 1;
+                    self.stats.write_bytes += total;
+                    (S_OK, 0)
+                }
+            }
+            T_FLUSH => {
+                self.stats.flushes += 1;
+                match self.backing.file.sync_data() {
+                    Ok(()) => (S_OK, 0),
+                    Err(e) => {
+                        log::warn!("drive {}: fdatasync: {e}", self.id);
+                        (S_IOERR, 0)
+                    }
+                }
+            }
+            T_GET_ID => {
+                let mut id = [0u8; ID_BYTES];
+                let n = self.id.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
+                let mut done = 0usize;
+                for &(addr, len) in &r.data {
+                    let n = (len as usize).min(ID_BYTES - done);
+                    if mem.write_slice(&id[done..done + n], addr).is_err() {
+                        return (S_IOERR, 0);
+                    }
+                    done += n;
+                }
+                (S_OK, done as u32)
+            }
+            T_DISCARD | T_WRITE_ZEROES if self.read_only => (S_IOERR, 0),
+            T_DISCARD | T_WRITE_ZEROES if self.features & F_DISCARD == 0 => (S_UNSUPP, 0),
+            T_DISCARD | T_WRITE_ZEROES => match self.segments(r, mem) {
+                Ok(()) => (S_OK, 0),
+                Err(s) => (s, 0),
+            },
+            _ => (S_UNSUPP, 0),
+        }
+    }
+
+    fn segments(&mut self, r: &Request, mem: &GuestMemoryMmap) -> Result<(), u8> {
+        let mut count = 0u32;
+        for &(addr, len) in &r.data {
+            if len % 16 != 0 {
+                return Err(S_IOERR);
+            }
+            for i in 0..len / 16 {
+                count += 1;
+                if count > MAX_SEGMENTS {
+                    return Err(S_IOERR);
+                }
+                let at = addr.checked_add(u64::from(i) * 16).ok_or(S_IOERR)?;
+                let mut seg = [0u8; 16];
+                mem.read_slice(&mut seg, at).map_err(|_| S_IOERR)?;
+                let sector = u64::from_le_bytes(seg[0..8].try_into().map_err(|_| S_IOERR)?);
+                let num = u32::from_le_bytes(seg[8..12].try_into().map_err(|_| S_IOERR)?);
+                let flags = u32::from_le_bytes(seg[12..16].try_into().map_err(|_| S_IOERR)?);
+                if num > MAX_SEGMENT_SECTORS
+                    || sector
+                        .checked_add(u64::from(num))
+                        .is_none_or(|e| e > self.backing.sectors)
+                {
+                    return Err(S_IOERR);
+                }
+                let unmap = r.kind == T_DISCARD || flags & 1 != 0;
+                self.zero_range(sector * SECTOR_SIZE, u64::from(num) * SECTOR_SIZE, unmap)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_range(&mut self, off: u64, len: u64, unmap: bool) -> Result<(), u8> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        // SAFETY: fallocate on a descriptor we own, with range values checked against the file.
+        let rc = unsafe {
+            libc::fallocate(
+                self.backing.file.as_raw_fd(),
+                mode,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        // No fallocate support: write zeros (discard may simply do nothing).
+        if unmap {
+            return Ok(());
+        }
+        let zeros = vec![0u8; 64 * 1024];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            use std::os::unix::fs::FileExt;
+            self.backing
+                .file
+                .write_all_at(&zeros[..n], off + done)
+                .map_err(|_| S_IOERR)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Moves `len` bytes between guest memory at `addr` and the file at `off`.
+    fn transfer(
+        &self,
+        read: bool,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        len: u32,
+        mut off: u64,
+    ) -> std::io::Result<()> {
+        let fd = self.backing.file.as_raw_fd();
+        for slice in mem.get_slices(addr, len as usize) {
+            let slice = slice.map_err(std::io::Error::other)?;
+            let mut done = 0usize;
+            while done < slice.len() {
+                let rest = slice.len() - done;
+                let n = if read {
+                    let guard = slice.ptr_guard_mut();
+                    // SAFETY: `guard` points at `slice.len()` bytes of mapped guest memory,
+                    // kept mapped by `mem` for this call; we write at most `rest` bytes from
+                    // offset `done`.
+                    unsafe { libc::pread(fd, guard.as_ptr().add(done).cast(), rest, off as i64) }
+                } else {
+                    let guard = slice.ptr_guard();
+                    // SAFETY: as above, reading at most `rest` bytes from offset `done`.
+                    unsafe { libc::pwrite(fd, guard.as_ptr().add(done).cast(), rest, off as i64) }
+                };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the backing file ended early",
+                    ));
+                }
+                done += n as usize;
+                off += n as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // writeback toggling is not offered: nothing to write.
+    }
+
+    fn activate(&mut self, _features: u64, ctx: &mut QueueCtx<'_>) {
+        if let Some(fd) = self.limiter_timer() {
+            if let Err(e) = ctx.poller.add(fd, EventSet::IN, TOKEN_LIMITER) {
+                log::warn!(
+                    "drive {}: cannot watch the rate limiter timer: {e}",
+                    self.id
+                );
+            }
+        }
+    }
+
+    fn reset(&mut self, poller: &Poller) {
+        if let Some(fd) = self.limiter_timer() {
+            poller.remove(fd);
+        }
+    }
+
+    fn process_backend(&mut self, token: u64, _events: EventSet, ctx: &mut QueueCtx<'_>) {
+        if token == TOKEN_LIMITER {
+            if let Some(l) = &mut self.limiter {
+                l.timer_fired();
+            }
+            self.process_queue(0, ctx);
+        }
+    }
+
+    fn process_queue(&mut self, _index: u16, ctx: &mut QueueCtx<'_>) {
+        let mem = ctx.mem;
+        loop {
+            let Some(queue) = ctx.queues.get_mut(0) else {
+                return;
+            };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return;
+            };
+            let req = match Self::parse(chain, mem) {
+                Ok(r) => r,
+                Err(head) => {
+                    // No usable status buffer: give the chain back with nothing written.
+                    self.stats.errors += 1;
+                    if !ctx.add_used(0, head, 0) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if let Some(l) = &mut self.limiter {
+                if !l.consume(Self::data_len(&req)) {
+                    self.stats.throttled += 1;
+                    super::unpop(queue);
+                    return;
+                }
+            }
+            let (status, written) = self.execute(&req, mem);
+            if status != S_OK {
+                self.stats.errors += 1;
+            }
+            let len = match mem.write_obj(status, req.status) {
+                Ok(()) => written + 1,
+                Err(_) => written,
+            };
+            if !ctx.add_used(0, req.head, len) {
+                return;
+            }
+        }
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "path": self.backing.path,
+            "read_only": self.read_only,
+            "sectors": self.backing.sectors,
+            "stats": self.stats,
+        })
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        if state["id"].as_str() != Some(self.id.as_str()) {
+            return Err(format!(
+                "virtio-blk state is for drive {}, not {}",
+                state["id"], self.id
+            ));
+        }
+        if state["sectors"].as_u64() != Some(self.backing.sectors) {
+            return Err(format!(
+                "drive {}: the snapshot saw {} sectors, the backing file has {}",
+                self.id, state["sectors"], self.backing.sectors
+            ));
+        }
+        if let Ok(s) = serde_json::from_value::<BlockStats>(state["stats"].clone()) {
+            self.stats = s;
+        }
+        Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::virtio::testutil::*;
+    use vmm_sys_util::tempfile::TempFile;
+
+    const HDR: u64 = DATA;
+    const BUF: u64 = DATA + 0x1000;
+    const STATUS: u64 = DATA + 0x800;
+
+    fn drive(
+        bytes: u64,
+        read_only: bool,
+        limiter: Option<RateLimiterConfig>,
+    ) -> (Driver, TempFile) {
+        let f = TempFile::new().unwrap();
+        f.as_file().set_len(bytes).unwrap();
+        let cfg = BlockConfig {
+            id: "rootfs".into(),
+            path: f.as_path().to_path_buf(),
+            read_only,
+            rate_limiter: limiter,
+        };
+        (Driver::new(Box::new(Block::new(&cfg).unwrap())), f)
+    }
+
+    /// Offers request `kind` at `sector` with one data buffer of `len` bytes at BUF on
+    /// descriptors from `first`; returns (status byte, used len).
+    fn request(d: &mut Driver, first: u16, kind: u32, sector: u64, len: u32) -> Option<(u8, u32)> {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        d.write(HDR, &hdr);
+        d.write(STATUS, &[0xff]);
+        let device_writes = matches!(kind, T_IN | T_GET_ID);
+        if len > 0 {
+            d.chain(
+                0,
+                first,
+                &[
+                    (HDR, 16, false),
+                    (BUF, len, device_writes),
+                    (STATUS, 1, true),
+                ],
+            );
+        } else {
+            d.chain(0, first, &[(HDR, 16, false), (STATUS, 1, true)]);
+        }
+        d.offer(0, first);
+        let used = d.take_used(0);
+        used.last().map(|&(_, l)| (d.read(STATUS, 1)[0], l))
+    }
+
+    #[test]
+    fn write_read_flush_and_id() {
+        let (mut d, f) = drive(1 << 20, false, None);
+        // Capacity in the config space.
+        let mut cap = [0u8; 8];
+        d.dev.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2048);
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        d.write(BUF, &pattern);
+        assert_eq!(request(&mut d, 0, T_OUT, 8, 4096), Some((S_OK, 1)));
+        assert_eq!(request(&mut d, 0, T_FLUSH, 0, 0), Some((S_OK, 1)));
+        let on_disk = std::fs::read(f.as_path()).unwrap();
+        assert_eq!(&on_disk[4096..8192], &pattern[..]);
+        d.write(BUF, &[0u8; 4096]);
+        assert_eq!(request(&mut d, 0, T_IN, 8, 4096), Some((S_OK, 4097)));
+        assert_eq!(d.read(BUF, 4096), pattern);
+        assert_eq!(request(&mut d, 0, T_GET_ID, 0, 20), Some((S_OK, 21)));
+        assert_eq!(&d.read(BUF, 7), b"rootfs\0");
+        assert!(d.irq.count() >= 4);
+        // Unknown request types are unsupported, not fatal.
+        assert_eq!(request(&mut d, 0, 99, 0, 0), Some((S_UNSUPP, 1)));
+    }
+
+    #[test]
+    fn out_of_range_and_read_only_are_refused() {
+        let (mut d, f) = drive(1 << 20, true, None);
+        let mut feats = [0u8; 4];
+        d.dev.write(0x14, &0u32.to_le_bytes());
+        d.dev.read(0x10, &mut feats);
+        assert_ne!(u32::from_le_bytes(feats) as u64 & F_RO, 0, "RO offered");
+        d.write(BUF, &[0xaa; 512]);
+        assert_eq!(request(&mut d, 0, T_OUT, 0, 512), Some((S_IOERR, 1)));
+        assert_eq!(
+            request(&mut d, 0, T_WRITE_ZEROES, 0, 16),
+            Some((S_IOERR, 1))
+        );
+        assert!(std::fs::read(f.as_path()).unwrap().iter().all(|&b| b == 0));
+        // Reads past the end, and a sector number that overflows.
+        assert_eq!(request(&mut d, 0, T_IN, 2047, 1024), Some((S_IOERR, 1)));
+        assert_eq!(
+            request(&mut d, 0, T_IN, u64::MAX / 256, 512),
+            Some((S_IOERR, 1))
+        );
+        assert_eq!(request(&mut d, 0, T_IN, 2047, 512), Some((S_OK, 513)));
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_clear_ranges() {
+        let (mut d, f) = drive(1 << 20, false, None);
+        std::fs::write(f.as_path(), vec![0x5au8; 1 << 20]).unwrap();
+        // One segment: sectors 8..16, then write-zeroes sectors 100..101.
+        let mut seg = [0u8; 16];
+        seg[0..8].copy_from_slice(&8u64.to_le_bytes());
+        seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+        d.write(BUF, &seg);
+        assert_eq!(request(&mut d, 0, T_DISCARD, 0, 16), Some((S_OK, 1)));
+        seg[0..8].copy_from_slice(&100u64.to_le_bytes());
+        seg[8..12].copy_from_slice(&1u32.to_le_bytes());
+        d.write(BUF, &seg);
+        assert_eq!(request(&mut d, 0, T_WRITE_ZEROES, 0, 16), Some((S_OK, 1)));
+        let disk = std::fs::read(f.as_path()).unwrap();
+        assert_eq!(disk.len(), 1 << 20, "size kept");
+        assert!(disk[4096..8192].iter().all(|&b| b == 0));
+        assert!(disk[51200..51712].iter().all(|&b| b == 0));
+        assert_eq!(disk[4095], 0x5a);
+        assert_eq!(disk[8192], 0x5a);
+        assert_eq!(disk[51712], 0x5a);
+        // A segment beyond the end, and a ragged segment list.
+        seg[0..8].copy_from_slice(&2047u64.to_le_bytes());
+        seg[8..12].copy_from_slice(&2u32.to_le_bytes());
+        d.write(BUF, &seg);
+        assert_eq!(request(&mut d, 0, T_DISCARD, 0, 16), Some((S_IOERR, 1)));
+        assert_eq!(request(&mut d, 0, T_DISCARD, 0, 15), Some((S_IOERR, 1)));
+    }
+
+    #[test]
+    fn malformed_descriptors_neither_panic_nor_hang() {
+        let (mut d, f) = drive(1 << 20, false, None);
+        let used = d.offer_malformed(0);
+        assert!(!used.is_empty());
+        // The device still works afterwards.
+        d.write(BUF, &[1u8; 512]);
+        assert_eq!(request(&mut d, 0, T_OUT, 0, 512), Some((S_OK, 1)));
+        assert_eq!(std::fs::read(f.as_path()).unwrap()[0], 1);
+    }
+
+    #[test]
+    fn rate_limiter_holds_requests_until_tokens_return() {
+        let limiter = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::rate_limiter::TokenBucketConfig {
+                size: 2,
+                one_time_burst: 0,
+                refill_time: 200,
+            }),
+        };
+        let (mut d, _f) = drive(1 << 20, false, Some(limiter));
+        for i in 0..3u16 {
+            d.chain(
+                0,
+                i * 2,
+                &[(HDR, 16, false), (STATUS + u64::from(i), 1, true)],
+            );
+            d.make_available(0, i * 2);
+        }
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&T_FLUSH.to_le_bytes());
+        d.write(HDR, &hdr);
+        d.notify(0);
+        assert_eq!(d.take_used(0).len(), 2, "two ops allowed at once");
+        // The third completes when the limiter's timer fires (one token: 100 ms).
+        let mut waited = 0;
+        while d.used_idx(0) < 3 && waited < 50 {
+            d.dev.run_ready(100);
+            waited += 1;
+        }
+        assert_eq!(d.take_used(0).len(), 1);
+    }
+
+    #[test]
+    fn backing_file_can_change_and_state_is_checked() {
+        let (mut d, _f) = drive(1 << 20, false, None);
+        let other = TempFile::new().unwrap();
+        other.as_file().set_len(2 << 20).unwrap();
+        let state = d.dev.save();
+        let blk = d
+            .dev
+            .device_mut()
+            .as_any_mut()
+            .downcast_mut::<Block>()
+            .unwrap();
+        blk.set_backing(other.as_path()).unwrap();
+        assert_eq!(blk.sectors(), 4096);
+        assert!(blk.set_backing(Path::new("/nonexistent/x")).is_err());
+        d.dev.config_changed();
+        let mut gen_ = [0u8; 4];
+        d.dev.read(0xfc, &mut gen_);
+        assert_eq!(u32::from_le_bytes(gen_), 1);
+        // The old state no longer fits the resized drive.
+        let blk = d
+            .dev
+            .device_mut()
+            .as_any_mut()
+            .downcast_mut::<Block>()
+            .unwrap();
+        assert!(blk.restore(&state.device).unwrap_err().contains("sectors"));
+    }
+}

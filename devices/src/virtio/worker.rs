@@ -1,0 +1,38 @@
+//! The thread that runs one virtio device: waits on the transport's epoll set (queue
+//! ioeventfds and the device's back-end descriptors) and handles each event under the
+//! transport's lock. Block I/O, TAP and socket traffic happen here, never on a vCPU thread or
+//! in the VMM's event loop.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::EpollEvent;
+
+use super::mmio::MmioTransport;
+
+/// Starts the worker thread `name` for `transport`. It runs until the process exits.
+pub fn spawn(
+    transport: Arc<Mutex<MmioTransport>>,
+    name: String,
+) -> std::io::Result<JoinHandle<()>> {
+    let poller = transport
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .poller()?;
+    std::thread::Builder::new().name(name).spawn(move || {
+        let mut events = [EpollEvent::default(); 32];
+        loop {
+            let n = match poller.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::error!("virtio worker: epoll_wait: {e}; the device stops");
+                    return;
+                }
+            };
+            let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
+            for ev in &events[..n] {
+                t.handle_event(ev.data(), ev.event_set());
+            }
+        }
+    })
+}
