@@ -32,26 +32,6 @@ pub enum ConfigFileError {
 /// Sections that Firecracker has and tern does not support yet, with the issue bringing them.
 const NOT_YET: &[(&str, &str)] = &[
     (
-        "drives",
-        "virtio-block arrives with the virtio devices issue (#4)",
-    ),
-    (
-        "network-interfaces",
-        "virtio-net arrives with the virtio devices issue (#4)",
-    ),
-    (
-        "vsock",
-        "virtio-vsock arrives with the virtio devices issue (#4)",
-    ),
-    (
-        "balloon",
-        "virtio-balloon arrives with the virtio devices issue (#4)",
-    ),
-    (
-        "entropy",
-        "virtio-rng arrives with the virtio devices issue (#4)",
-    ),
-    (
         "metrics",
         "in --config-file; use PUT /metrics on the API socket",
     ),
@@ -93,11 +73,7 @@ pub fn parse_config(
         )
     })?;
 
-    let sections: [(&str, &Option<serde_json::Value>); 8] = [
-        ("drives", &cfg.drives),
-        ("network-interfaces", &cfg.network_interfaces),
-        ("vsock", &cfg.vsock),
-        ("balloon", &cfg.balloon),
+    let sections: [(&str, &Option<serde_json::Value>); 4] = [
         ("metrics", &cfg.metrics),
         ("mmds-config", &cfg.mmds_config),
         ("pmem", &cfg.pmem),
@@ -127,6 +103,30 @@ pub fn parse_config(
         e.check()
             .map_err(|(field, message)| invalid(field, message))?;
         res.entropy = true;
+        res.entropy_rate_limiter = e.rate_limiter;
+    }
+    for d in cfg.drives {
+        let d = d
+            .into_vmm()
+            .map_err(|(field, message)| invalid(field, message))?;
+        res.put_drive(d).map_err(|e| invalid(e.field, e.message))?;
+    }
+    for n in cfg.network_interfaces {
+        let n = n
+            .into_vmm()
+            .map_err(|(field, message)| invalid(field, message))?;
+        res.put_net(n).map_err(|e| invalid(e.field, e.message))?;
+    }
+    if let Some(v) = cfg.vsock {
+        let v = v.into_vmm();
+        v.validate().map_err(|e| invalid(e.field, e.message))?;
+        res.vsock = Some(v);
+    }
+    if let Some(b) = cfg.balloon {
+        res.balloon = Some(
+            b.into_vmm()
+                .map_err(|(field, message)| invalid(field, message))?,
+        );
     }
     if let Some(c) = cfg.cpu_config {
         res.cpu_template = Some(
@@ -205,12 +205,71 @@ mod tests {
     }
 
     #[test]
-    fn device_sections_are_refused_until_supported() {
-        let e = parse(
-            r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": "rootfs"}]}"#,
-        )
+    fn device_sections_parse_and_are_checked() {
+        let img = std::env::temp_dir().join(format!("tern-cfg-{}.img", std::process::id()));
+        std::fs::write(&img, [0u8; 4096]).unwrap();
+        let img = img.display().to_string();
+        let doc = |drives: &str, rest: &str| {
+            format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "drives": [{drives}]{rest}}}"#
+            )
+        };
+        let root = format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "{img}", "is_root_device": true, "is_read_only": true}}"#
+        );
+        let data = format!(
+            r#"{{"drive_id": "data", "path_on_host": "{img}", "is_root_device": false,
+                "rate_limiter": {{"bandwidth": {{"size": 1000, "refill_time": 100}}}}}}"#
+        );
+        let r = parse(&doc(
+            &format!("{data}, {root}"),
+            r#", "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:00:00:00:01"}],
+               "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"},
+               "balloon": {"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#,
+        ))
+        .unwrap();
+        assert_eq!(r.drives.len(), 2);
+        assert_eq!(r.ordered_drives()[0].drive_id, "rootfs", "root goes first");
+        assert!(r.full_boot_args().ends_with("root=/dev/vda ro"));
+        assert_eq!(r.net[0].guest_mac, Some([6, 0, 0, 0, 0, 1]));
+        assert_eq!(r.vsock.as_ref().unwrap().guest_cid, 3);
+        assert_eq!(r.balloon.as_ref().unwrap().stats_polling_interval_s, 1);
+        // Refusals, each naming the field.
+        let e = parse(&doc(
+            r#"{"drive_id": "x", "path_on_host": "/nonexistent", "is_root_device": false}"#,
+            "",
+        ))
         .unwrap_err();
-        assert!(e.contains("drives: not supported yet"), "{e}");
+        assert!(
+            e.contains("drives[x].path_on_host") && e.contains("/nonexistent"),
+            "{e}"
+        );
+        let e = parse(&doc(
+            &format!("{root}, {}", root.replace("rootfs", "other")),
+            "",
+        ))
+        .unwrap_err();
+        assert!(e.contains("already the root device"), "{e}");
+        let e = parse(&doc(&root.replace("rootfs", "bad id"), "")).unwrap_err();
+        assert!(e.contains("not a valid id"), "{e}");
+        let e = parse(&doc(&data.replace("1000", "0"), "")).unwrap_err();
+        assert!(e.contains("rate_limiter.bandwidth.size"), "{e}");
+        let e = parse(&doc("", r#", "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "zz"}]"#)).unwrap_err();
+        assert!(e.contains("guest_mac"), "{e}");
+        let e = parse(&doc("", r#", "network-interfaces": [{"iface_id": "a", "host_dev_name": "tap0"}, {"iface_id": "b", "host_dev_name": "tap0"}]"#)).unwrap_err();
+        assert!(e.contains("already uses"), "{e}");
+        let e = parse(&doc(
+            "",
+            r#", "vsock": {"guest_cid": 2, "uds_path": "/tmp/v"}"#,
+        ))
+        .unwrap_err();
+        assert!(e.contains("vsock.guest_cid"), "{e}");
+        let e = parse(&doc(
+            "",
+            r#", "balloon": {"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}"#,
+        ))
+        .unwrap_err();
+        assert!(e.contains("free_page_hinting"), "{e}");
         let e = parse(r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}}"#).unwrap_err();
         assert!(e.contains("huge_pages"), "{e}");
     }

@@ -122,16 +122,16 @@ pub struct VmConfig {
     pub serial: Option<Serial>,
     /// Block devices.
     #[serde(default)]
-    pub drives: Option<serde_json::Value>,
+    pub drives: Vec<Drive>,
     /// Network interfaces.
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Option<serde_json::Value>,
+    pub network_interfaces: Vec<NetworkInterface>,
     /// vsock device.
     #[serde(default)]
-    pub vsock: Option<serde_json::Value>,
+    pub vsock: Option<Vsock>,
     /// Balloon device.
     #[serde(default)]
-    pub balloon: Option<serde_json::Value>,
+    pub balloon: Option<Balloon>,
     /// Entropy device.
     #[serde(default)]
     pub entropy: Option<Entropy>,
@@ -422,20 +422,292 @@ impl CpuConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Entropy {
-    /// Firecracker's token-bucket rate limiter (not supported yet: refused when present).
+    /// Firecracker's token-bucket rate limiter.
     #[serde(default)]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl Entropy {
-    /// Checks what tern supports.
+    /// Checks the limiter's values.
     pub fn check(&self) -> Result<(), FieldError> {
-        match &self.rate_limiter {
-            Some(v) if !v.is_null() => Err((
-                "entropy.rate_limiter".into(),
-                "is not supported yet (omit it)".into(),
-            )),
-            _ => Ok(()),
+        if let Some(r) = &self.rate_limiter {
+            r.check("entropy.rate_limiter")
+                .map_err(|m| ("entropy.rate_limiter".to_string(), m))?;
+        }
+        Ok(())
+    }
+}
+
+pub use vmm::resources::RateLimiterConfig;
+
+/// Firecracker's `cache_type` of a drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum CacheType {
+    /// Firecracker: flushes are not passed on. tern passes them on (fdatasync) either way.
+    Unsafe,
+    /// Flushes reach the disk.
+    Writeback,
+}
+
+/// Firecracker's `io_engine` of a drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum IoEngine {
+    /// Synchronous I/O.
+    Sync,
+    /// io_uring.
+    Async,
+}
+
+/// `drives[]` / `PUT /drives/{drive_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// Unique id.
+    pub drive_id: String,
+    /// Host path of the raw image.
+    pub path_on_host: String,
+    /// The guest's root device.
+    pub is_root_device: bool,
+    /// The guest may not write.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// Root by partition UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Cache mode (accepted; flushes always reach the disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<CacheType>,
+    /// I/O engine (accepted; tern's drives always run on their own worker thread).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<IoEngine>,
+    /// Rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+    /// vhost-user-blk socket (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+impl Drive {
+    /// The VMM's drive description.
+    pub fn into_vmm(self) -> Result<vmm::resources::DriveConfig, FieldError> {
+        if self.socket.is_some() {
+            return Err((
+                format!("drives[{}].socket", self.drive_id),
+                "vhost-user drives are not supported: give path_on_host".into(),
+            ));
+        }
+        Ok(vmm::resources::DriveConfig {
+            drive_id: self.drive_id,
+            path_on_host: self.path_on_host.into(),
+            is_root_device: self.is_root_device,
+            is_read_only: self.is_read_only,
+            partuuid: self.partuuid,
+            rate_limiter: self.rate_limiter,
+        })
+    }
+
+    /// The API shape of a drive.
+    pub fn from_vmm(d: &vmm::resources::DriveConfig) -> Self {
+        Self {
+            drive_id: d.drive_id.clone(),
+            path_on_host: d.path_on_host.display().to_string(),
+            is_root_device: d.is_root_device,
+            is_read_only: d.is_read_only,
+            partuuid: d.partuuid.clone(),
+            cache_type: None,
+            io_engine: None,
+            rate_limiter: d.rate_limiter,
+            socket: None,
         }
     }
+}
+
+/// `PATCH /drives/{drive_id}`: a new backing file or rate limiter for a running VM.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// Which drive.
+    pub drive_id: String,
+    /// New backing file.
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+    /// New rate limiter.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `network-interfaces[]` / `PUT /network-interfaces/{iface_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// Unique id.
+    pub iface_id: String,
+    /// The host TAP device.
+    pub host_dev_name: String,
+    /// The guest's MAC, "aa:bb:cc:dd:ee:ff".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Limits traffic to the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits traffic from the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Parses "aa:bb:cc:dd:ee:ff".
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Formats a MAC address.
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+impl NetworkInterface {
+    /// The VMM's interface description.
+    pub fn into_vmm(self) -> Result<vmm::resources::NetConfig, FieldError> {
+        let guest_mac = match &self.guest_mac {
+            None => None,
+            Some(m) => Some(parse_mac(m).ok_or_else(|| {
+                (
+                    format!("network-interfaces[{}].guest_mac", self.iface_id),
+                    format!("{m:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
+                )
+            })?),
+        };
+        Ok(vmm::resources::NetConfig {
+            iface_id: self.iface_id,
+            host_dev_name: self.host_dev_name,
+            guest_mac,
+            rx_rate_limiter: self.rx_rate_limiter,
+            tx_rate_limiter: self.tx_rate_limiter,
+        })
+    }
+
+    /// The API shape.
+    pub fn from_vmm(n: &vmm::resources::NetConfig) -> Self {
+        Self {
+            iface_id: n.iface_id.clone(),
+            host_dev_name: n.host_dev_name.clone(),
+            guest_mac: n.guest_mac.as_ref().map(format_mac),
+            rx_rate_limiter: n.rx_rate_limiter,
+            tx_rate_limiter: n.tx_rate_limiter,
+        }
+    }
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: new rate limiters.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// Which interface.
+    pub iface_id: String,
+    /// New receive limiter.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// New transmit limiter.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `vsock` / `PUT /vsock`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// Deprecated in Firecracker; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    /// The guest's CID.
+    pub guest_cid: u32,
+    /// The host Unix socket.
+    pub uds_path: String,
+}
+
+impl Vsock {
+    /// The VMM's description.
+    pub fn into_vmm(self) -> vmm::resources::VsockConfig {
+        vmm::resources::VsockConfig {
+            guest_cid: self.guest_cid,
+            uds_path: self.uds_path.into(),
+        }
+    }
+}
+
+/// `balloon` / `PUT /balloon`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    /// Target size in MiB.
+    pub amount_mib: u32,
+    /// Deflate when the guest runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Statistics interval in seconds (0: off).
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// Free page hinting (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_hinting: Option<bool>,
+    /// Free page reporting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_reporting: Option<bool>,
+}
+
+impl Balloon {
+    /// The VMM's description.
+    pub fn into_vmm(self) -> Result<vmm::resources::BalloonConfig, FieldError> {
+        if self.free_page_hinting == Some(true) {
+            return Err((
+                "balloon.free_page_hinting".into(),
+                "is not supported: use free_page_reporting".into(),
+            ));
+        }
+        Ok(vmm::resources::BalloonConfig {
+            amount_mib: self.amount_mib,
+            deflate_on_oom: self.deflate_on_oom,
+            stats_polling_interval_s: self.stats_polling_interval_s,
+            free_page_reporting: self.free_page_reporting.unwrap_or(false),
+        })
+    }
+
+    /// The API shape.
+    pub fn from_vmm(b: &vmm::resources::BalloonConfig) -> Self {
+        Self {
+            amount_mib: b.amount_mib,
+            deflate_on_oom: b.deflate_on_oom,
+            stats_polling_interval_s: b.stats_polling_interval_s,
+            free_page_hinting: None,
+            free_page_reporting: Some(b.free_page_reporting),
+        }
+    }
+}
+
+/// `PATCH /balloon`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// New target size in MiB.
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    /// New interval in seconds.
+    pub stats_polling_interval_s: u16,
 }

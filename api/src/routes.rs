@@ -222,38 +222,81 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
                 "pause/snapshot/restore is its own issue",
             ));
         }
-        ("PUT" | "PATCH", ["drives", _]) => {
-            return Err(not_yet(
-                "drives",
-                "virtio-block arrives with the virtio devices issue",
-            ));
+        ("PUT", ["drives", id]) => {
+            let d = parse::<models::Drive>("drive", body)?;
+            same_id("drive_id", id, &d.drive_id)?;
+            A(VmmAction::PutDrive(
+                d.into_vmm()
+                    .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?,
+            ))
         }
-        ("PUT" | "PATCH", ["network-interfaces", _]) => {
-            return Err(not_yet(
-                "network-interfaces",
-                "virtio-net arrives with the virtio devices issue",
-            ));
+        ("PATCH", ["drives", id]) => {
+            let d = parse::<models::PartialDrive>("drive", body)?;
+            same_id("drive_id", id, &d.drive_id)?;
+            if d.path_on_host.is_none() && d.rate_limiter.is_none() {
+                return Err(Reply::bad(
+                    "drive: give path_on_host and/or rate_limiter to change",
+                ));
+            }
+            A(VmmAction::PatchDrive {
+                drive_id: d.drive_id,
+                path_on_host: d.path_on_host.map(Into::into),
+                rate_limiter: d.rate_limiter,
+            })
         }
-        ("PUT", ["vsock"]) => {
-            return Err(not_yet(
-                "vsock",
-                "virtio-vsock arrives with the virtio devices issue",
-            ));
+        ("PUT", ["network-interfaces", id]) => {
+            let n = parse::<models::NetworkInterface>("network-interface", body)?;
+            same_id("iface_id", id, &n.iface_id)?;
+            A(VmmAction::PutNet(
+                n.into_vmm()
+                    .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?,
+            ))
         }
+        ("PATCH", ["network-interfaces", id]) => {
+            let n = parse::<models::PartialNetworkInterface>("network-interface", body)?;
+            same_id("iface_id", id, &n.iface_id)?;
+            A(VmmAction::PatchNet {
+                iface_id: n.iface_id,
+                rx: n.rx_rate_limiter,
+                tx: n.tx_rate_limiter,
+            })
+        }
+        ("PUT", ["vsock"]) => A(VmmAction::PutVsock(
+            parse::<models::Vsock>("vsock", body)?.into_vmm(),
+        )),
         ("PUT", ["entropy"]) => {
             let e = parse::<models::Entropy>("entropy", body)?;
             e.check()
                 .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?;
-            A(VmmAction::PutEntropy)
+            A(VmmAction::PutEntropy(e.rate_limiter))
         }
-        ("GET" | "PUT" | "PATCH", ["balloon"]) | ("GET" | "PATCH", ["balloon", "statistics"]) => {
-            return Err(not_yet(
-                "balloon",
-                "virtio-balloon arrives with the virtio devices issue",
-            ));
-        }
+        ("PUT", ["balloon"]) => A(VmmAction::PutBalloon(
+            parse::<models::Balloon>("balloon", body)?
+                .into_vmm()
+                .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?,
+        )),
+        ("GET", ["balloon"]) => A(VmmAction::GetBalloon),
+        ("PATCH", ["balloon"]) => A(VmmAction::PatchBalloon(
+            parse::<models::BalloonUpdate>("balloon", body)?.amount_mib,
+        )),
+        ("GET", ["balloon", "statistics"]) => A(VmmAction::GetBalloonStats),
+        ("PATCH", ["balloon", "statistics"]) => A(VmmAction::PatchBalloonStats(
+            parse::<models::BalloonStatsUpdate>("balloon statistics", body)?
+                .stats_polling_interval_s,
+        )),
         _ => return Err(invalid()),
     })
+}
+
+/// The id in the path and the body must agree, as Firecracker requires.
+fn same_id(field: &str, in_path: &str, in_body: &str) -> Result<(), Reply> {
+    if in_path == in_body {
+        Ok(())
+    } else {
+        Err(Reply::bad(format!(
+            "{field}: the path says {in_path:?} but the body says {in_body:?}"
+        )))
+    }
 }
 
 /// Turns a VMM result into the reply Firecracker would send.
@@ -272,12 +315,47 @@ pub fn render(result: Result<VmmData, ActionError>) -> Reply {
             200,
             serde_json::to_value(models::MachineConfig::from_vmm(&m)).unwrap_or_default(),
         ),
+        Ok(VmmData::Balloon(b)) => Reply::json(
+            200,
+            serde_json::to_value(models::Balloon::from_vmm(&b)).unwrap_or_default(),
+        ),
+        Ok(VmmData::BalloonStats(s)) => {
+            let mut v = serde_json::json!({
+                "target_pages": s.target_pages,
+                "actual_pages": s.actual_pages,
+                "target_mib": s.target_pages / 256,
+                "actual_mib": s.actual_pages / 256,
+            });
+            for (name, value) in &s.tags {
+                v[*name] = serde_json::json!(value);
+            }
+            Reply::json(200, v)
+        }
         Ok(VmmData::VmConfig(r)) => {
+            let drives: Vec<_> = r.drives.iter().map(models::Drive::from_vmm).collect();
+            let nets: Vec<_> = r
+                .net
+                .iter()
+                .map(models::NetworkInterface::from_vmm)
+                .collect();
             let mut v = serde_json::json!({
                 "machine-config": models::MachineConfig::from_vmm(&r.machine_config),
-                "drives": [],
-                "network-interfaces": [],
+                "drives": drives,
+                "network-interfaces": nets,
             });
+            if let Some(b) = &r.balloon {
+                v["balloon"] =
+                    serde_json::to_value(models::Balloon::from_vmm(b)).unwrap_or_default();
+            }
+            if let Some(s) = &r.vsock {
+                v["vsock"] = serde_json::json!({
+                    "guest_cid": s.guest_cid,
+                    "uds_path": s.uds_path.display().to_string(),
+                });
+            }
+            if r.entropy {
+                v["entropy"] = serde_json::json!({ "rate_limiter": r.entropy_rate_limiter });
+            }
             if let Some(b) = &r.boot_source {
                 v["boot-source"] =
                     serde_json::to_value(models::BootSource::from_vmm(b)).unwrap_or_default();
@@ -392,7 +470,15 @@ mod tests {
     fn unknown_routes_and_methods_are_400() {
         assert!(fault(route("GET", "/nope", b"")).contains("Invalid request method and/or path"));
         assert!(fault(route("DELETE", "/machine-config", b"")).contains("DELETE /machine-config"));
-        assert!(fault(route("PUT", "/drives/rootfs", b"{}")).contains("not supported yet"));
+        assert!(fault(route("PUT", "/drives/rootfs", b"{}")).contains("missing field `drive_id`"));
+        assert!(
+            fault(route(
+                "PUT",
+                "/drives/a",
+                br#"{"drive_id": "b", "path_on_host": "/x", "is_root_device": false}"#
+            ))
+            .contains("the path says \"a\" but the body says \"b\"")
+        );
         assert!(fault(route("PUT", "/snapshot/create", b"{}")).contains("not supported yet"));
         assert!(fault(route("PUT", "/metrics", b"{}")).contains("missing field `metrics_path`"));
         let prom = reply(route("GET", "/tern/v1/metrics", b""));

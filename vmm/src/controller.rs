@@ -58,8 +58,42 @@ pub enum VmmAction {
     PutSerial(Option<PathBuf>),
     /// A custom CPU template (pre-boot).
     PutCpuConfig(crate::resources::CpuTemplate),
-    /// Add the virtio-rng entropy device (pre-boot).
-    PutEntropy,
+    /// Add the virtio-rng entropy device (pre-boot), optionally rate-limited.
+    PutEntropy(Option<crate::resources::RateLimiterConfig>),
+    /// Add or replace a drive (pre-boot).
+    PutDrive(crate::resources::DriveConfig),
+    /// Change a running VM's drive: backing file and/or rate limiter.
+    PatchDrive {
+        /// Which drive.
+        drive_id: String,
+        /// New backing file.
+        path_on_host: Option<PathBuf>,
+        /// New rate limiter.
+        rate_limiter: Option<crate::resources::RateLimiterConfig>,
+    },
+    /// Add or replace a network interface (pre-boot).
+    PutNet(crate::resources::NetConfig),
+    /// Change a running VM's interface rate limiters.
+    PatchNet {
+        /// Which interface.
+        iface_id: String,
+        /// New receive limiter.
+        rx: Option<crate::resources::RateLimiterConfig>,
+        /// New transmit limiter.
+        tx: Option<crate::resources::RateLimiterConfig>,
+    },
+    /// Set the vsock device (pre-boot).
+    PutVsock(crate::resources::VsockConfig),
+    /// Set the balloon device (pre-boot).
+    PutBalloon(crate::resources::BalloonConfig),
+    /// The balloon's configuration (and, once running, its actual size).
+    GetBalloon,
+    /// Change the balloon's target size (after boot).
+    PatchBalloon(u32),
+    /// The balloon's latest guest statistics.
+    GetBalloonStats,
+    /// Change the statistics interval (after boot; only if statistics were enabled).
+    PatchBalloonStats(u16),
     /// Reconfigure logging.
     PutLogger(LoggerUpdate),
     /// Where metrics are written (a file or FIFO), once.
@@ -91,9 +125,24 @@ pub enum VmmData {
         vmm_version: &'static str,
     },
     /// `GET /vm/config`.
-    VmConfig(VmResources),
+    VmConfig(Box<VmResources>),
     /// `GET /machine-config`.
     MachineConfig(MachineConfig),
+    /// `GET /balloon`: configuration.
+    Balloon(crate::resources::BalloonConfig),
+    /// `GET /balloon/statistics`: Firecracker's statistics object.
+    BalloonStats(BalloonStats),
+}
+
+/// The balloon's statistics in Firecracker's shape (absent tags are left out).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BalloonStats {
+    /// Target size in pages and MiB.
+    pub target_pages: u32,
+    /// Actual size in pages.
+    pub actual_pages: u32,
+    /// (Firecracker name, value) of each tag the guest reported.
+    pub tags: Vec<(&'static str, u64)>,
 }
 
 /// Why an action was refused or failed.
@@ -193,7 +242,7 @@ impl Controller {
                 state: self.state(),
                 vmm_version: env!("CARGO_PKG_VERSION"),
             }),
-            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(self.resources.clone())),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(self.resources.clone()))),
             VmmAction::GetMachineConfig => Ok(VmmData::MachineConfig(
                 self.resources.machine_config.clone(),
             )),
@@ -222,9 +271,168 @@ impl Controller {
                 self.resources.machine_config = m;
                 Ok(VmmData::Empty)
             }
-            VmmAction::PutEntropy => {
+            VmmAction::PutEntropy(limiter) => {
                 pre_boot(&self.vm, "PUT /entropy")?;
+                if let Some(l) = &limiter {
+                    l.check("entropy.rate_limiter")
+                        .map_err(|m| ConfigError::new("entropy.rate_limiter", m))?;
+                }
                 self.resources.entropy = true;
+                self.resources.entropy_rate_limiter = limiter;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutDrive(d) => {
+                pre_boot(&self.vm, "PUT /drives")?;
+                self.resources.put_drive(d)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchDrive {
+                drive_id,
+                path_on_host,
+                rate_limiter,
+            } => {
+                let vm = self.vm.as_ref().ok_or_else(|| {
+                    ActionError::InvalidState(
+                        "PATCH /drives changes a running VM; before boot, PUT the drive again"
+                            .into(),
+                    )
+                })?;
+                if let Some(l) = &rate_limiter {
+                    l.check("drive.rate_limiter")
+                        .map_err(|m| ConfigError::new("drive.rate_limiter", m))?;
+                }
+                vm.patch_drive(&drive_id, path_on_host.as_deref(), rate_limiter)
+                    .map_err(|m| ConfigError::new(format!("drives[{drive_id}]"), m))?;
+                if let Some(d) = self
+                    .resources
+                    .drives
+                    .iter_mut()
+                    .find(|d| d.drive_id == drive_id)
+                {
+                    if let Some(p) = path_on_host {
+                        d.path_on_host = p;
+                    }
+                    if rate_limiter.is_some() {
+                        d.rate_limiter = rate_limiter;
+                    }
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutNet(n) => {
+                pre_boot(&self.vm, "PUT /network-interfaces")?;
+                self.resources.put_net(n)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNet { iface_id, rx, tx } => {
+                let vm = self.vm.as_ref().ok_or_else(|| {
+                    ActionError::InvalidState(
+                        "PATCH /network-interfaces changes a running VM; before boot, PUT the interface again".into(),
+                    )
+                })?;
+                for (name, l) in [("rx_rate_limiter", &rx), ("tx_rate_limiter", &tx)] {
+                    if let Some(l) = l {
+                        l.check(name).map_err(|m| ConfigError::new(name, m))?;
+                    }
+                }
+                vm.patch_net(&iface_id, rx, tx)
+                    .map_err(|m| ConfigError::new(format!("network-interfaces[{iface_id}]"), m))?;
+                if let Some(n) = self
+                    .resources
+                    .net
+                    .iter_mut()
+                    .find(|n| n.iface_id == iface_id)
+                {
+                    if rx.is_some() {
+                        n.rx_rate_limiter = rx;
+                    }
+                    if tx.is_some() {
+                        n.tx_rate_limiter = tx;
+                    }
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutVsock(v) => {
+                pre_boot(&self.vm, "PUT /vsock")?;
+                v.validate()?;
+                self.resources.vsock = Some(v);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutBalloon(b) => {
+                pre_boot(&self.vm, "PUT /balloon")?;
+                self.resources.balloon = Some(b);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetBalloon => match &self.resources.balloon {
+                None => Err(ActionError::InvalidState(
+                    "no balloon device is configured (PUT /balloon first)".into(),
+                )),
+                Some(b) => {
+                    let mut b = b.clone();
+                    if let Some(vm) = &self.vm {
+                        if let Some(s) = vm.balloon_stats() {
+                            b.amount_mib = s.target_pages / 256;
+                        }
+                    }
+                    Ok(VmmData::Balloon(b))
+                }
+            },
+            VmmAction::PatchBalloon(mib) => {
+                let vm = self.vm.as_ref().ok_or_else(|| {
+                    ActionError::InvalidState(
+                        "PATCH /balloon changes a running VM; before boot, PUT /balloon".into(),
+                    )
+                })?;
+                if u64::from(mib) > self.resources.machine_config.mem_size_mib {
+                    return Err(ConfigError::new(
+                        "balloon.amount_mib",
+                        format!(
+                            "{mib} MiB is more than the guest's {} MiB",
+                            self.resources.machine_config.mem_size_mib
+                        ),
+                    )
+                    .into());
+                }
+                vm.set_balloon_target(mib)
+                    .map_err(ActionError::InvalidState)?;
+                if let Some(b) = &mut self.resources.balloon {
+                    b.amount_mib = mib;
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetBalloonStats => {
+                let vm = self.vm.as_ref().ok_or_else(|| {
+                    ActionError::InvalidState("the VM has not started: no statistics yet".into())
+                })?;
+                match (&self.resources.balloon, vm.balloon_stats()) {
+                    (Some(b), Some(s)) if b.stats_polling_interval_s > 0 => {
+                        Ok(VmmData::BalloonStats(s))
+                    }
+                    (Some(_), _) => Err(ActionError::InvalidState(
+                        "balloon statistics are off (stats_polling_interval_s is 0)".into(),
+                    )),
+                    (None, _) => Err(ActionError::InvalidState(
+                        "no balloon device is configured".into(),
+                    )),
+                }
+            }
+            VmmAction::PatchBalloonStats(secs) => {
+                let vm = self.vm.as_ref().ok_or_else(|| {
+                    ActionError::InvalidState(
+                        "PATCH /balloon/statistics changes a running VM; before boot, PUT /balloon"
+                            .into(),
+                    )
+                })?;
+                let b = self.resources.balloon.as_mut().ok_or_else(|| {
+                    ActionError::InvalidState("no balloon device is configured".into())
+                })?;
+                if (b.stats_polling_interval_s == 0) != (secs == 0) {
+                    return Err(ActionError::InvalidState(
+                        "statistics can be retimed but not switched on or off after boot".into(),
+                    ));
+                }
+                vm.set_balloon_stats_interval(secs)
+                    .map_err(ActionError::InvalidState)?;
+                b.stats_polling_interval_s = secs;
                 Ok(VmmData::Empty)
             }
             VmmAction::PutCpuConfig(t) => {

@@ -94,6 +94,174 @@ pub struct VmResources {
     pub cpu_template: Option<CpuTemplate>,
     /// A virtio-rng entropy device.
     pub entropy: bool,
+    /// The entropy device's rate limiter.
+    pub entropy_rate_limiter: Option<RateLimiterConfig>,
+    /// virtio-blk drives, in the order they were added (the root device goes first).
+    pub drives: Vec<DriveConfig>,
+    /// virtio-net interfaces.
+    pub net: Vec<NetConfig>,
+    /// The virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
+    /// The virtio-balloon device.
+    pub balloon: Option<BalloonConfig>,
+}
+
+pub use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+
+/// A drive (`PUT /drives/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// Unique id; GET_ID answers it.
+    pub drive_id: String,
+    /// Raw image file or block device.
+    pub path_on_host: PathBuf,
+    /// Mount as the guest's root (`root=/dev/vda`).
+    pub is_root_device: bool,
+    /// The guest may not write.
+    pub is_read_only: bool,
+    /// Root by partition UUID instead of /dev/vda.
+    pub partuuid: Option<String>,
+    /// Rate limiter.
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// A network interface (`PUT /network-interfaces/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Unique id.
+    pub iface_id: String,
+    /// The host TAP device's name.
+    pub host_dev_name: String,
+    /// The guest's MAC address.
+    pub guest_mac: Option<[u8; 6]>,
+    /// Limits what the guest receives.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits what the guest sends.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// The vsock device (`PUT /vsock`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u32,
+    /// The host Unix socket that stands for the guest.
+    pub uds_path: PathBuf,
+}
+
+/// The balloon device (`PUT /balloon`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Target balloon size in MiB.
+    pub amount_mib: u32,
+    /// Let the guest take pages back when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics updates (0: no statistics).
+    pub stats_polling_interval_s: u16,
+    /// Free page reporting.
+    pub free_page_reporting: bool,
+}
+
+/// Checks a Firecracker-style id (`drive_id`, `iface_id`).
+pub fn check_id(field: &str, id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(ConfigError::new(
+            field,
+            format!("{id:?} is not a valid id: use 1 to 64 letters, digits or '_'"),
+        ));
+    }
+    Ok(())
+}
+
+impl DriveConfig {
+    /// Checks the drive alone: id, backing file, limiter.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_id("drives.drive_id", &self.drive_id)?;
+        let field = format!("drives[{}].path_on_host", self.drive_id);
+        match std::fs::metadata(&self.path_on_host) {
+            Ok(m)
+                if m.is_file()
+                    || std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {}
+            Ok(_) => {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "{} is not a regular file or block device",
+                        self.path_on_host.display()
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{}: {e}", self.path_on_host.display()),
+                ));
+            }
+        }
+        if let Some(r) = &self.rate_limiter {
+            r.check(&format!("drives[{}].rate_limiter", self.drive_id))
+                .map_err(|m| ConfigError::new("drives.rate_limiter", m))?;
+        }
+        if self.partuuid.is_some() && !self.is_root_device {
+            return Err(ConfigError::new(
+                format!("drives[{}].partuuid", self.drive_id),
+                "only means something on the root device (set is_root_device or drop partuuid)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl NetConfig {
+    /// Checks the interface alone.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_id("network-interfaces.iface_id", &self.iface_id)?;
+        if self.host_dev_name.is_empty() || self.host_dev_name.len() > 15 {
+            return Err(ConfigError::new(
+                format!("network-interfaces[{}].host_dev_name", self.iface_id),
+                format!("{:?} is not a TAP name (1 to 15 bytes)", self.host_dev_name),
+            ));
+        }
+        if let Some(mac) = self.guest_mac {
+            if mac[0] & 1 != 0 {
+                return Err(ConfigError::new(
+                    format!("network-interfaces[{}].guest_mac", self.iface_id),
+                    "is a multicast address: the lowest bit of the first byte must be 0",
+                ));
+            }
+        }
+        for (name, r) in [
+            ("rx_rate_limiter", &self.rx_rate_limiter),
+            ("tx_rate_limiter", &self.tx_rate_limiter),
+        ] {
+            if let Some(r) = r {
+                let f = format!("network-interfaces[{}].{name}", self.iface_id);
+                r.check(&f).map_err(|m| ConfigError::new(f.clone(), m))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VsockConfig {
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 {
+            return Err(ConfigError::new(
+                "vsock.guest_cid",
+                format!("{} is reserved: give 3 or more", self.guest_cid),
+            ));
+        }
+        let s = self.uds_path.as_os_str().len();
+        if s == 0 || s >= 100 {
+            return Err(ConfigError::new(
+                "vsock.uds_path",
+                "must be 1 to 99 bytes (a Unix socket path, plus room for _<port>)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Facts about the host that bound a VM.
@@ -184,7 +352,28 @@ impl VmResources {
     /// Checks that the VM can be built: a boot source whose files exist, sane machine values.
     pub fn validate(&self, host: &HostLimits) -> Result<(), ConfigError> {
         self.validate_boot_source()?;
-        self.machine_config.validate(host)
+        self.machine_config.validate(host)?;
+        for d in &self.drives {
+            d.validate()?;
+        }
+        for n in &self.net {
+            n.validate()?;
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
+        if let Some(b) = &self.balloon {
+            if u64::from(b.amount_mib) > self.machine_config.mem_size_mib {
+                return Err(ConfigError::new(
+                    "balloon.amount_mib",
+                    format!(
+                        "{} MiB is more than the guest's {} MiB",
+                        b.amount_mib, self.machine_config.mem_size_mib
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the boot source alone: present, its files exist, the kernel is a kernel.
@@ -231,6 +420,72 @@ impl VmResources {
             }
         }
         Ok(())
+    }
+
+    /// Adds or replaces (same id) a drive.
+    pub fn put_drive(&mut self, d: DriveConfig) -> Result<(), ConfigError> {
+        d.validate()?;
+        if d.is_root_device
+            && self
+                .drives
+                .iter()
+                .any(|o| o.is_root_device && o.drive_id != d.drive_id)
+        {
+            return Err(ConfigError::new(
+                format!("drives[{}].is_root_device", d.drive_id),
+                "another drive is already the root device (only one may be)",
+            ));
+        }
+        match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+            Some(o) => *o = d,
+            None => self.drives.push(d),
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces (same id) a network interface.
+    pub fn put_net(&mut self, n: NetConfig) -> Result<(), ConfigError> {
+        n.validate()?;
+        if let Some(o) = self.net.iter().find(|o| {
+            o.iface_id != n.iface_id
+                && (o.host_dev_name == n.host_dev_name
+                    || (o.guest_mac.is_some() && o.guest_mac == n.guest_mac))
+        }) {
+            return Err(ConfigError::new(
+                format!("network-interfaces[{}]", n.iface_id),
+                format!(
+                    "interface {} already uses this host_dev_name or guest_mac",
+                    o.iface_id
+                ),
+            ));
+        }
+        match self.net.iter_mut().find(|o| o.iface_id == n.iface_id) {
+            Some(o) => *o = n,
+            None => self.net.push(n),
+        }
+        Ok(())
+    }
+
+    /// The drives in the order the guest sees them: the root device first (`/dev/vda`).
+    pub fn ordered_drives(&self) -> Vec<&DriveConfig> {
+        let mut v: Vec<&DriveConfig> = self.drives.iter().filter(|d| d.is_root_device).collect();
+        v.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        v
+    }
+
+    /// The kernel command line the guest gets, with the root device's `root=` when a drive
+    /// is the root device.
+    pub fn full_boot_args(&self) -> String {
+        let mut args = self.boot_args().to_string();
+        if let Some(d) = self.drives.iter().find(|d| d.is_root_device) {
+            let root = match &d.partuuid {
+                Some(u) => format!("PARTUUID={u}"),
+                None => "/dev/vda".to_string(),
+            };
+            let mode = if d.is_read_only { "ro" } else { "rw" };
+            args.push_str(&format!(" root={root} {mode}"));
+        }
+        args
     }
 
     /// The kernel command line the guest gets.

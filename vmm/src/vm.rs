@@ -70,6 +70,32 @@ pub struct BuiltVm {
     input_room: EventFd,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
+    virtio: Vec<VirtioHandle>,
+}
+
+/// Which virtio device a handle is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioKind {
+    /// virtio-blk.
+    Block,
+    /// virtio-net.
+    Net,
+    /// virtio-vsock.
+    Vsock,
+    /// virtio-balloon.
+    Balloon,
+    /// virtio-rng.
+    Rng,
+}
+
+/// A virtio device of the VM, for its worker thread and for updates through the API.
+pub struct VirtioHandle {
+    /// What it is.
+    pub kind: VirtioKind,
+    /// Its API id (drive_id, iface_id) or kind name.
+    pub id: String,
+    /// Its transport (shared with the MMIO bus and the worker thread).
+    pub transport: Arc<Mutex<devices::virtio::mmio::MmioTransport>>,
 }
 
 /// What a finished run reports.
@@ -191,32 +217,96 @@ pub fn build(
     } else {
         None
     };
-    // virtio-mmio devices: one 4 KiB window each from VIRTIO_MMIO_START, GSIs from 5.
+    // virtio-mmio devices: one 4 KiB window each from VIRTIO_MMIO_START, GSIs from 5. Drives
+    // first (the root device as /dev/vda), then network interfaces, vsock, balloon, rng.
     let mut virtio = Vec::new();
-    let mut add_virtio = |dev: Box<dyn devices::virtio::VirtioDevice>| -> Result<()> {
-        let i = virtio.len() as u64;
-        let base = VIRTIO_MMIO_START + i * devices::virtio::mmio::WINDOW_SIZE;
-        let gsi = VIRTIO_FIRST_GSI + i as u32;
-        let transport = devices::virtio::mmio::MmioTransport::new(
-            dev,
-            mem.clone(),
-            IrqLine(vm.interrupt_line(gsi)?),
-        );
-        insert(
-            &mut mmio,
-            Arc::new(Mutex::new(transport)),
-            base,
-            devices::virtio::mmio::WINDOW_SIZE,
+    let mut handles = Vec::new();
+    let mut add_virtio =
+        |kind: VirtioKind, id: String, dev: Box<dyn devices::virtio::VirtioDevice>| -> Result<()> {
+            use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, WINDOW_SIZE};
+            let i = virtio.len() as u64;
+            let base = VIRTIO_MMIO_START + i * WINDOW_SIZE;
+            let gsi = VIRTIO_FIRST_GSI + i as u32;
+            let transport = MmioTransport::new(dev, mem.clone(), IrqLine(vm.interrupt_line(gsi)?))
+                .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?;
+            for (q, evt) in transport.queue_events()?.iter().enumerate() {
+                vm.register_notify(evt, base + QUEUE_NOTIFY_OFFSET, q as u32)?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
+            insert(&mut mmio, transport.clone(), base, WINDOW_SIZE)?;
+            virtio.push(arch::x86_64::acpi::MmioDevice {
+                base,
+                len: WINDOW_SIZE,
+                gsi,
+            });
+            handles.push(VirtioHandle {
+                kind,
+                id,
+                transport,
+            });
+            Ok(())
+        };
+    for d in res.ordered_drives() {
+        let blk = devices::virtio::block::Block::new(&devices::virtio::block::BlockConfig {
+            id: d.drive_id.clone(),
+            path: d.path_on_host.clone(),
+            read_only: d.is_read_only,
+            rate_limiter: d.rate_limiter,
+        })
+        .map_err(|e| {
+            Error::Config(crate::resources::ConfigError::new(
+                format!("drives[{}]", d.drive_id),
+                e.to_string(),
+            ))
+        })?;
+        add_virtio(VirtioKind::Block, d.drive_id.clone(), Box::new(blk))?;
+    }
+    for n in &res.net {
+        let tap = devices::virtio::net::Tap::open(&n.host_dev_name).map_err(|e| {
+            Error::Config(crate::resources::ConfigError::new(
+                format!("network-interfaces[{}].host_dev_name", n.iface_id),
+                format!(
+                    "cannot open TAP {}: {e} (does tern have CAP_NET_ADMIN, and is the TAP free?)",
+                    n.host_dev_name
+                ),
+            ))
+        })?;
+        let net = devices::virtio::net::Net::new(
+            &n.iface_id,
+            Box::new(tap),
+            n.guest_mac,
+            n.rx_rate_limiter,
+            n.tx_rate_limiter,
         )?;
-        virtio.push(arch::x86_64::acpi::MmioDevice {
-            base,
-            len: devices::virtio::mmio::WINDOW_SIZE,
-            gsi,
-        });
-        Ok(())
-    };
+        add_virtio(VirtioKind::Net, n.iface_id.clone(), Box::new(net))?;
+    }
+    if let Some(v) = &res.vsock {
+        let dev = devices::virtio::vsock::Vsock::new(u64::from(v.guest_cid), &v.uds_path).map_err(
+            |e| {
+                Error::Config(crate::resources::ConfigError::new(
+                    "vsock.uds_path",
+                    format!("cannot listen on {}: {e}", v.uds_path.display()),
+                ))
+            },
+        )?;
+        add_virtio(VirtioKind::Vsock, "vsock".into(), Box::new(dev))?;
+    }
+    if let Some(b) = &res.balloon {
+        let dev =
+            devices::virtio::balloon::Balloon::new(devices::virtio::balloon::BalloonOptions {
+                amount_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_polling_interval_s: b.stats_polling_interval_s,
+                free_page_reporting: b.free_page_reporting,
+            })?;
+        add_virtio(VirtioKind::Balloon, "balloon".into(), Box::new(dev))?;
+    }
     if res.entropy {
-        add_virtio(Box::new(devices::virtio::rng::Rng::new()))?;
+        let rng = match res.entropy_rate_limiter {
+            Some(c) => devices::virtio::rng::Rng::with_limiter(c)?,
+            None => devices::virtio::rng::Rng::new(),
+        };
+        add_virtio(VirtioKind::Rng, "rng".into(), Box::new(rng))?;
     }
     let buses = Buses {
         pio: Arc::new(pio),
@@ -293,6 +383,7 @@ pub fn build(
         input_room,
         i8042,
         boot_timer,
+        virtio: handles,
     })
 }
 
@@ -316,7 +407,7 @@ fn load_linux(
         )?),
         None => None,
     };
-    let cmdline_len = boot::load_cmdline_str(mem, res.boot_args())?;
+    let cmdline_len = boot::load_cmdline_str(mem, &res.full_boot_args())?;
     let rsdp = arch::x86_64::acpi::write_tables(mem, vcpu_count, virtio)?;
     let e820 = arch::x86_64::memory::e820_map(&regions);
     boot::write_boot_info(mem, &kernel, cmdline_len, initrd, &e820, rsdp)?;
@@ -365,6 +456,7 @@ pub struct RunningVm {
     _terminal: Option<RawTerminal>,
     paused: bool,
     i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
+    virtio: Vec<VirtioHandle>,
 }
 
 /// How long a pause may take before it is reported as failed.
@@ -396,6 +488,12 @@ impl BuiltVm {
                 self.input_room,
             ))));
         }
+        for h in &self.virtio {
+            devices::virtio::worker::spawn(
+                h.transport.clone(),
+                format!("virtio-{}", h.id).chars().take(15).collect(),
+            )?;
+        }
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus {
             vcpus.push(vcpu::spawn(
@@ -415,6 +513,7 @@ impl BuiltVm {
             _terminal: terminal,
             paused: false,
             i8042: self.i8042,
+            virtio: self.virtio,
         })
     }
 
@@ -484,6 +583,125 @@ impl RunningVm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .ctrl_alt_del();
+    }
+
+    /// Changes a drive's backing file and/or rate limiter (PATCH /drives).
+    pub fn patch_drive(
+        &self,
+        id: &str,
+        path: Option<&std::path::Path>,
+        limiter: Option<crate::resources::RateLimiterConfig>,
+    ) -> std::result::Result<(), String> {
+        use devices::virtio::block::Block;
+        let h = self
+            .virtio_device(VirtioKind::Block, id)
+            .ok_or_else(|| format!("there is no drive {id:?}"))?;
+        let mut t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
+        let active = t.is_active();
+        t.with_device(|dev, poller| {
+            let blk = dev
+                .as_any_mut()
+                .downcast_mut::<Block>()
+                .ok_or("not a block device")?;
+            if let Some(p) = path {
+                blk.set_backing(p).map_err(|e| e.to_string())?;
+            }
+            if let Some(l) = limiter {
+                if let Some(fd) = blk.limiter_timer() {
+                    poller.remove(fd);
+                }
+                blk.set_rate_limiter(l).map_err(|e| e.to_string())?;
+                if let (Some(fd), true) = (blk.limiter_timer(), active) {
+                    poller
+                        .add(fd, EventSet::IN, Block::LIMITER_TOKEN)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok::<(), String>(())
+        })?;
+        if path.is_some() {
+            t.config_changed();
+        }
+        Ok(())
+    }
+
+    /// Changes an interface's rate limiters (PATCH /network-interfaces).
+    pub fn patch_net(
+        &self,
+        id: &str,
+        rx: Option<crate::resources::RateLimiterConfig>,
+        tx: Option<crate::resources::RateLimiterConfig>,
+    ) -> std::result::Result<(), String> {
+        use devices::virtio::net::Net;
+        let h = self
+            .virtio_device(VirtioKind::Net, id)
+            .ok_or_else(|| format!("there is no network interface {id:?}"))?;
+        let mut t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
+        let active = t.is_active();
+        t.with_device(|dev, poller| {
+            dev.as_any_mut()
+                .downcast_mut::<Net>()
+                .ok_or_else(|| "not a network device".to_string())?
+                .set_rate_limiters(rx, tx, poller, active)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn with_balloon<R>(
+        &self,
+        f: impl FnOnce(&mut devices::virtio::balloon::Balloon) -> R,
+    ) -> Option<(
+        R,
+        std::sync::MutexGuard<'_, devices::virtio::mmio::MmioTransport>,
+    )> {
+        let h = self.virtio_device(VirtioKind::Balloon, "balloon")?;
+        let mut t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
+        let r = t
+            .device_mut()
+            .as_any_mut()
+            .downcast_mut::<devices::virtio::balloon::Balloon>()
+            .map(f)?;
+        Some((r, t))
+    }
+
+    /// The balloon's sizes and latest statistics.
+    pub fn balloon_stats(&self) -> Option<crate::controller::BalloonStats> {
+        let (s, guard) = self.with_balloon(|b| b.snapshot())?;
+        drop(guard);
+        Some(crate::controller::BalloonStats {
+            target_pages: s.target_pages,
+            actual_pages: s.actual_pages,
+            tags: s
+                .stats
+                .iter()
+                .filter_map(|&(tag, v)| {
+                    devices::virtio::balloon::STAT_NAMES
+                        .get(usize::from(tag))
+                        .map(|n| (*n, v))
+                })
+                .collect(),
+        })
+    }
+
+    /// Sets the balloon's target and tells the driver.
+    pub fn set_balloon_target(&self, mib: u32) -> std::result::Result<(), String> {
+        let ((), mut t) = self
+            .with_balloon(|b| b.set_target_mib(mib))
+            .ok_or("there is no balloon device")?;
+        t.config_changed();
+        Ok(())
+    }
+
+    /// Changes the statistics interval.
+    pub fn set_balloon_stats_interval(&self, secs: u16) -> std::result::Result<(), String> {
+        self.with_balloon(|b| b.set_stats_interval(secs))
+            .ok_or("there is no balloon device")?
+            .0
+    }
+
+    /// The virtio device `kind` with API id `id`.
+    pub fn virtio_device(&self, kind: VirtioKind, id: &str) -> Option<&VirtioHandle> {
+        self.virtio.iter().find(|h| h.kind == kind && h.id == id)
     }
 
     /// Whether the vCPUs are paused.
