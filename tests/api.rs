@@ -440,12 +440,15 @@ fn actions_and_vm_state_before_start() {
 fn entropy() {
     let t = Tern::start("entropy");
     assert_eq!(t.req("PUT", "/entropy", Some("{}")).status, 204);
+    let limited = r#"{"rate_limiter": {"bandwidth": {"size": 1024, "refill_time": 100}}}"#;
+    assert_eq!(t.req("PUT", "/entropy", Some(limited)).status, 204);
+    assert!(t.config().contains(r#""entropy":{"rate_limiter":{"bandwidth":{"one_time_burst":0,"refill_time":100,"size":1024}"#), "{}", t.config());
     refused(
         &t,
         "PUT",
         "/entropy",
-        Some(r#"{"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#),
-        "entropy.rate_limiter",
+        Some(r#"{"rate_limiter": {"bandwidth": {"size": 0, "refill_time": 1}}}"#),
+        "entropy.rate_limiter.bandwidth.size",
     );
     refused(
         &t,
@@ -540,18 +543,146 @@ fn wrong_methods_are_refused_on_every_route() {
 #[test]
 fn routes_of_later_features_are_refused_clearly() {
     let t = Tern::start("later");
-    for (m, p) in [
-        ("PUT", "/drives/rootfs"),
-        ("PATCH", "/drives/rootfs"),
-        ("PUT", "/network-interfaces/eth0"),
-        ("PUT", "/vsock"),
-        ("PUT", "/balloon"),
-        ("GET", "/balloon/statistics"),
-        ("PUT", "/snapshot/create"),
-        ("PUT", "/snapshot/load"),
-    ] {
+    for (m, p) in [("PUT", "/snapshot/create"), ("PUT", "/snapshot/load")] {
         refused(&t, m, p, Some("{}"), "not supported yet");
     }
+}
+
+#[test]
+fn device_routes() {
+    let t = Tern::start("devices");
+    let img = t.sock.with_extension("img");
+    std::fs::write(&img, [0u8; 4096]).unwrap();
+    let img = img.display().to_string();
+    let drive = |id: &str, root: bool| {
+        format!(r#"{{"drive_id": "{id}", "path_on_host": "{img}", "is_root_device": {root}}}"#)
+    };
+    assert_eq!(
+        t.req("PUT", "/drives/rootfs", Some(&drive("rootfs", true)))
+            .status,
+        204
+    );
+    assert_eq!(
+        t.req("PUT", "/drives/data", Some(&drive("data", false)))
+            .status,
+        204
+    );
+    // PUT with the same id replaces.
+    assert_eq!(
+        t.req("PUT", "/drives/data", Some(&drive("data", false)))
+            .status,
+        204
+    );
+    let cfg: serde_json::Value = serde_json::from_str(&t.config()).unwrap();
+    assert_eq!(cfg["drives"].as_array().unwrap().len(), 2, "{cfg}");
+    assert_eq!(cfg["drives"][0]["drive_id"], "rootfs");
+    refused(
+        &t,
+        "PUT",
+        "/drives/other",
+        Some(&drive("other", true)),
+        "already the root device",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/drives/x",
+        Some(&drive("y", false)),
+        "the path says",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/drives/x",
+        Some(r#"{"drive_id": "x", "path_on_host": "/nonexistent.img", "is_root_device": false}"#),
+        "/nonexistent.img",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/drives/x",
+        Some(r#"{"drive_id": "x"}"#),
+        "missing field",
+    );
+    refused(
+        &t,
+        "PATCH",
+        "/drives/data",
+        Some(&format!(
+            r#"{{"drive_id": "data", "path_on_host": "{img}"}}"#
+        )),
+        "running VM",
+    );
+    let net = r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:00:00:00:01"}"#;
+    assert_eq!(
+        t.req("PUT", "/network-interfaces/eth0", Some(net)).status,
+        204
+    );
+    refused(
+        &t,
+        "PUT",
+        "/network-interfaces/eth1",
+        Some(r#"{"iface_id": "eth1", "host_dev_name": "tap0"}"#),
+        "already uses",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/network-interfaces/eth1",
+        Some(r#"{"iface_id": "eth1", "host_dev_name": "tap1", "guest_mac": "01:00:00:00:00:01"}"#),
+        "multicast",
+    );
+    refused(
+        &t,
+        "PATCH",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0"}"#),
+        "running VM",
+    );
+    assert_eq!(
+        t.req(
+            "PUT",
+            "/vsock",
+            Some(r#"{"guest_cid": 3, "uds_path": "/tmp/tern-v.sock"}"#)
+        )
+        .status,
+        204
+    );
+    refused(
+        &t,
+        "PUT",
+        "/vsock",
+        Some(r#"{"guest_cid": 1, "uds_path": "/tmp/v"}"#),
+        "reserved",
+    );
+    refused(&t, "GET", "/balloon", None, "no balloon device");
+    let balloon = r#"{"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 2}"#;
+    assert_eq!(t.req("PUT", "/balloon", Some(balloon)).status, 204);
+    let b = t.req("GET", "/balloon", None);
+    assert_eq!(b.status, 200);
+    assert!(b.body.contains(r#""amount_mib":16"#), "{}", b.body);
+    refused(
+        &t,
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib": 1, "deflate_on_oom": true, "free_page_hinting": true}"#),
+        "free_page_hinting",
+    );
+    refused(&t, "GET", "/balloon/statistics", None, "not started");
+    refused(
+        &t,
+        "PATCH",
+        "/balloon",
+        Some(r#"{"amount_mib": 1}"#),
+        "running VM",
+    );
+    refused(
+        &t,
+        "PATCH",
+        "/balloon/statistics",
+        Some(r#"{"stats_polling_interval_s": 1}"#),
+        "running VM",
+    );
 }
 
 #[test]

@@ -171,14 +171,31 @@ fn malformed_json() {
 }
 
 #[test]
-fn device_sections_are_refused_until_supported() {
+fn bad_device_sections_are_refused_before_kvm() {
     refused(
         "drives.json",
         &format!(
             r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "drives": [{{"drive_id": "root"}}]}}"#,
             elf()
         ),
-        &["drives", "not supported yet"],
+        &["drives[0]", "missing field `path_on_host`"],
+    );
+    refused(
+        "drive-file.json",
+        &format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "drives": [{{"drive_id": "root",
+                "path_on_host": "/no/such.ext4", "is_root_device": true}}]}}"#,
+            elf()
+        ),
+        &["drives[root].path_on_host", "/no/such.ext4"],
+    );
+    refused(
+        "mmds.json",
+        &format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "mmds-config": {{"network_interfaces": ["eth0"]}}}}"#,
+            elf()
+        ),
+        &["mmds-config", "not supported yet"],
     );
 }
 

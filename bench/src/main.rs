@@ -16,6 +16,7 @@
 
 mod apibench;
 mod http;
+mod vsock;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
@@ -59,10 +60,14 @@ pub(crate) struct Step {
     pub(crate) req: Option<String>,
     #[serde(default)]
     pub(crate) body: Option<serde_json::Value>,
+    /// Record the VMM's resident memory (KiB) as a call named "RSS <label>".
+    #[serde(default)]
+    pub(crate) rss: Option<String>,
 }
 
 /// Runs the API steps; `lines` is the console so far.
 fn run_steps(
+    pid: u32,
     sock: std::path::PathBuf,
     steps: Vec<Step>,
     lines: Arc<Mutex<Vec<String>>>,
@@ -86,6 +91,24 @@ fn run_steps(
         }
         if let Some(n) = step.sleep_ms {
             std::thread::sleep(Duration::from_millis(n));
+        }
+        if let Some(label) = &step.rss {
+            let at = Instant::now();
+            let kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+                })
+                .unwrap_or_default();
+            calls.push(ApiCall {
+                request: format!("RSS {label}"),
+                sent_ms: ms(at),
+                done_ms: ms(at),
+                status: 200,
+                body: kib,
+            });
         }
         if let Some(req) = &step.req {
             let Some((method, path)) = req.split_once(' ') else {
@@ -239,6 +262,33 @@ fn pump(r: impl Read + Send + 'static, tag: char, tx: mpsc::Sender<(Instant, cha
 }
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(cmd @ ("vsock-serve" | "vsock-connect")) = argv.get(1).map(String::as_str) {
+        let r = if cmd == "vsock-serve" {
+            vsock::serve(&argv[2..])
+        } else {
+            vsock::connect(&argv[2..])
+        };
+        match r {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                println!("HOST VSOCK FAIL {cmd}: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("mktap") {
+        // `tern-bench mktap NAME...`: persistent TAP devices (what `ip tuntap add` does; busybox
+        // ip cannot), for the network scenarios.
+        for name in std::env::args().skip(2) {
+            if let Err(e) = devices::virtio::net::Tap::open(&name).and_then(|t| t.persist()) {
+                eprintln!("tern-bench mktap {name}: {e}");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("api-bench") {
         if let Err(e) = apibench::main(std::env::args().skip(2).collect()) {
             eprintln!("tern-bench api-bench: {e}");
@@ -292,8 +342,9 @@ fn main() {
                 }
             };
             let (sock, seen, deadline) = (sock.clone(), seen.clone(), t0 + args.timeout);
+            let pid = child.id();
             Some(std::thread::spawn(move || {
-                run_steps(sock, steps, seen, t0, deadline)
+                run_steps(pid, sock, steps, seen, t0, deadline)
             }))
         }
         _ => None,

@@ -1,0 +1,23 @@
+//! Any bytes as a virtio-blk queue (see common.rs), on a 64 KiB scratch image.
+#![no_main]
+
+mod common;
+
+use devices::virtio::block::{Block, BlockConfig};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let path = std::env::temp_dir().join(format!("tern-fuzz-blk-{}.img", std::process::id()));
+    if std::fs::File::create(&path).and_then(|f| f.set_len(64 * 1024)).is_err() {
+        return;
+    }
+    let cfg = BlockConfig {
+        id: "fuzz".into(),
+        path: path.clone(),
+        read_only: data.first().is_some_and(|b| b & 0x80 != 0),
+        rate_limiter: None,
+    };
+    if let Ok(blk) = Block::new(&cfg) {
+        common::run(Box::new(blk), data);
+    }
+});
