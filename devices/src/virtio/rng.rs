@@ -180,3 +180,43 @@ impl VirtioDevice for Rng {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate_limiter::TokenBucketConfig;
+    use crate::virtio::testutil::*;
+
+    #[test]
+    fn rate_limiter_spaces_out_requests() {
+        let limit = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 1024,
+                one_time_burst: 0,
+                refill_time: 100,
+            }),
+            ops: None,
+        };
+        let mut d = Driver::new(Box::new(Rng::with_limiter(limit).unwrap()));
+        for i in 0..3u16 {
+            d.chain(0, i, &[(DATA + u64::from(i) * 0x1000, 1024, true)]);
+            d.make_available(0, i);
+        }
+        d.notify(0);
+        assert_eq!(
+            d.take_used(0),
+            vec![(0, 1024)],
+            "one bucket's worth at once"
+        );
+        // Another notification does not get past the empty bucket.
+        d.notify(0);
+        assert!(d.take_used(0).is_empty());
+        let t = std::time::Instant::now();
+        let mut got = 0;
+        while got < 2 && t.elapsed() < std::time::Duration::from_secs(5) {
+            d.dev.run_ready(50);
+            got += d.take_used(0).len();
+        }
+        assert_eq!(got, 2, "the limiter's timer released the rest");
+    }
+}
