@@ -489,8 +489,13 @@ impl BuiltVm {
             ))));
         }
         for h in &self.virtio {
+            let side = h
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device_side();
             devices::virtio::worker::spawn(
-                h.transport.clone(),
+                side,
                 format!("virtio-{}", h.id).chars().take(15).collect(),
             )?;
         }
@@ -596,7 +601,7 @@ impl RunningVm {
         let h = self
             .virtio_device(VirtioKind::Block, id)
             .ok_or_else(|| format!("there is no drive {id:?}"))?;
-        let mut t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
+        let t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
         let active = t.is_active();
         t.with_device(|dev, poller| {
             let blk = dev
@@ -636,7 +641,7 @@ impl RunningVm {
         let h = self
             .virtio_device(VirtioKind::Net, id)
             .ok_or_else(|| format!("there is no network interface {id:?}"))?;
-        let mut t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
+        let t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
         let active = t.is_active();
         t.with_device(|dev, poller| {
             dev.as_any_mut()
@@ -655,12 +660,12 @@ impl RunningVm {
         std::sync::MutexGuard<'_, devices::virtio::mmio::MmioTransport>,
     )> {
         let h = self.virtio_device(VirtioKind::Balloon, "balloon")?;
-        let mut t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
-        let r = t
-            .device_mut()
-            .as_any_mut()
-            .downcast_mut::<devices::virtio::balloon::Balloon>()
-            .map(f)?;
+        let t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
+        let r = t.with_device(|dev, _| {
+            dev.as_any_mut()
+                .downcast_mut::<devices::virtio::balloon::Balloon>()
+                .map(f)
+        })?;
         Some((r, t))
     }
 
@@ -685,7 +690,7 @@ impl RunningVm {
 
     /// Sets the balloon's target and tells the driver.
     pub fn set_balloon_target(&self, mib: u32) -> std::result::Result<(), String> {
-        let ((), mut t) = self
+        let ((), t) = self
             .with_balloon(|b| b.set_target_mib(mib))
             .ok_or("there is no balloon device")?;
         t.config_changed();

@@ -409,12 +409,12 @@ mod tests {
     }
 
     fn snapshot(d: &mut Driver) -> BalloonSnapshot {
-        d.dev
-            .device_mut()
-            .as_any_mut()
-            .downcast_mut::<Balloon>()
-            .unwrap()
-            .snapshot()
+        d.dev.with_device(|dev, _| {
+            dev.as_any_mut()
+                .downcast_mut::<Balloon>()
+                .unwrap()
+                .snapshot()
+        })
     }
 
     #[test]

@@ -783,26 +783,19 @@ mod tests {
         let other = TempFile::new().unwrap();
         other.as_file().set_len(2 << 20).unwrap();
         let state = d.dev.save();
-        let blk = d
-            .dev
-            .device_mut()
-            .as_any_mut()
-            .downcast_mut::<Block>()
-            .unwrap();
-        blk.set_backing(other.as_path()).unwrap();
-        assert_eq!(blk.sectors(), 4096);
-        assert!(blk.set_backing(Path::new("/nonexistent/x")).is_err());
+        d.dev.with_device(|dev, _| {
+            let blk = dev.as_any_mut().downcast_mut::<Block>().unwrap();
+            blk.set_backing(other.as_path()).unwrap();
+            assert_eq!(blk.sectors(), 4096);
+            assert!(blk.set_backing(Path::new("/nonexistent/x")).is_err());
+        });
         d.dev.config_changed();
         let mut gen_ = [0u8; 4];
         d.dev.read(0xfc, &mut gen_);
         assert_eq!(u32::from_le_bytes(gen_), 1);
         // The old state no longer fits the resized drive.
-        let blk = d
-            .dev
-            .device_mut()
-            .as_any_mut()
-            .downcast_mut::<Block>()
-            .unwrap();
-        assert!(blk.restore(&state.device).unwrap_err().contains("sectors"));
+        d.dev.with_device(|dev, _| {
+            assert!(dev.restore(&state.device).unwrap_err().contains("sectors"));
+        });
     }
 }

@@ -2,6 +2,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -148,22 +149,21 @@ pub enum RestoreError {
     Features(u64),
 }
 
-/// A virtio device on the MMIO bus.
-pub struct MmioTransport {
+/// The part of a transport the device's worker thread works on: the device, its queues and
+/// its epoll set. The vCPU side ([`MmioTransport`]) takes this lock only for queue setup,
+/// configuration space and status changes, never for interrupt status or notifications, so a
+/// device busy with I/O does not stall a vCPU handling its interrupt.
+pub struct DeviceSide {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     irq: IrqLine,
     queues: Vec<Queue>,
-    queue_sel: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    status: u32,
-    interrupt_status: AtomicU32,
-    config_generation: u32,
     poller: Poller,
     queue_evts: Vec<EventFd>,
+    /// DRIVER_OK was set (and not NEEDS_RESET) and the device was activated.
     activated: bool,
+    interrupt_status: Arc<AtomicU32>,
+    config_generation: u32,
 }
 
 fn queue_events(n: usize, poller: &Poller) -> std::io::Result<Vec<EventFd>> {
@@ -176,47 +176,12 @@ fn queue_events(n: usize, poller: &Poller) -> std::io::Result<Vec<EventFd>> {
         .collect()
 }
 
-impl MmioTransport {
-    /// `device` on a transport that reaches guest memory through `mem` and interrupts on `irq`.
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
-        irq: IrqLine,
-    ) -> std::io::Result<Self> {
-        let queues: Vec<Queue> = device
-            .queue_max_sizes()
-            .iter()
-            .filter_map(|&max| Queue::new(max).ok())
-            .collect();
-        let poller = Poller::new()?;
-        let queue_evts = queue_events(queues.len(), &poller)?;
-        Ok(Self {
-            device,
-            mem,
-            irq,
-            queues,
-            queue_sel: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            status: 0,
-            interrupt_status: AtomicU32::new(0),
-            config_generation: 0,
-            poller,
-            queue_evts,
-            activated: false,
-        })
-    }
-
-    /// One eventfd per queue, to be signalled when the driver writes the queue's index to the
-    /// QueueNotify register (at [`QUEUE_NOTIFY_OFFSET`]): the hypervisor's ioeventfd.
-    pub fn queue_events(&self) -> std::io::Result<Vec<EventFd>> {
-        self.queue_evts.iter().map(|e| e.try_clone()).collect()
-    }
-
-    /// A handle on the transport's epoll set, for [`super::worker::spawn`].
-    pub fn poller(&self) -> std::io::Result<Poller> {
-        self.poller.try_clone()
+impl DeviceSide {
+    fn trigger(&self, bit: u32) {
+        self.interrupt_status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
+            log::warn!("virtio-mmio: interrupt: {e}");
+        }
     }
 
     /// The device, for updates through the API.
@@ -224,8 +189,7 @@ impl MmioTransport {
         self.device.as_mut()
     }
 
-    /// Runs `f` on the device and the epoll set (to swap a back-end descriptor), then handles
-    /// whatever became ready.
+    /// Runs `f` on the device and the epoll set (to swap a back-end descriptor).
     pub fn with_device<R>(&mut self, f: impl FnOnce(&mut dyn VirtioDevice, &Poller) -> R) -> R {
         f(self.device.as_mut(), &self.poller)
     }
@@ -235,23 +199,17 @@ impl MmioTransport {
         self.activated
     }
 
-    /// Tells the driver the configuration space changed (a resized drive).
+    /// Tells the driver the configuration space changed (a resized drive, a balloon target).
     pub fn config_changed(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
-        if self.status & STATUS_DRIVER_OK != 0 {
-            self.interrupt_status.fetch_or(INT_CONFIG, Ordering::SeqCst);
-            if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
-                log::warn!("virtio-mmio: interrupt: {e}");
-            }
+        if self.activated {
+            self.trigger(INT_CONFIG);
         }
     }
 
     /// Handles one event of the epoll set: a queue notification (`token` below the queue
     /// count) or a device back-end descriptor. Called by the worker thread.
     pub fn handle_event(&mut self, token: u64, events: EventSet) {
-        let running = self.activated
-            && self.status & STATUS_DRIVER_OK != 0
-            && self.status & STATUS_NEEDS_RESET == 0;
         let mut ctx = QueueCtx {
             queues: &mut self.queues,
             mem: &self.mem,
@@ -264,11 +222,11 @@ impl MmioTransport {
         {
             let _ = evt.read();
             match ctx.queues.get(token as usize) {
-                Some(q) if running && q.ready() => {}
+                Some(q) if self.activated && q.ready() => {}
                 _ => return,
             }
             self.device.process_queue(token as u16, &mut ctx);
-        } else if running {
+        } else if self.activated {
             self.device.process_backend(token, events, &mut ctx);
         } else {
             return;
@@ -288,11 +246,7 @@ impl MmioTransport {
             .enumerate()
             .any(|(i, q)| used & (1 << i) != 0 && q.needs_notification(mem).unwrap_or(true));
         if needs {
-            self.interrupt_status
-                .fetch_or(INT_USED_BUFFER, Ordering::SeqCst);
-            if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
-                log::warn!("virtio-mmio: interrupt: {e}");
-            }
+            self.trigger(INT_USED_BUFFER);
         }
     }
 
@@ -313,23 +267,158 @@ impl MmioTransport {
         n
     }
 
+    /// A handle on the epoll set, for [`super::worker::spawn`].
+    pub fn poller(&self) -> std::io::Result<Poller> {
+        self.poller.try_clone()
+    }
+
+    fn activate(&mut self, driver_features: u64) {
+        let mut ctx = QueueCtx {
+            queues: &mut self.queues,
+            mem: &self.mem,
+            poller: &self.poller,
+            used: 0,
+        };
+        self.device.activate(driver_features, &mut ctx);
+        let used = ctx.used;
+        self.activated = true;
+        self.signal_used(used);
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device.reset(&self.poller);
+        self.activated = false;
+        self.interrupt_status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A virtio device on the MMIO bus: the registers the driver programs, and the
+/// [`DeviceSide`] its worker thread runs.
+pub struct MmioTransport {
+    side: Arc<Mutex<DeviceSide>>,
+    interrupt_status: Arc<AtomicU32>,
+    device_type: u32,
+    device_features: u64,
+    queue_max: Vec<u16>,
+    queue_evts: Vec<EventFd>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+}
+
+impl MmioTransport {
+    /// `device` on a transport that reaches guest memory through `mem` and interrupts on `irq`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: IrqLine,
+    ) -> std::io::Result<Self> {
+        let queues: Vec<Queue> = device
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|&max| Queue::new(max).ok())
+            .collect();
+        let poller = Poller::new()?;
+        let queue_evts = queue_events(queues.len(), &poller)?;
+        Self::assemble(device, mem, irq, queues, poller, queue_evts)
+    }
+
+    fn assemble(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: IrqLine,
+        queues: Vec<Queue>,
+        poller: Poller,
+        queue_evts: Vec<EventFd>,
+    ) -> std::io::Result<Self> {
+        let interrupt_status = Arc::new(AtomicU32::new(0));
+        let vcpu_evts = queue_evts
+            .iter()
+            .map(|e| e.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self {
+            device_type: device.device_type(),
+            device_features: device.features(),
+            queue_max: queues.iter().map(|q| q.max_size()).collect(),
+            side: Arc::new(Mutex::new(DeviceSide {
+                device,
+                mem,
+                irq,
+                queues,
+                poller,
+                queue_evts,
+                activated: false,
+                interrupt_status: interrupt_status.clone(),
+                config_generation: 0,
+            })),
+            interrupt_status,
+            queue_evts: vcpu_evts,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DeviceSide> {
+        self.side.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The worker's half, for [`super::worker::spawn`].
+    pub fn device_side(&self) -> Arc<Mutex<DeviceSide>> {
+        self.side.clone()
+    }
+
+    /// One eventfd per queue, to be signalled when the driver writes the queue's index to the
+    /// QueueNotify register (at [`QUEUE_NOTIFY_OFFSET`]): the hypervisor's ioeventfd.
+    pub fn queue_events(&self) -> std::io::Result<Vec<EventFd>> {
+        self.queue_evts.iter().map(|e| e.try_clone()).collect()
+    }
+
+    /// Runs `f` on the device (under the device lock): updates through the API.
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut dyn VirtioDevice, &Poller) -> R) -> R {
+        self.lock().with_device(f)
+    }
+
+    /// True once the driver started the device (DRIVER_OK) and until it resets it.
+    pub fn is_active(&self) -> bool {
+        self.lock().is_active()
+    }
+
+    /// Tells the driver the configuration space changed.
+    pub fn config_changed(&self) {
+        self.lock().config_changed();
+    }
+
+    /// Handles ready events on the calling thread (tests; the worker does this in production).
+    pub fn run_ready(&self, timeout_ms: i32) -> usize {
+        self.lock().run_ready(timeout_ms)
+    }
+
     /// The transport's and device's state, for a snapshot (with the VM paused).
     pub fn save(&self) -> MmioTransportState {
+        let side = self.lock();
         MmioTransportState {
-            device_type: self.device.device_type(),
+            device_type: self.device_type,
             queue_sel: self.queue_sel,
             device_features_sel: self.device_features_sel,
-            config_generation: self.config_generation,
+            config_generation: side.config_generation,
             driver_features_sel: self.driver_features_sel,
             driver_features: self.driver_features,
             status: self.status,
             interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
-            queues: self
+            queues: side
                 .queues
                 .iter()
                 .map(|q| QueueSnapshot(q.state()))
                 .collect(),
-            device: self.device.save(),
+            device: side.device.save(),
         }
     }
 
@@ -378,24 +467,20 @@ impl MmioTransport {
         let io = |e: std::io::Error| RestoreError::Io(e.to_string());
         let poller = Poller::new().map_err(io)?;
         let queue_evts = queue_events(queues.len(), &poller).map_err(io)?;
-        let mut t = Self {
-            device,
-            mem,
-            irq,
-            queues,
-            queue_sel: state.queue_sel,
-            device_features_sel: state.device_features_sel,
-            driver_features_sel: state.driver_features_sel,
-            driver_features: state.driver_features,
-            status: state.status,
-            interrupt_status: AtomicU32::new(state.interrupt_status),
-            config_generation: state.config_generation,
-            poller,
-            queue_evts,
-            activated: false,
-        };
-        if t.status & STATUS_DRIVER_OK != 0 && t.status & STATUS_NEEDS_RESET == 0 {
-            t.activate();
+        let mut t = Self::assemble(device, mem, irq, queues, poller, queue_evts).map_err(io)?;
+        t.queue_sel = state.queue_sel;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.driver_features = state.driver_features;
+        t.status = state.status;
+        t.interrupt_status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        {
+            let mut side = t.lock();
+            side.config_generation = state.config_generation;
+            if t.status & STATUS_DRIVER_OK != 0 && t.status & STATUS_NEEDS_RESET == 0 {
+                side.activate(t.driver_features);
+            }
         }
         Ok(t)
     }
@@ -405,39 +490,24 @@ impl MmioTransport {
         self.status
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        // Queue registers only mean something before DRIVER_OK.
+    /// Runs `f` on the selected queue, only before DRIVER_OK (queue registers mean nothing
+    /// after it).
+    fn with_selected_queue(&self, f: impl FnOnce(&mut Queue)) {
         if self.status & STATUS_DRIVER_OK != 0 {
-            return None;
+            return;
         }
-        self.queues.get_mut(self.queue_sel as usize)
-    }
-
-    fn activate(&mut self) {
-        let mut ctx = QueueCtx {
-            queues: &mut self.queues,
-            mem: &self.mem,
-            poller: &self.poller,
-            used: 0,
-        };
-        self.device.activate(self.driver_features, &mut ctx);
-        let used = ctx.used;
-        self.activated = true;
-        self.signal_used(used);
+        if let Some(q) = self.lock().queues.get_mut(self.queue_sel as usize) {
+            f(q);
+        }
     }
 
     fn reset(&mut self) {
-        for q in &mut self.queues {
-            q.reset();
-        }
-        self.device.reset(&self.poller);
-        self.activated = false;
+        self.lock().reset();
         self.queue_sel = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.status = 0;
-        self.interrupt_status.store(0, Ordering::SeqCst);
     }
 
     fn set_status(&mut self, v: u32) {
@@ -448,18 +518,19 @@ impl MmioTransport {
         // FEATURES_OK only sticks when the driver accepted VERSION_1 and nothing we did not offer.
         let mut v = v;
         if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
-            let offered = self.device.features();
-            let bad = self.driver_features & !offered != 0
+            let bad = self.driver_features & !self.device_features != 0
                 || self.driver_features & VIRTIO_F_VERSION_1 == 0;
             if bad {
                 v &= !STATUS_FEATURES_OK;
             }
         }
         if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
-            let valid = self
+            let side = self.lock();
+            let valid = side
                 .queues
                 .iter()
-                .all(|q| !q.ready() || q.is_valid(&self.mem));
+                .all(|q| !q.ready() || q.is_valid(&side.mem));
+            drop(side);
             if v & STATUS_FEATURES_OK == 0 || !valid {
                 log::warn!("virtio-mmio: DRIVER_OK without valid features or queues");
                 v |= STATUS_NEEDS_RESET;
@@ -470,7 +541,7 @@ impl MmioTransport {
             && self.status & STATUS_DRIVER_OK == 0;
         self.status = v;
         if start {
-            self.activate();
+            self.lock().activate(self.driver_features);
         }
     }
 
@@ -487,24 +558,25 @@ impl MmioTransport {
         match offset {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,
-            REG_DEVICE_ID => self.device.device_type(),
+            REG_DEVICE_ID => self.device_type,
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
+                0 => self.device_features as u32,
+                1 => (self.device_features >> 32) as u32,
                 _ => 0,
             },
             REG_QUEUE_NUM_MAX => self
-                .queues
+                .queue_max
                 .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.max_size())),
+                .map_or(0, |&m| u32::from(m)),
             REG_QUEUE_READY => self
+                .lock()
                 .queues
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
             REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => self.config_generation,
+            REG_CONFIG_GENERATION => self.lock().config_generation,
             _ => 0,
         }
     }
@@ -524,16 +596,8 @@ impl MmioTransport {
                 _ => {}
             },
             REG_QUEUE_SEL => self.queue_sel = v,
-            REG_QUEUE_NUM => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(v as u16);
-                }
-            }
-            REG_QUEUE_READY => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_ready(v == 1);
-                }
-            }
+            REG_QUEUE_NUM => self.with_selected_queue(|q| q.set_size(v as u16)),
+            REG_QUEUE_READY => self.with_selected_queue(|q| q.set_ready(v == 1)),
             REG_QUEUE_NOTIFY => self.notify(v),
             REG_INTERRUPT_ACK => {
                 self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
@@ -550,13 +614,11 @@ impl MmioTransport {
                 } else {
                     (None, Some(v))
                 };
-                if let Some(q) = self.selected_queue() {
-                    match offset & !4 {
-                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
-                        REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
-                        _ => q.set_used_ring_address(low, high),
-                    }
-                }
+                self.with_selected_queue(|q| match offset & !4 {
+                    REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
+                    REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
+                    _ => q.set_used_ring_address(low, high),
+                });
             }
             _ => log::debug!("virtio-mmio: ignored write {v:#x} at {offset:#x}"),
         }
@@ -566,7 +628,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            self.device.read_config(offset - CONFIG_SPACE, data);
+            self.lock().device.read_config(offset - CONFIG_SPACE, data);
             return;
         }
         // Registers are 32-bit and aligned; anything else reads as zero.
@@ -578,7 +640,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            self.device.write_config(offset - CONFIG_SPACE, data);
+            self.lock().device.write_config(offset - CONFIG_SPACE, data);
             return;
         }
         if let (Ok(word), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
@@ -816,6 +878,28 @@ mod tests {
         s.device = serde_json::json!({"bytes_served": "lots"});
         assert!(matches!(restore(&s), Some(RestoreError::Device(_))));
         assert_eq!(restore(&good), None);
+    }
+
+    #[test]
+    fn interrupt_registers_and_notify_do_not_wait_for_a_busy_device() {
+        let mut g = guest();
+        let side = g.dev.device_side();
+        // The worker is in the middle of a long batch of I/O.
+        let busy = side.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let dev = &mut g.dev;
+            s.spawn(move || {
+                // What a vCPU does in the device's interrupt handler and to submit more.
+                let status = r(dev, REG_INTERRUPT_STATUS);
+                w(dev, REG_INTERRUPT_ACK, status);
+                w(dev, REG_QUEUE_NOTIFY, 0);
+                tx.send(()).unwrap();
+            });
+            let done = rx.recv_timeout(std::time::Duration::from_secs(10));
+            drop(busy);
+            assert!(done.is_ok(), "a vCPU waited for the device lock");
+        });
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The thread that runs one virtio device: waits on the transport's epoll set (queue
 //! ioeventfds and the device's back-end descriptors) and handles each event under the
-//! transport's lock. Block I/O, TAP and socket traffic happen here, never on a vCPU thread or
+//! device-side lock (not the lock the vCPUs take for the transport's registers). Block I/O, TAP and socket traffic happen here, never on a vCPU thread or
 //! in the VMM's event loop.
 
 use std::sync::{Arc, Mutex};
@@ -8,13 +8,11 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::EpollEvent;
 
-use super::mmio::MmioTransport;
+use super::mmio::DeviceSide;
 
-/// Starts the worker thread `name` for `transport`. It runs until the process exits.
-pub fn spawn(
-    transport: Arc<Mutex<MmioTransport>>,
-    name: String,
-) -> std::io::Result<JoinHandle<()>> {
+/// Starts the worker thread `name` for a transport's device side
+/// ([`super::mmio::MmioTransport::device_side`]). It runs until the process exits.
+pub fn spawn(transport: Arc<Mutex<DeviceSide>>, name: String) -> std::io::Result<JoinHandle<()>> {
     let poller = transport
         .lock()
         .unwrap_or_else(|p| p.into_inner())
