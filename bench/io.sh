@@ -37,14 +37,13 @@ debugfs -w -R "write $D/bench.sh /bench.sh" "$D/rootfs.ext4" >/dev/null 2>&1
 ARGS="console=ttyS0 reboot=k panic=1 pci=off quiet guest.script=/bench.sh"
 cat > "$D/tern.json" <<JSON
 {"boot-source": {"kernel_image_path": "vmlinux", "boot_args": "$ARGS"},
- "machine-config": {"vcpu_count": 2, "mem_size_mib": 512},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 512},
  "drives": [{"drive_id": "rootfs", "path_on_host": "root.img", "is_root_device": true, "is_read_only": true},
             {"drive_id": "data", "path_on_host": "data.img", "is_root_device": false}],
  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}]}
 JSON
-# QEMU's microvm puts the last virtio-mmio device at the lowest address: add the root disk last
-# so that it is /dev/vda as well.
-Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m 512 -smp 2 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -drive id=data,file=data.img,format=raw,if=none -device virtio-blk-device,drive=data -drive id=root,file=root.img,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0,mac=06:00:ac:10:00:02"
+# The root disk first, so that it is /dev/vda for both VMMs.
+Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m 512 -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -drive id=root,file=root.img,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root -drive id=data,file=data.img,format=raw,if=none -device virtio-blk-device,drive=data -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0,mac=06:00:ac:10:00:02"
 cat > "$D/run.sh" <<SH
 ./tern-bench mktap tap0
 ip link set lo up; ip addr add 172.16.0.1/24 dev tap0; ip link set tap0 up
