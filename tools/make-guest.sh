@@ -3,15 +3,20 @@
 #   $OUT/bzImage            Debian's cloud kernel (linux-image-<kver>-cloud-amd64)
 #   $OUT/initramfs.cpio.gz  busybox-static + applet links, /init = guest/init,
 #                           /dev/console, /dev/null
+#   $OUT/initramfs-virtio.cpio.gz  the same plus the kernel's virtio modules (mmio, blk,
+#                           net, rng, balloon, vsock) in /lib/modules/tern, which
+#                           guest/init loads; it also mounts root= and switches to it
+#   $OUT/rootfs.ext4        the same tree (with the modules) as an ext4 root
+#                           filesystem, /sbin/init = guest/init
 #   $OUT/vmlinux            the same kernel as an ELF (extracted from bzImage by
 #                           tools/extract-vmlinux.py; it keeps the PVH note)
 #   $OUT/cmdline            a recommended kernel command line
 # OUT defaults to $TERN_CACHE/guest (TERN_CACHE: ~/.cache/tern). L1_KVER pins
 # the kernel version. Outputs newer than their inputs are left alone.
 #
-# Note: the cloud kernel has virtio (blk/net/mmio/...) as modules, which this
-# initramfs does not carry: enough for console/boot tests, not for devices.
-# Needs: busybox-static, cpio, gzip, kmod (depmod), apt-get, python3, binutils
+# The cloud kernel has virtio (blk/net/mmio/...) as modules: use initramfs-virtio
+# with it for devices (and to boot rootfs.ext4: root=/dev/vda with that initramfs).
+# Needs: busybox-static, cpio, gzip, kmod (modprobe), e2fsprogs (mke2fs), apt-get, python3, binutils
 # (readelf), and zstd or lz4 if the kernel is compressed that way; root only
 # for mknod (without it /init takes its console from devtmpfs).
 set -euo pipefail
@@ -47,8 +52,11 @@ else
     echo "$KVER" > "$OUT/kernel-version"
 fi
 
-if newer "$OUT/initramfs.cpio.gz" "$INIT" "$BUSYBOX" "$0"; then
-    echo "$ME: initramfs.cpio.gz is up to date"
+VIRTIO_MODULES="virtio_mmio virtio_blk virtio_net virtio-rng virtio_balloon vmw_vsock_virtio_transport"
+if newer "$OUT/initramfs.cpio.gz" "$INIT" "$BUSYBOX" "$0" &&
+   newer "$OUT/initramfs-virtio.cpio.gz" "$INIT" "$BUSYBOX" "$0" "$OUT/kernel-version" &&
+   newer "$OUT/rootfs.ext4" "$INIT" "$BUSYBOX" "$0" "$OUT/kernel-version"; then
+    echo "$ME: initramfs.cpio.gz, initramfs-virtio.cpio.gz and rootfs.ext4 are up to date"
 else
     R=$(mktemp -d "${TMPDIR:-/tmp}/tern-guest.XXXXXX")
     trap 'rm -rf "$R"' EXIT
@@ -64,10 +72,41 @@ else
         echo "$ME: warning: mknod failed (not root?): no /dev/console in the cpio;" \
              "init falls back to devtmpfs's" >&2
     fi
-    find "$R" -exec touch -h -d "@$EPOCH" {} +
-    (cd "$R" && find . -mindepth 1 | LC_ALL=C sort |
-        cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -9n > "$OUT/initramfs.cpio.gz.tmp"
-    mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
+    pack() {    # pack OUTPUT: the tree as a reproducible gzip'd cpio
+        find "$R" -exec touch -h -d "@$EPOCH" {} +
+        (cd "$R" && find . -mindepth 1 | LC_ALL=C sort |
+            cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -9n > "$1.tmp"
+        mv "$1.tmp" "$1"
+    }
+    pack "$OUT/initramfs.cpio.gz"
+    # The virtio modules, dependencies first (modprobe resolves modules.dep); busybox insmod
+    # wants plain .ko files.
+    mkdir -p "$R/lib/modules/tern"
+    : > "$R/etc/tern-modules"
+    for m in $VIRTIO_MODULES; do
+        deps=$(modprobe -C /dev/null -d "$KROOT" -S "$KVER" --show-depends "$m") ||
+            { echo "$ME: module $m is not in $KVER" >&2; exit 1; }
+        for p in $(printf '%s\n' "$deps" | sed -n 's/^insmod \([^ ]*\).*/\1/p'); do
+            b=${p##*/}; b=${b%%.ko*}
+            grep -qx "$b" "$R/etc/tern-modules" && continue
+            case $p in
+                *.ko.xz)  xz -dc "$p" ;;
+                *.ko.zst) zstd -qdc "$p" ;;
+                *)        cat "$p" ;;
+            esac > "$R/lib/modules/tern/$b.ko"
+            echo "$b" >> "$R/etc/tern-modules"
+        done
+    done
+    pack "$OUT/initramfs-virtio.cpio.gz"
+    # The root filesystem: the same tree, guest/init as /sbin/init.
+    rm -f "$R/init" "$R/sbin/init"
+    install -m 755 "$INIT" "$R/sbin/init"
+    command -v mke2fs >/dev/null || PATH=$PATH:/sbin:/usr/sbin
+    rm -f "$OUT/rootfs.ext4.tmp"
+    truncate -s 32M "$OUT/rootfs.ext4.tmp"
+    E2FSPROGS_FAKE_TIME=$EPOCH mke2fs -q -t ext4 -L ternroot -U 6b1e2d1c-7e2a-4f4e-9d55-0d9f3c1f7a01 \
+        -E root_owner=0:0 -d "$R" "$OUT/rootfs.ext4.tmp"
+    mv "$OUT/rootfs.ext4.tmp" "$OUT/rootfs.ext4"
 fi
 
 # The same kernel as an ELF vmlinux (it has the PVH note), for PVH and 64-bit ELF boots.
@@ -102,4 +141,6 @@ echo "console=ttyS0 reboot=k panic=1 quiet" > "$OUT/cmdline"
 echo "$OUT/bzImage"
 echo "$OUT/vmlinux"
 echo "$OUT/initramfs.cpio.gz"
+echo "$OUT/initramfs-virtio.cpio.gz"
+echo "$OUT/rootfs.ext4"
 echo "$OUT/cmdline"

@@ -243,6 +243,9 @@ pub struct GuestFiles {
     pub own_bzimage: PathBuf,
     /// Where the kernels came from (also has `rootfs.ext4`).
     pub dir: PathBuf,
+    /// The kernels are tern's own (Debian's, virtio as modules): the initramfs carries the
+    /// modules, and a root drive is mounted by the initramfs.
+    pub own_kernel: bool,
 }
 
 pub fn guest_files() -> Result<GuestFiles, String> {
@@ -268,12 +271,18 @@ pub fn guest_files() -> Result<GuestFiles, String> {
             Some(workspace().join("../shared/guest")).filter(|p| p.join("vmlinux").exists())
         });
     let kdir = shared.unwrap_or_else(|| own.clone());
+    let own_kernel = kdir == own;
     let files = GuestFiles {
         vmlinux: kdir.join("vmlinux"),
         bzimage: kdir.join("bzImage"),
-        initramfs: own.join("initramfs.cpio.gz"),
+        initramfs: own.join(if own_kernel {
+            "initramfs-virtio.cpio.gz"
+        } else {
+            "initramfs.cpio.gz"
+        }),
         own_bzimage: own.join("bzImage"),
         dir: kdir.clone(),
+        own_kernel,
     };
     for f in [
         &files.vmlinux,
@@ -288,7 +297,7 @@ pub fn guest_files() -> Result<GuestFiles, String> {
     Ok(files)
 }
 
-fn config_json(s: &Scenario) -> String {
+fn config_json(s: &Scenario, own_kernel: bool) -> String {
     let kernel = match s.kernel {
         Kernel::Vmlinux => "vmlinux",
         Kernel::BzImage => "bzImage",
@@ -318,7 +327,8 @@ fn config_json(s: &Scenario) -> String {
         cpu.push_str(", ");
         cpu.push_str(s.config_extra);
     }
-    let initrd = if s.initrd {
+    // Debian's kernel has virtio-blk as a module: its initramfs mounts the root drive.
+    let initrd = if s.initrd || own_kernel {
         r#", "initrd_path": "initramfs.cpio.gz""#
     } else {
         ""
@@ -361,7 +371,10 @@ fn stage(dir: &Path, scenarios: &[Scenario], guest: &GuestFiles) -> std::io::Res
         }
     }
     for s in scenarios {
-        std::fs::write(dir.join(format!("{}.json", s.name)), config_json(s))?;
+        std::fs::write(
+            dir.join(format!("{}.json", s.name)),
+            config_json(s, guest.own_kernel),
+        )?;
         if let Some(text) = s.script {
             // A raw disk holding the script, NUL-padded to 4 KiB (the guest init strips it).
             let mut img = text.as_bytes().to_vec();
