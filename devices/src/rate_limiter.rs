@@ -12,6 +12,18 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::timerfd::TimerFd;
 
+/// A timerfd whose read never blocks: a worker that saw it ready may find it re-armed (a
+/// limiter swapped through the API) and must not sleep on it holding the device lock.
+pub fn nonblocking_timer() -> std::io::Result<TimerFd> {
+    let t = TimerFd::new()?;
+    // SAFETY: fcntl on a descriptor `t` owns; F_SETFL with O_NONBLOCK only changes its flags.
+    let rc = unsafe { libc::fcntl(t.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(t)
+}
+
 /// One token bucket, in Firecracker's JSON shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,7 +162,7 @@ impl RateLimiter {
         Ok(Self {
             bandwidth: config.bandwidth.as_ref().map(|c| Bucket::new(c, now)),
             ops: config.ops.as_ref().map(|c| Bucket::new(c, now)),
-            timer: TimerFd::new()?,
+            timer: nonblocking_timer()?,
             blocked: false,
             config,
         })

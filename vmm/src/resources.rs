@@ -254,10 +254,10 @@ impl VsockConfig {
             ));
         }
         let s = self.uds_path.as_os_str().len();
-        if s == 0 || s >= 100 {
+        if s == 0 || s > 96 {
             return Err(ConfigError::new(
                 "vsock.uds_path",
-                "must be 1 to 99 bytes (a Unix socket path, plus room for _<port>)",
+                "must be 1 to 96 bytes (a Unix socket path, with room for _<port> after it)",
             ));
         }
         Ok(())

@@ -612,21 +612,16 @@ impl RunningVm {
                 blk.set_backing(p).map_err(|e| e.to_string())?;
             }
             if let Some(l) = limiter {
-                if let Some(fd) = blk.limiter_timer() {
-                    poller.remove(fd);
-                }
-                blk.set_rate_limiter(l).map_err(|e| e.to_string())?;
-                if let (Some(fd), true) = (blk.limiter_timer(), active) {
-                    poller
-                        .add(fd, EventSet::IN, Block::LIMITER_TOKEN)
-                        .map_err(|e| e.to_string())?;
-                }
+                blk.set_rate_limiter(l, poller, active)
+                    .map_err(|e| e.to_string())?;
             }
             Ok::<(), String>(())
         })?;
         if path.is_some() {
             t.config_changed();
         }
+        // Requests a swapped-out limiter was holding back: look at the queue again.
+        t.kick_queues();
         Ok(())
     }
 
@@ -649,7 +644,9 @@ impl RunningVm {
                 .ok_or_else(|| "not a network device".to_string())?
                 .set_rate_limiters(rx, tx, poller, active)
                 .map_err(|e| e.to_string())
-        })
+        })?;
+        t.kick_queues();
+        Ok(())
     }
 
     fn with_balloon<R>(

@@ -30,6 +30,7 @@ const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
 
 const TOKEN_STATS_TIMER: u64 = DEVICE_TOKEN_BASE;
+const MAX_PFNS_PER_REQUEST: usize = 1 << 16;
 
 /// Firecracker's names of the statistics tags, by tag number.
 pub const STAT_NAMES: [&str; 10] = [
@@ -112,7 +113,7 @@ impl Balloon {
                 target_pages: mib_to_pages(opts.amount_mib),
                 ..Default::default()
             },
-            timer: TimerFd::new()?,
+            timer: crate::rate_limiter::nonblocking_timer()?,
             held_stats: None,
         })
     }
@@ -163,10 +164,11 @@ impl Balloon {
             let head = chain.head_index();
             let mut pfns = Vec::new();
             for d in chain {
-                if d.is_write_only() {
+                // Linux sends at most 256 PFNs a request; anything past 64 Ki is ignored.
+                if d.is_write_only() || pfns.len() >= MAX_PFNS_PER_REQUEST {
                     continue;
                 }
-                let n = (d.len() / 4).min(1 << 16) as usize;
+                let n = ((d.len() / 4) as usize).min(MAX_PFNS_PER_REQUEST - pfns.len());
                 let mut buf = vec![0u8; n * 4];
                 if mem.read_slice(&mut buf, d.addr()).is_err() {
                     continue;
@@ -251,7 +253,8 @@ impl Balloon {
             let head = chain.head_index();
             for d in chain {
                 discard(mem, d.addr(), u64::from(d.len()));
-                self.state.reported_bytes += u64::from(d.len());
+                self.state.reported_bytes =
+                    self.state.reported_bytes.saturating_add(u64::from(d.len()));
             }
             if !ctx.add_used(q, head, 0) {
                 return;

@@ -221,14 +221,26 @@ impl Block {
         Ok(())
     }
 
-    /// Replaces the rate limiter (PATCH /drives). Takes effect at the next request; the
-    /// caller re-registers the timer with the worker through [`Block::limiter_timer`].
-    pub fn set_rate_limiter(&mut self, cfg: RateLimiterConfig) -> std::io::Result<()> {
-        self.limiter = if cfg.is_unlimited() {
+    /// Replaces the rate limiter (PATCH /drives), moving its timer in the worker's epoll set
+    /// (`active`: the driver started the device). A failure changes nothing.
+    pub fn set_rate_limiter(
+        &mut self,
+        cfg: RateLimiterConfig,
+        poller: &Poller,
+        active: bool,
+    ) -> std::io::Result<()> {
+        let new = if cfg.is_unlimited() {
             None
         } else {
             Some(RateLimiter::new(cfg)?)
         };
+        if let Some(old) = &self.limiter {
+            poller.remove(old.timer_fd());
+        }
+        self.limiter = new;
+        if let (Some(l), true) = (&self.limiter, active) {
+            poller.add(l.timer_fd(), EventSet::IN, TOKEN_LIMITER)?;
+        }
         Ok(())
     }
 
@@ -236,9 +248,6 @@ impl Block {
     pub fn limiter_timer(&self) -> Option<std::os::fd::RawFd> {
         self.limiter.as_ref().map(|l| l.timer_fd())
     }
-
-    /// The epoll token of the limiter timer.
-    pub const LIMITER_TOKEN: u64 = TOKEN_LIMITER;
 
     fn config_space(&self) -> [u8; 60] {
         let mut c = [0u8; 60];
@@ -549,8 +558,10 @@ impl VirtioDevice for Block {
                     continue;
                 }
             };
+            // A bogus length must not put the bucket into debt beyond the disk's size.
+            let charge = Self::data_len(&req).min(self.backing.sectors * SECTOR_SIZE);
             if let Some(l) = &mut self.limiter {
-                if !l.consume(Self::data_len(&req)) {
+                if !l.consume(charge) {
                     self.stats.throttled += 1;
                     super::unpop(queue);
                     return;

@@ -391,6 +391,13 @@ impl MmioTransport {
         self.lock().is_active()
     }
 
+    /// Makes the worker look at every queue again (after a rate limiter was swapped).
+    pub fn kick_queues(&self) {
+        for evt in &self.queue_evts {
+            let _ = evt.write(1);
+        }
+    }
+
     /// Tells the driver the configuration space changed.
     pub fn config_changed(&self) {
         self.lock().config_changed();
@@ -513,6 +520,12 @@ impl MmioTransport {
     fn set_status(&mut self, v: u32) {
         if v == 0 {
             self.reset();
+            return;
+        }
+        // Taking DRIVER_OK back without a reset is a driver error: the device needs a reset.
+        if self.status & STATUS_DRIVER_OK != 0 && v & STATUS_DRIVER_OK == 0 {
+            log::warn!("virtio-mmio: the driver cleared DRIVER_OK without a reset");
+            self.status |= STATUS_NEEDS_RESET;
             return;
         }
         // FEATURES_OK only sticks when the driver accepted VERSION_1 and nothing we did not offer.
@@ -900,6 +913,19 @@ mod tests {
             drop(busy);
             assert!(done.is_ok(), "a vCPU waited for the device lock");
         });
+    }
+
+    #[test]
+    fn clearing_driver_ok_without_a_reset_asks_for_one() {
+        let mut g = guest();
+        w(&mut g.dev, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        let st = r(&mut g.dev, REG_STATUS);
+        assert_ne!(st & STATUS_NEEDS_RESET, 0);
+        assert_ne!(st & STATUS_DRIVER_OK, 0, "queue registers stay locked");
+        w(&mut g.dev, REG_QUEUE_NUM, 2);
+        assert_eq!(g.dev.save().queues[0].0.size, QSIZE);
+        w(&mut g.dev, REG_STATUS, 0);
+        assert_eq!(r(&mut g.dev, REG_STATUS), 0);
     }
 
     #[test]

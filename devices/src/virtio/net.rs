@@ -22,8 +22,9 @@ pub const VIRTIO_ID_NET: u32 = 1;
 pub const QUEUE_SIZE: u16 = 256;
 /// The virtio-net header every frame carries (virtio 1.x: `virtio_net_hdr_v1`).
 pub const VNET_HDR_LEN: usize = 12;
-/// The largest frame with its header: 64 KiB of TSO payload plus Ethernet and header.
-pub const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
+/// The largest frame with its header: 64 KiB of TSO payload plus Ethernet (with a VLAN tag)
+/// and header. A longer one read from the TAP is dropped.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65550 + 4;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -193,6 +194,8 @@ pub struct Net {
     rx_frame: Vec<u8>,
     /// Length of a frame read from the TAP and not yet delivered.
     rx_pending: Option<usize>,
+    /// The pending frame's tokens were taken already.
+    rx_paid: bool,
     tx_frame: Vec<u8>,
     /// Counters.
     pub stats: NetStats,
@@ -222,6 +225,7 @@ impl Net {
             tx_limiter: limiter(tx)?,
             rx_frame: vec![0; MAX_FRAME],
             rx_pending: None,
+            rx_paid: false,
             tx_frame: Vec::with_capacity(MAX_FRAME),
             stats: NetStats::default(),
         })
@@ -235,22 +239,20 @@ impl Net {
         poller: &Poller,
         active: bool,
     ) -> std::io::Result<()> {
-        if let Some(c) = rx {
-            if let Some(l) = &self.rx_limiter {
-                poller.remove(l.timer_fd());
+        // Make both first, so that a failure changes nothing.
+        let new_rx = rx.map(|c| limiter(Some(c))).transpose()?;
+        let new_tx = tx.map(|c| limiter(Some(c))).transpose()?;
+        for (new, slot, token) in [
+            (new_rx, &mut self.rx_limiter, TOKEN_RX_LIMITER),
+            (new_tx, &mut self.tx_limiter, TOKEN_TX_LIMITER),
+        ] {
+            let Some(new) = new else { continue };
+            if let Some(old) = slot.as_ref() {
+                poller.remove(old.timer_fd());
             }
-            self.rx_limiter = limiter(Some(c))?;
-            if let (Some(l), true) = (&self.rx_limiter, active) {
-                poller.add(l.timer_fd(), EventSet::IN, TOKEN_RX_LIMITER)?;
-            }
-        }
-        if let Some(c) = tx {
-            if let Some(l) = &self.tx_limiter {
-                poller.remove(l.timer_fd());
-            }
-            self.tx_limiter = limiter(Some(c))?;
-            if let (Some(l), true) = (&self.tx_limiter, active) {
-                poller.add(l.timer_fd(), EventSet::IN, TOKEN_TX_LIMITER)?;
+            *slot = new;
+            if let (Some(l), true) = (slot.as_ref(), active) {
+                poller.add(l.timer_fd(), EventSet::IN, token)?;
             }
         }
         Ok(())
@@ -264,6 +266,11 @@ impl Net {
                 Some(n) => n,
                 None => match self.backend.read(&mut self.rx_frame) {
                     Ok(0) => return,
+                    // A TAP reports a truncated frame's full length: drop it.
+                    Ok(n) if n > self.rx_frame.len() => {
+                        self.stats.dropped += 1;
+                        continue;
+                    }
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -274,10 +281,13 @@ impl Net {
                 },
             };
             self.rx_pending = Some(len);
-            if let Some(l) = &mut self.rx_limiter {
-                if !l.consume(len as u64) {
-                    return; // the timer brings us back
+            if !self.rx_paid {
+                if let Some(l) = &mut self.rx_limiter {
+                    if !l.consume(len as u64) {
+                        return; // the timer brings us back
+                    }
                 }
+                self.rx_paid = true;
             }
             let mem = ctx.mem;
             let Some(queue) = ctx.queues.get_mut(RX) else {
@@ -309,6 +319,7 @@ impl Net {
                 done += n;
             }
             self.rx_pending = None;
+            self.rx_paid = false;
             if ok && done == len {
                 self.stats.rx_packets += 1;
                 self.stats.rx_bytes += (len - VNET_HDR_LEN.min(len)) as u64;
@@ -459,6 +470,7 @@ impl VirtioDevice for Net {
             poller.remove(l.timer_fd());
         }
         self.rx_pending = None;
+        self.rx_paid = false;
     }
 
     fn process_queue(&mut self, index: u16, ctx: &mut QueueCtx<'_>) {
@@ -636,6 +648,47 @@ mod tests {
             last = n;
         }
         assert_eq!(last, 60);
+    }
+
+    /// A TAP that claims a frame longer than the buffer (what a TAP reports on truncation).
+    struct Liar(vmm_sys_util::eventfd::EventFd, bool);
+    impl Read for Liar {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            if std::mem::replace(&mut self.1, false) {
+                Ok(MAX_FRAME + 100)
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        }
+    }
+    impl Write for Liar {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl NetBackend for Liar {
+        fn raw_fd(&self) -> std::os::fd::RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+
+    #[test]
+    fn an_overlong_frame_from_the_tap_is_dropped() {
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        evt.write(1).unwrap();
+        let dev = Net::new("eth0", Box::new(Liar(evt, true)), None, None, None).unwrap();
+        let mut d = Driver::new(Box::new(dev));
+        d.chain(
+            RX,
+            0,
+            &[(DATA, 0x10000, true), (DATA + 0x10000, 0x10000, true)],
+        );
+        d.offer(RX, 0);
+        assert!(d.take_used(RX).is_empty(), "nothing delivered");
+        assert_eq!(d.dev.save().device["stats"]["dropped"], 1);
     }
 
     #[test]

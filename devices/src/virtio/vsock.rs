@@ -37,6 +37,11 @@ pub const BUF_ALLOC: u32 = 256 * 1024;
 pub const HDR_LEN: usize = 44;
 /// Largest payload tern puts in one packet.
 const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+/// Most connections at once (both directions); more are refused (RST / closed).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most control packets (RST, RESPONSE, credit updates) waiting for the guest's receive
+/// buffers; past it, tern stops taking the guest's transmit queue until the guest reads.
+const MAX_CTRL: usize = 1024;
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
@@ -152,6 +157,8 @@ struct Conn {
     host_eof: bool,
     /// The guest will send no more (SHUTDOWN with SEND).
     guest_send_done: bool,
+    /// The guest closed (SHUTDOWN both ways): RST once `pending` reached the host.
+    closing: bool,
 }
 
 impl Conn {
@@ -172,6 +179,7 @@ impl Conn {
             writable: true,
             host_eof: false,
             guest_send_done: false,
+            closing: false,
         }
     }
 
@@ -293,6 +301,10 @@ fn rst_for(guest_cid: u64, h: &Header) -> Header {
 
 impl Vsock {
     fn add_conn(&mut self, c: Conn, poller: &Poller) -> Option<u64> {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            log::warn!("vsock: {MAX_CONNECTIONS} connections open; refusing another");
+            return None;
+        }
         let token = self.next_token;
         self.next_token += 1;
         if let Err(e) = c.stream.set_nonblocking(true) {
@@ -396,7 +408,7 @@ impl Vsock {
             self.read_connect_line(token, poller);
             return;
         }
-        if !c.flush() {
+        if !c.flush() || (c.closing && c.pending.is_empty()) {
             let h = header(self.guest_cid, c, OP_RST);
             self.ctrl.push_back(h);
             self.remove_conn(token, poller);
@@ -494,6 +506,7 @@ impl Vsock {
             Err(_) => {
                 let h = header(self.guest_cid, c, OP_RST);
                 self.ctrl.push_back(h);
+                self.remove_conn(token, ctx.poller);
                 true
             }
         }
@@ -538,7 +551,7 @@ impl Vsock {
         match (h.op, token) {
             (OP_REQUEST, None) => {
                 let path = format!("{}_{}", self.uds_path.display(), h.dst_port);
-                match UnixStream::connect(&path) {
+                match connect_nonblocking(&path) {
                     Ok(stream) => {
                         let mut c = Conn::new(stream, State::Established, h.dst_port, h.src_port);
                         c.peer_buf_alloc = h.buf_alloc;
@@ -609,10 +622,8 @@ impl Vsock {
                 }
                 if h.flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == SHUTDOWN_SEND | SHUTDOWN_RCV {
                     // A full shutdown: answer with RST once the host has everything.
-                    c.flush();
-                    let r = header(self.guest_cid, c, OP_RST);
-                    self.ctrl.push_back(r);
-                    self.remove_conn(t, poller);
+                    c.closing = true;
+                    self.service_host(t, poller);
                 }
             }
             (OP_RST, Some(t)) => {
@@ -628,6 +639,9 @@ impl Vsock {
     fn process_tx(&mut self, ctx: &mut QueueCtx<'_>) {
         let mem = ctx.mem;
         loop {
+            if self.ctrl.len() >= MAX_CTRL {
+                return; // the guest must read first (its receive buffers bring us back)
+            }
             let Some(queue) = ctx.queues.get_mut(TXQ) else {
                 return;
             };
@@ -652,6 +666,50 @@ impl Vsock {
             self.handle_tx(h, bytes[HDR_LEN..HDR_LEN + len].to_vec(), ctx.poller);
         }
     }
+}
+
+/// Connects to the Unix socket `path` without blocking: a listener whose backlog is full is
+/// an error (the guest gets RST), not a stalled device.
+fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: `addr` is a valid sockaddr_un of the given size for the duration of the call.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Copies a readable chain's bytes (at most `max`); stops at a device-writable buffer.
@@ -750,12 +808,13 @@ impl VirtioDevice for Vsock {
         self.ctrl.clear();
     }
 
-    fn process_queue(&mut self, index: u16, ctx: &mut QueueCtx<'_>) {
-        if usize::from(index) == TXQ {
+    fn process_queue(&mut self, _index: u16, ctx: &mut QueueCtx<'_>) {
+        // Any queue: the guest may have sent, consumed data (credit) or given buffers. The
+        // second round takes what the control-packet cap held back in the first.
+        for _ in 0..2 {
             self.process_tx(ctx);
+            self.deliver_rx(ctx);
         }
-        // Any queue: the guest may have consumed data (credit) or given buffers.
-        self.deliver_rx(ctx);
     }
 
     fn process_backend(&mut self, token: u64, events: EventSet, ctx: &mut QueueCtx<'_>) {
