@@ -3,8 +3,8 @@
 # filesystem, disks and TAP, same run:
 #   fio in the guest on a raw 512 MiB disk: 4 KiB random read (IOPS, iodepth 32, libaio),
 #   1 MiB sequential read and write (MiB/s, iodepth 8); O_DIRECT in the guest, the host page
-#   cache behind both VMMs (tern: pread/pwrite on a worker thread; QEMU: cache=writeback,
-#   aio=threads, its defaults);
+#   cache behind both VMMs (tern twice: io_engine Sync, pread/pwrite on the drive's worker
+#   thread, and Async, io_uring; QEMU: cache=writeback, aio=threads, its defaults);
 #   iperf3 guest -> host and host -> guest over a TAP (QEMU: vhost=off, userspace virtio-net
 #   like tern), inside a network namespace of its own.
 # Needs the guest kit's rootfs.ext4 (fio and iperf3 inside): $TERN_GUEST_DIR or ../shared/guest.
@@ -35,23 +35,26 @@ SH
 cp "$G/rootfs.ext4" "$D/rootfs.ext4"
 debugfs -w -R "write $D/bench.sh /bench.sh" "$D/rootfs.ext4" >/dev/null 2>&1
 ARGS="console=ttyS0 reboot=k panic=1 pci=off quiet guest.script=/bench.sh"
-cat > "$D/tern.json" <<JSON
+# tern twice: io_engine Sync (pread/pwrite on the drive's worker thread) and Async (io_uring).
+for engine in Sync Async; do
+cat > "$D/tern-$engine.json" <<JSON
 {"boot-source": {"kernel_image_path": "vmlinux", "boot_args": "$ARGS"},
  "machine-config": {"vcpu_count": 1, "mem_size_mib": 512},
  "drives": [{"drive_id": "rootfs", "path_on_host": "root.img", "is_root_device": true, "is_read_only": true},
-            {"drive_id": "data", "path_on_host": "data.img", "is_root_device": false}],
+            {"drive_id": "data", "path_on_host": "data.img", "is_root_device": false, "io_engine": "$engine"}],
  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}]}
 JSON
+done
 # The root disk first, so that it is /dev/vda for both VMMs.
 Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m 512 -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -drive id=root,file=root.img,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root -drive id=data,file=data.img,format=raw,if=none -device virtio-blk-device,drive=data -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0,mac=06:00:ac:10:00:02"
 cat > "$D/run.sh" <<SH
 ./tern-bench mktap tap0
 ip link set lo up; ip addr add 172.16.0.1/24 dev tap0; ip link set tap0 up
 ./iperf3 -s -D
-for vmm in tern qemu; do
+for vmm in tern-Sync tern-Async qemu; do
   cp rootfs.ext4 root.img; rm -f data.img; dd if=/dev/zero of=data.img bs=1M count=512 2>/dev/null
-  if [ \$vmm = tern ]; then
-    ./tern-bench run --timeout 600 -- ./tern --no-api --level Warning --config-file tern.json > out.\$vmm
+  if [ \$vmm != qemu ]; then
+    ./tern-bench run --timeout 600 -- ./tern --no-api --level Warning --config-file \$vmm.json > out.\$vmm
   else
     ./tern-bench run --timeout 600 -- $Q -append "$ARGS root=/dev/vda ro" > out.\$vmm
   fi
@@ -66,7 +69,7 @@ else
     where="nested: L1 under QEMU TCG (-cpu max,+svm), both VMMs inside L1 with its KVM"
     echo 'unshare -n sh run-inner.sh' > "$D/run-outer.sh"; mv "$D/run.sh" "$D/run-inner.sh"
     L1_MEM=3072 NEST_TIMEOUT=1800 bash tools/nest-x86_64.sh -s "$D/run-outer.sh" \
-        "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/tern.json" "$D/rootfs.ext4" "$D/iperf3" \
+        "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/tern-Sync.json" "$D/tern-Async.json" "$D/rootfs.ext4" "$D/iperf3" \
         "$D/run-inner.sh" "$D/qemu-system-x86_64" "$D/fw" > "$D/out.txt"
 fi
 echo "# bench/io.sh -t $T ($where)"

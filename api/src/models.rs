@@ -477,7 +477,8 @@ pub struct Drive {
     /// Cache mode (accepted; flushes always reach the disk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_type: Option<CacheType>,
-    /// I/O engine (accepted; tern's drives always run on their own worker thread).
+    /// I/O engine: `Sync` (pread/pwrite) or `Async` (io_uring); each drive has its own worker
+    /// thread either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<IoEngine>,
     /// Rate limiter.
@@ -504,6 +505,10 @@ impl Drive {
             is_read_only: self.is_read_only,
             partuuid: self.partuuid,
             rate_limiter: self.rate_limiter,
+            io_engine: match self.io_engine {
+                Some(IoEngine::Async) => vmm::resources::IoEngineKind::Uring,
+                _ => vmm::resources::IoEngineKind::Sync,
+            },
         })
     }
 
@@ -516,7 +521,10 @@ impl Drive {
             is_read_only: d.is_read_only,
             partuuid: d.partuuid.clone(),
             cache_type: None,
-            io_engine: None,
+            io_engine: Some(match d.io_engine {
+                vmm::resources::IoEngineKind::Uring => IoEngine::Async,
+                vmm::resources::IoEngineKind::Sync => IoEngine::Sync,
+            }),
             rate_limiter: d.rate_limiter,
             socket: None,
         }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::block::{Block, BlockConfig, IoEngine};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,6 +16,12 @@ fuzz_target!(|data: &[u8]| {
         path: path.clone(),
         read_only: data.first().is_some_and(|b| b & 0x80 != 0),
         rate_limiter: None,
+        // The second byte picks the engine.
+        engine: if data.get(1).is_some_and(|b| b & 1 != 0) {
+            IoEngine::Uring
+        } else {
+            IoEngine::Sync
+        },
     };
     if let Ok(blk) = Block::new(&cfg) {
         common::run(Box::new(blk), data);

@@ -488,19 +488,26 @@ pub fn run_batch(tag: &str, scenarios: &[Scenario]) -> Result<Batch, String> {
             r.as_ref()
                 .is_ok_and(|o| o.marker_ms("GUEST BOOTED").is_none() && !o.timed_out)
         };
+        // L1 itself sometimes resets silently under load (QEMU exits 0 with -no-reboot, nothing
+        // on L1's console; seen with heavy vsock and 2-vCPU fio traffic). The scenarios whose
+        // report never came are rerun once in a fresh L1, also reported.
+        let l1_died = |r: &Result<Outcome, String>| {
+            r.as_ref()
+                .is_err_and(|e| e.contains("produced no report") && e.contains("NEST EXIT"))
+        };
         let again: Vec<Scenario> = scenarios
             .iter()
-            .filter(|s| early_reset(&results[s.name]))
+            .filter(|s| early_reset(&results[s.name]) || l1_died(&results[s.name]))
             .cloned()
             .collect();
         if !again.is_empty() {
             let names: Vec<&str> = again.iter().map(|s| s.name).collect();
             rerun_note = format!(
-                " ({} rerun after an early guest reset in the nest: {})",
+                " ({} rerun after an early guest reset or an L1 reset in the nest: {})",
                 names.len(),
                 names.join(", ")
             );
-            eprintln!("rerunning {names:?}: the guest reset before init in the nest");
+            eprintln!("rerunning {names:?}: the guest or L1 reset in the nest");
             let retry = execute(mode, &dir.with_extension("rerun"), &again, &guest)?;
             results.extend(retry);
         }

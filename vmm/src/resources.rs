@@ -107,6 +107,7 @@ pub struct VmResources {
 }
 
 pub use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+pub use devices::virtio::block::IoEngine as IoEngineKind;
 
 /// A drive (`PUT /drives/{id}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +124,8 @@ pub struct DriveConfig {
     pub partuuid: Option<String>,
     /// Rate limiter.
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// `pread`/`pwrite` or io_uring (Firecracker's `io_engine` Sync / Async).
+    pub io_engine: IoEngineKind,
 }
 
 /// A network interface (`PUT /network-interfaces/{id}`).

@@ -252,6 +252,7 @@ pub fn build(
             path: d.path_on_host.clone(),
             read_only: d.is_read_only,
             rate_limiter: d.rate_limiter,
+            engine: d.io_engine,
         })
         .map_err(|e| {
             Error::Config(crate::resources::ConfigError::new(
