@@ -365,6 +365,21 @@ impl VmResources {
         if let Some(v) = &self.vsock {
             v.validate()?;
         }
+        let devices = self.drives.len()
+            + self.net.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.balloon.is_some())
+            + usize::from(self.entropy);
+        if devices > max_virtio_devices() {
+            return Err(ConfigError::new(
+                "drives",
+                format!(
+                    "{devices} virtio devices (drives, network interfaces, vsock, balloon, entropy) \
+                     are more than the {} this machine has interrupt lines for",
+                    max_virtio_devices()
+                ),
+            ));
+        }
         if let Some(b) = &self.balloon {
             if u64::from(b.amount_mib) > self.machine_config.mem_size_mib {
                 return Err(ConfigError::new(
@@ -500,6 +515,17 @@ impl VmResources {
     }
 }
 
+fn max_virtio_devices() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        arch::x86_64::layout::MAX_VIRTIO_DEVICES
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        19
+    }
+}
+
 fn arch_cmdline_max() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
@@ -554,6 +580,24 @@ mod tests {
             ..HOST
         };
         assert!(r.validate(&small).unwrap_err().message.contains("1 to 4"));
+    }
+
+    #[test]
+    fn too_many_virtio_devices_are_refused() {
+        let mut r = with_kernel();
+        for i in 0..max_virtio_devices() {
+            r.net.push(NetConfig {
+                iface_id: format!("eth{i}"),
+                host_dev_name: format!("tap{i}"),
+                guest_mac: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            });
+        }
+        assert_eq!(r.validate(&HOST), Ok(()));
+        r.entropy = true;
+        let e = r.validate(&HOST).unwrap_err();
+        assert!(e.message.contains("interrupt lines"), "{e}");
     }
 
     #[test]

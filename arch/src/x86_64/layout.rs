@@ -55,6 +55,8 @@ pub const BOOT_TIMER_MAGIC: u8 = 123;
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// GSI of the first virtio-mmio device (the next ones count up).
 pub const VIRTIO_FIRST_GSI: u32 = 5;
+/// Most virtio devices: one IOAPIC pin each, GSIs 5 to 23 (KVM's IOAPIC has 24 pins).
+pub const MAX_VIRTIO_DEVICES: usize = 24 - VIRTIO_FIRST_GSI as usize;
 /// IOAPIC base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// LAPIC base.
