@@ -552,6 +552,12 @@ fn execute(
                 .args(staged_files(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?)
                 .env("L1_MEM", l1_mem.to_string())
                 .env("NEST_TIMEOUT", (total + 300).to_string())
+                // A hung L1 (it happens under TCG) is killed after the longest scenario's
+                // time plus margin, instead of waiting for NEST_TIMEOUT.
+                .env(
+                    "NEST_IDLE",
+                    (scenarios.iter().map(|s| s.timeout_s).max().unwrap_or(120) + 180).to_string(),
+                )
                 .output()
         }
     }
