@@ -518,43 +518,14 @@ impl Block {
         Ok(())
     }
     fn process_queue_sync(&mut self, ctx: &mut QueueCtx<'_>) {
-        let mem = ctx.mem;
         loop {
-            let Some(queue) = ctx.queues.get_mut(0) else {
-                return;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                return;
-            };
-            let req = match Self::parse(chain, mem) {
+            let req = match self.next_request(ctx) {
                 Ok(r) => r,
-                Err(head) => {
-                    // No usable status buffer: give the chain back with nothing written.
-                    self.stats.errors += 1;
-                    if !ctx.add_used(0, head, 0) {
-                        return;
-                    }
-                    continue;
-                }
+                Err(true) => return,
+                Err(false) => continue,
             };
-            // A bogus length must not put the bucket into debt beyond the disk's size.
-            let charge = Self::data_len(&req).min(self.backing.sectors * SECTOR_SIZE);
-            if let Some(l) = &mut self.limiter {
-                if !l.consume(charge) {
-                    self.stats.throttled += 1;
-                    super::unpop(queue);
-                    return;
-                }
-            }
-            let (status, written) = self.execute(&req, mem);
-            if status != S_OK {
-                self.stats.errors += 1;
-            }
-            let len = match mem.write_obj(status, req.status) {
-                Ok(()) => written + 1,
-                Err(_) => written,
-            };
-            if !ctx.add_used(0, req.head, len) {
+            let (status, written) = self.execute(&req, ctx.mem);
+            if !self.complete(ctx, &req, status, written) {
                 return;
             }
         }
@@ -604,7 +575,7 @@ impl Block {
             self.stats.errors += 1;
         }
         let len = match ctx.mem.write_obj(status, req.status) {
-            Ok(()) => written + 1,
+            Ok(()) => written.saturating_add(1),
             Err(_) => written,
         };
         ctx.add_used(0, req.head, len)
@@ -752,7 +723,7 @@ impl Block {
                 (true, T_IN) => {
                     self.stats.reads += 1;
                     self.stats.read_bytes += total;
-                    (S_OK, total as u32)
+                    (S_OK, total.min(u64::from(u32::MAX - 1)) as u32)
                 }
                 (true, _) => {
                     self.stats.writes += 1;
