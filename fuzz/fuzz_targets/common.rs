@@ -60,7 +60,11 @@ pub fn run(device: Box<dyn VirtioDevice>, data: &[u8]) {
         w(&mut dev, 0x024, sel);
         w(&mut dev, 0x020, (features >> (32 * sel)) as u32);
     }
-    w(&mut dev, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    w(
+        &mut dev,
+        0x070,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
     for i in 0..nq as u64 {
         w(&mut dev, 0x030, i as u32);
         w(&mut dev, 0x038, u32::from(QSIZE));

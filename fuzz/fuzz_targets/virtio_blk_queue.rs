@@ -8,7 +8,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let path = std::env::temp_dir().join(format!("tern-fuzz-blk-{}.img", std::process::id()));
-    if std::fs::File::create(&path).and_then(|f| f.set_len(64 * 1024)).is_err() {
+    if std::fs::File::create(&path)
+        .and_then(|f| f.set_len(64 * 1024))
+        .is_err()
+    {
         return;
     }
     let cfg = BlockConfig {

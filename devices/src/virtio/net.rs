@@ -169,6 +169,31 @@ impl NetBackend for Tap {
     }
 }
 
+/// A Unix datagram socket as the back end, one frame per datagram: the TAP's stand-in in
+/// unit tests and fuzzing (the peer socket plays the host's network).
+pub struct DatagramBackend(pub std::os::unix::net::UnixDatagram);
+
+impl Read for DatagramBackend {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.0.recv(b)
+    }
+}
+
+impl Write for DatagramBackend {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.send(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl NetBackend for DatagramBackend {
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 /// Counters of one interface.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetStats {
@@ -546,33 +571,12 @@ mod tests {
     use crate::virtio::testutil::*;
     use std::os::unix::net::UnixDatagram;
 
-    /// A datagram socket pair stands in for the TAP: one frame per datagram.
-    struct Sock(UnixDatagram);
-    impl Read for Sock {
-        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-            self.0.recv(b)
-        }
-    }
-    impl Write for Sock {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.send(b)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl NetBackend for Sock {
-        fn raw_fd(&self) -> std::os::fd::RawFd {
-            self.0.as_raw_fd()
-        }
-    }
-
     fn net(rx: Option<RateLimiterConfig>) -> (Driver, UnixDatagram) {
         let (a, b) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
         let mac = [0x06, 0, 0xac, 0x10, 0, 2];
-        let dev = Net::new("eth0", Box::new(Sock(a)), Some(mac), rx, None).unwrap();
+        let dev = Net::new("eth0", Box::new(DatagramBackend(a)), Some(mac), rx, None).unwrap();
         (Driver::new(Box::new(dev)), b)
     }
 
