@@ -16,6 +16,7 @@
 #
 # Environment: TERN_CACHE (default ~/.cache/tern), L1_KVER, L1_MEM (MiB,
 # default 2048; must exceed what an L2 guest maps), L1_SMP (2), L1_APPEND,
+# NEST_QEMU_ARGS (more QEMU options, e.g. "-d cpu_reset -D /tmp/q.log"),
 # NEST_TIMEOUT (s, default 1200), NEST_IDLE (s: kill an L1 silent that long; off
 # by default), NEST_LOG (copy of the console, default
 # $TERN_CACHE/nest-x86_64/last-console.log), NEST_REBUILD=1.
@@ -159,7 +160,7 @@ fi
 set +e
 timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu max,+svm \
     -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
-    -serial stdio -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" \
+    -serial stdio -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
     -append "console=ttyS0 panic=-1 quiet loglevel=4 ${L1_APPEND:-}" </dev/null 2>&1 |
     # no \r, and no terminal resets/escapes (SeaBIOS, kernel) before markers
     sed -u 's/\r//g; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g' | tee -a "$LOG"

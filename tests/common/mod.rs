@@ -8,6 +8,7 @@
 //!   binary share one L1 boot;
 //! - **skip**, printing why, when neither is possible.
 //!
+//! `TERN_SCENARIOS=a,b` runs only the scenarios named (the others' tests skip).
 //! `TERN_TEST_MODE=direct|nested|skip` forces a mode. Both modes run the very same generated
 //! shell script, in which `tern-bench run` starts tern, timestamps its output and reports in
 //! JSON; the harness parses those reports and each `#[test]` checks its scenario's.
@@ -474,6 +475,12 @@ pub struct Batch {
 /// Runs all `scenarios` (once per test binary) and returns each one's outcome.
 pub fn run_batch(tag: &str, scenarios: &[Scenario]) -> Result<Batch, String> {
     let mode = mode()?;
+    let picked: Vec<Scenario> = scenarios
+        .iter()
+        .filter(|s| selected(s.name))
+        .cloned()
+        .collect();
+    let scenarios = &picked[..];
     let guest = guest_files()?;
     let dir = workspace().join("target").join("scenarios").join(tag);
     let mut results = execute(mode, &dir, scenarios, &guest)?;
@@ -592,6 +599,14 @@ fn execute(
     Ok(results)
 }
 
+/// False when `TERN_SCENARIOS` (a comma-separated list of scenario names, for working on a
+/// few) is set and does not name `name`.
+fn selected(name: &str) -> bool {
+    std::env::var("TERN_SCENARIOS")
+        .map(|list| list.split(',').any(|n| n.trim() == name))
+        .unwrap_or(true)
+}
+
 /// The outcome of `name` from a batch computed once in `cell`; `None` means skipped (printed).
 pub fn outcome<'a>(
     cell: &'a OnceLock<Result<Batch, String>>,
@@ -599,6 +614,10 @@ pub fn outcome<'a>(
     scenarios: &[Scenario],
     name: &str,
 ) -> Option<&'a Outcome> {
+    if !selected(name) {
+        eprintln!("SKIPPED {name}: not in TERN_SCENARIOS");
+        return None;
+    }
     let batch = cell.get_or_init(|| run_batch(tag, scenarios));
     match batch {
         Err(why)

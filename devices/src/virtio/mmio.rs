@@ -164,7 +164,13 @@ pub struct DeviceSide {
     activated: bool,
     interrupt_status: Arc<AtomicU32>,
     config_generation: u32,
+    /// Interrupts raised so far, and what [`DeviceSide::idle_check`] saw last time.
+    triggers: u64,
+    idle_seen: Option<(u32, u64)>,
 }
+
+/// How long the worker waits without events before [`DeviceSide::idle_check`].
+pub const IDLE_CHECK_MS: i32 = 1000;
 
 fn queue_events(n: usize, poller: &Poller) -> std::io::Result<Vec<EventFd>> {
     (0..n)
@@ -177,7 +183,8 @@ fn queue_events(n: usize, poller: &Poller) -> std::io::Result<Vec<EventFd>> {
 }
 
 impl DeviceSide {
-    fn trigger(&self, bit: u32) {
+    fn trigger(&mut self, bit: u32) {
+        self.triggers = self.triggers.wrapping_add(1);
         self.interrupt_status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
             log::warn!("virtio-mmio: interrupt: {e}");
@@ -265,6 +272,85 @@ impl DeviceSide {
             self.handle_event(ev.data(), ev.event_set());
         }
         n
+    }
+
+    /// Where each queue stands and the device's own summary, for diagnostics.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "interrupt status {:#x}; ",
+            self.interrupt_status.load(Ordering::SeqCst)
+        );
+        for (i, q) in self.queues.iter().enumerate() {
+            let avail = q.avail_idx(&self.mem, Ordering::Acquire).map(|w| w.0);
+            let used = q.used_idx(&self.mem, Ordering::Acquire).map(|w| w.0);
+            out += &format!(
+                "queue {i}: avail {avail:?} taken {} used {used:?}; ",
+                q.next_avail()
+            );
+        }
+        out + &self.device.describe()
+    }
+
+    /// The worker calls this after [`IDLE_CHECK_MS`] without events. It recovers from a lost
+    /// wake-up, and says so: an interrupt the driver never acknowledged is raised again, and
+    /// buffers made available without a notification are processed. Neither happens with a
+    /// correct driver and hypervisor; both would stall a lock-step protocol (vsock) for good.
+    pub fn idle_check(&mut self) {
+        if !self.activated {
+            self.idle_seen = None;
+            return;
+        }
+        let status = self.interrupt_status.load(Ordering::SeqCst);
+        let seen = (status, self.triggers);
+        if status != 0 && self.idle_seen == Some(seen) {
+            log::warn!(
+                "virtio-mmio (type {}): interrupt status {status:#x} not acknowledged for {IDLE_CHECK_MS} ms; raising the interrupt again ({})",
+                self.device.device_type(),
+                self.describe()
+            );
+            self.trigger(0);
+        }
+        self.idle_seen = Some((self.interrupt_status.load(Ordering::SeqCst), self.triggers));
+        let mut ctx = QueueCtx {
+            queues: &mut self.queues,
+            mem: &self.mem,
+            poller: &self.poller,
+            used: 0,
+        };
+        if let Some(what) = self.device.idle(&mut ctx) {
+            let used = ctx.used;
+            log::warn!(
+                "virtio-mmio (type {}): {what} with no event announcing it; done now ({})",
+                self.device.device_type(),
+                self.describe()
+            );
+            self.signal_used(used);
+        }
+        for i in 0..self.queues.len() {
+            let q = &self.queues[i];
+            let pending = q.ready()
+                && q.avail_idx(&self.mem, Ordering::Acquire)
+                    .is_ok_and(|a| a.0 != q.next_avail());
+            if !pending {
+                continue;
+            }
+            let mut ctx = QueueCtx {
+                queues: &mut self.queues,
+                mem: &self.mem,
+                poller: &self.poller,
+                used: 0,
+            };
+            self.device.process_queue(i as u16, &mut ctx);
+            let used = ctx.used;
+            if used != 0 {
+                log::warn!(
+                    "virtio-mmio (type {}): queue {i} had work no notification announced; done now ({})",
+                    self.device.device_type(),
+                    self.describe()
+                );
+                self.signal_used(used);
+            }
+        }
     }
 
     /// A handle on the epoll set, for [`super::worker::spawn`].
@@ -355,6 +441,8 @@ impl MmioTransport {
                 activated: false,
                 interrupt_status: interrupt_status.clone(),
                 config_generation: 0,
+                triggers: 0,
+                idle_seen: None,
             })),
             interrupt_status,
             queue_evts: vcpu_evts,
@@ -788,6 +876,46 @@ mod tests {
         assert_eq!(r(&mut g.dev, REG_INTERRUPT_STATUS), INT_USED_BUFFER);
         w(&mut g.dev, REG_INTERRUPT_ACK, INT_USED_BUFFER);
         assert_eq!(r(&mut g.dev, REG_INTERRUPT_STATUS), 0);
+    }
+
+    /// Runs the worker's idle check on the device side.
+    fn idle_check(g: &Guest) {
+        g.dev.device_side().lock().unwrap().idle_check();
+    }
+
+    #[test]
+    fn idle_check_recovers_a_lost_notification_and_a_lost_interrupt() {
+        let mut g = guest();
+        // A buffer made available without writing QueueNotify: nothing happens until the
+        // worker's idle check finds it.
+        g.desc(0, 0x8000, 32, F_WRITE, 0);
+        g.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        g.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        g.avail_idx = 1;
+        g.dev.run_ready(0);
+        assert_eq!(g.used().0, 0);
+        idle_check(&g);
+        assert_eq!(g.used(), (1, vec![(0, 32)]));
+        assert_eq!(g.irq.count(), 1);
+        // The driver never acknowledges: the first idle check notes the status, the second
+        // (a whole idle period later) raises the interrupt again; nothing new after an ack.
+        idle_check(&g);
+        assert_eq!(g.irq.count(), 1);
+        idle_check(&g);
+        assert_eq!(g.irq.count(), 2);
+        w(&mut g.dev, REG_INTERRUPT_ACK, INT_USED_BUFFER);
+        idle_check(&g);
+        idle_check(&g);
+        assert_eq!(g.irq.count(), 2);
+        // A notified buffer is handled at once and the idle check finds nothing more.
+        g.desc(1, 0x9000, 16, F_WRITE, 0);
+        g.offer(1);
+        assert_eq!(g.used().0, 2);
+        w(&mut g.dev, REG_INTERRUPT_ACK, INT_USED_BUFFER);
+        idle_check(&g);
+        idle_check(&g);
+        assert_eq!(g.used().0, 2);
+        assert_eq!(g.irq.count(), 3);
     }
 
     #[test]

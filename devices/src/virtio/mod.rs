@@ -138,12 +138,22 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: u16, ctx: &mut QueueCtx<'_>);
     /// Handles a back-end descriptor's `events` (`token` as the device registered it).
     fn process_backend(&mut self, _token: u64, _events: EventSet, _ctx: &mut QueueCtx<'_>) {}
+    /// Called by the worker after a quiet period (see [`mmio::DeviceSide::idle_check`]):
+    /// retries back-end work that waits for a readiness event. Returns what it found to do,
+    /// if anything (a lost event; logged as a warning).
+    fn idle(&mut self, _ctx: &mut QueueCtx<'_>) -> Option<String> {
+        None
+    }
     /// Forgets everything the driver set up and removes back-end descriptors from `poller`.
     fn reset(&mut self, _poller: &Poller) {}
     /// The device's own state for a snapshot (its queues are saved by the transport).
     fn save(&self) -> serde_json::Value;
     /// Restores what [`VirtioDevice::save`] returned.
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
+    /// A short summary of the device's internal state, for diagnostics in logs.
+    fn describe(&self) -> String {
+        String::new()
+    }
     /// The device as `Any`, for updates through the API (a drive's new backing file).
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }

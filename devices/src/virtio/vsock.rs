@@ -817,6 +817,30 @@ impl VirtioDevice for Vsock {
         }
     }
 
+    fn idle(&mut self, ctx: &mut QueueCtx<'_>) -> Option<String> {
+        // A write that would block waits for EPOLLOUT; try once more in case it was lost.
+        let stuck: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.writable && !c.pending.is_empty())
+            .map(|(t, _)| *t)
+            .collect();
+        let mut flushed = 0;
+        for t in stuck {
+            let Some(c) = self.conns.get_mut(&t) else {
+                continue;
+            };
+            let before = c.pending.len();
+            c.writable = true;
+            self.service_host(t, ctx.poller);
+            if self.conns.get(&t).is_none_or(|c| c.pending.len() < before) {
+                flushed += 1;
+            }
+        }
+        self.deliver_rx(ctx);
+        (flushed > 0).then(|| format!("{flushed} connections could write to their host socket"))
+    }
+
     fn process_backend(&mut self, token: u64, events: EventSet, ctx: &mut QueueCtx<'_>) {
         if token == TOKEN_LISTENER {
             self.accept(ctx.poller);
@@ -851,6 +875,35 @@ impl VirtioDevice for Vsock {
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
+    }
+
+    fn describe(&self) -> String {
+        let mut out = format!(
+            "{} control packets waiting, {:?}; ",
+            self.ctrl.len(),
+            self.stats
+        );
+        for (t, c) in &self.conns {
+            out += &format!(
+                "connection {t}: {:?} ports {}/{} pending {} fwd_cnt {} told {} peer buf_alloc {} fwd_cnt {} rx_cnt {} credit {} readable {} writable {} host_eof {} guest_send_done {} closing {}; ",
+                c.state,
+                c.local_port,
+                c.peer_port,
+                c.pending.len(),
+                c.fwd_cnt,
+                c.fwd_cnt_told,
+                c.peer_buf_alloc,
+                c.peer_fwd_cnt,
+                c.rx_cnt,
+                c.peer_credit(),
+                c.readable,
+                c.writable,
+                c.host_eof,
+                c.guest_send_done,
+                c.closing
+            );
+        }
+        out
     }
 }
 
@@ -972,6 +1025,57 @@ mod tests {
         t.d.dev.run_ready(200);
         let got = t.received();
         assert_eq!(got.last().map(|p| p.0.op), Some(OP_SHUTDOWN), "{got:?}");
+    }
+
+    #[test]
+    fn idle_check_recovers_a_lost_writable_and_readable_event() {
+        let mut t = setup();
+        let listener = UnixListener::bind(format!("{}_5001", t.uds().display())).unwrap();
+        t.give_rx(4);
+        t.send(OP_REQUEST, 1234, 5001, &[]);
+        assert_eq!(t.received().len(), 1);
+        let (mut host, _) = listener.accept().unwrap();
+        host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        while t.d.dev.run_ready(50) > 0 {}
+        // Pretend the socket said EAGAIN and its EPOLLOUT never came: the bytes wait...
+        let side = t.d.dev.device_side();
+        let stall = |side: &std::sync::Arc<std::sync::Mutex<crate::virtio::mmio::DeviceSide>>| {
+            side.lock().unwrap().with_device(|d, _| {
+                let v = d.as_any_mut().downcast_mut::<Vsock>().unwrap();
+                for c in v.conns.values_mut() {
+                    c.writable = false;
+                }
+            })
+        };
+        stall(&side);
+        t.send(OP_RW, 1234, 5001, b"late");
+        let pending = side.lock().unwrap().with_device(|d, _| {
+            let v = d.as_any_mut().downcast_mut::<Vsock>().unwrap();
+            v.conns.values().map(|c| c.pending.len()).sum::<usize>()
+        });
+        assert_eq!(pending, 4);
+        // ...until the worker's idle check retries the write.
+        side.lock().unwrap().idle_check();
+        let mut buf = [0u8; 4];
+        host.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"late");
+        // Host data whose EPOLLIN was lost (not yet seen by the device) reaches the guest too.
+        host.write_all(b"back").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        side.lock().unwrap().with_device(|d, _| {
+            let v = d.as_any_mut().downcast_mut::<Vsock>().unwrap();
+            for c in v.conns.values_mut() {
+                c.readable = true;
+            }
+        });
+        side.lock().unwrap().idle_check();
+        let got = t.received();
+        assert_eq!(
+            got.last().map(|p| p.1.as_slice()),
+            Some(&b"back"[..]),
+            "{got:?}"
+        );
     }
 
     #[test]

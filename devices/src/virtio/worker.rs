@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::EpollEvent;
 
-use super::mmio::DeviceSide;
+use super::mmio::{DeviceSide, IDLE_CHECK_MS};
 
 /// Starts the worker thread `name` for a transport's device side
 /// ([`super::mmio::MmioTransport::device_side`]). It runs until the process exits.
@@ -20,7 +20,7 @@ pub fn spawn(transport: Arc<Mutex<DeviceSide>>, name: String) -> std::io::Result
     std::thread::Builder::new().name(name).spawn(move || {
         let mut events = [EpollEvent::default(); 32];
         loop {
-            let n = match poller.wait(-1, &mut events) {
+            let n = match poller.wait(IDLE_CHECK_MS, &mut events) {
                 Ok(n) => n,
                 Err(e) => {
                     log::error!("virtio worker: epoll_wait: {e}; the device stops");
@@ -28,6 +28,9 @@ pub fn spawn(transport: Arc<Mutex<DeviceSide>>, name: String) -> std::io::Result
                 }
             };
             let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
+            if n == 0 {
+                t.idle_check();
+            }
             for ev in &events[..n] {
                 t.handle_event(ev.data(), ev.event_set());
             }
