@@ -353,6 +353,7 @@ pub struct MsrModifier {
     pub bitmap: String,
 }
 
+#[cfg(target_arch = "x86_64")]
 fn number(field: &str, s: &str) -> Result<u32, FieldError> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -368,6 +369,25 @@ fn number(field: &str, s: &str) -> Result<u32, FieldError> {
 
 impl CpuConfig {
     /// The VMM's view, with every number and bitmap checked.
+    #[cfg(target_arch = "aarch64")]
+    pub fn into_vmm(self) -> Result<vmm::resources::CpuTemplate, FieldError> {
+        for (name, empty) in [
+            ("kvm_capabilities", self.kvm_capabilities.is_empty()),
+            ("cpuid_modifiers", self.cpuid_modifiers.is_empty()),
+            ("msr_modifiers", self.msr_modifiers.is_empty()),
+        ] {
+            if !empty {
+                return Err((
+                    format!("cpu-config.{name}"),
+                    "is not supported on ARM64 (CPUID and MSRs are x86; leave it empty)".into(),
+                ));
+            }
+        }
+        Ok(vmm::resources::CpuTemplate::default())
+    }
+
+    /// The VMM's view, with every number and bitmap checked.
+    #[cfg(target_arch = "x86_64")]
     pub fn into_vmm(self) -> Result<vmm::resources::CpuTemplate, FieldError> {
         use arch::x86_64::cpuid::{BitModifier, CpuidModifier, CpuidReg, parse_bitmap};
         if !self.kvm_capabilities.is_empty() {

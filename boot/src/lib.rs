@@ -4,6 +4,8 @@
 
 #![deny(missing_docs)]
 
+// Plain file and memory work: built (and unit-tested) on every host, used on aarch64.
+pub mod aarch64;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 #[cfg(target_arch = "x86_64")]

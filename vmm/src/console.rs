@@ -7,7 +7,6 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::serial::SerialDevice;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -64,7 +63,7 @@ pub enum ConsoleInput {
 /// when the FIFO is full the source is taken out of the event loop until the UART signals
 /// `room` (the guest emptied the FIFO).
 pub struct SerialInput {
-    serial: Arc<Mutex<SerialDevice>>,
+    serial: Arc<Mutex<crate::platform::Uart>>,
     source: File,
     room: EventFd,
     paused: bool,
@@ -72,7 +71,7 @@ pub struct SerialInput {
 
 impl SerialInput {
     /// Input from `source` for `serial`, resumed by `room`.
-    pub fn new(serial: Arc<Mutex<SerialDevice>>, source: File, room: EventFd) -> Self {
+    pub fn new(serial: Arc<Mutex<crate::platform::Uart>>, source: File, room: EventFd) -> Self {
         Self {
             serial,
             source,

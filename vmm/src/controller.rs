@@ -529,10 +529,10 @@ impl Controller {
                 None => Err(ActionError::InvalidState(
                     "cannot send Ctrl+Alt+Del: the VM has not started".into(),
                 )),
-                Some(vm) => {
-                    vm.ctrl_alt_del();
-                    Ok(VmmData::Empty)
-                }
+                Some(vm) => vm
+                    .ctrl_alt_del()
+                    .map(|()| VmmData::Empty)
+                    .map_err(ActionError::InvalidState),
             },
             VmmAction::Resume => match &mut self.vm {
                 None => Err(ActionError::InvalidState(

@@ -4,14 +4,13 @@
 #![deny(missing_docs)]
 
 pub mod console;
-#[cfg(target_arch = "x86_64")]
 pub mod controller;
 pub mod exit;
 pub mod hypervisor;
 pub mod logger;
+pub mod platform;
 pub mod resources;
 pub mod vcpu;
-#[cfg(target_arch = "x86_64")]
 pub mod vm;
 
 pub use resources::{ConfigError, VmResources};

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 pub use boot::BootProtocol;
 
 /// Kernel command line used when the config gives none.
+#[cfg(target_arch = "x86_64")]
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// The kernel command line when the configuration gives none.
+#[cfg(target_arch = "aarch64")]
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyAMA0 panic=1";
 /// Most vCPUs tern gives one VM (the MADT/APIC ID space and Firecracker's limit).
 pub const MAX_VCPUS: u8 = 32;
 
@@ -78,6 +82,11 @@ pub struct CpuTemplate {
     pub msrs: Vec<(u32, arch::x86_64::cpuid::BitModifier<u64>)>,
 }
 
+/// A custom CPU template: on ARM64, tern has no register modifiers yet, so it is empty.
+#[cfg(target_arch = "aarch64")]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CpuTemplate {}
+
 /// Everything needed to build the VM.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VmResources {
@@ -90,7 +99,6 @@ pub struct VmResources {
     /// Whether the boot-timer device is present.
     pub boot_timer: bool,
     /// Custom CPU template.
-    #[cfg(target_arch = "x86_64")]
     pub cpu_template: Option<CpuTemplate>,
     /// A virtio-rng entropy device.
     pub entropy: bool,
@@ -520,9 +528,9 @@ fn max_virtio_devices() -> usize {
     {
         arch::x86_64::layout::MAX_VIRTIO_DEVICES
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
     {
-        19
+        arch::aarch64::layout::MAX_VIRTIO_DEVICES
     }
 }
 
@@ -531,9 +539,9 @@ fn arch_cmdline_max() -> usize {
     {
         arch::x86_64::layout::CMDLINE_MAX_SIZE
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
     {
-        2048
+        arch::aarch64::layout::CMDLINE_MAX_SIZE
     }
 }
 

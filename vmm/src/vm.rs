@@ -8,7 +8,7 @@ use std::time::Instant;
 use devices::exit::{ExitRequester, GuestExit};
 use devices::interrupt::IrqLine;
 use devices::legacy::boot_timer::BootTimer;
-use devices::legacy::serial::{ConsoleOutput, SerialDevice};
+use devices::legacy::serial::ConsoleOutput;
 use devices::{Bus, BusDevice};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -17,7 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::{ConsoleInput, RawTerminal, SerialInput};
 use crate::exit::{ExitChannel, VmStop};
-use crate::hypervisor::{Hypervisor, Vm, X86BootState};
+use crate::hypervisor::{Hypervisor, Vm};
+use crate::platform;
 use crate::resources::{HostLimits, VmResources};
 use crate::vcpu::{self, Buses};
 use crate::{Error, Result};
@@ -64,12 +65,12 @@ pub struct BuiltVm {
     vcpus: Vec<(u8, Box<dyn crate::hypervisor::Vcpu>)>,
     buses: Buses,
     exit: Arc<ExitChannel>,
-    serial: Arc<Mutex<SerialDevice>>,
+    serial: Arc<Mutex<platform::Uart>>,
     panicked: Arc<AtomicBool>,
     console_input: ConsoleInput,
     input_room: EventFd,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
-    i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
+    extra: platform::Extra,
     virtio: Vec<VirtioHandle>,
 }
 
@@ -111,7 +112,7 @@ fn guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap> {
     let bytes = mem_mib
         .checked_mul(1 << 20)
         .ok_or_else(|| Error::Memory(format!("{mem_mib} MiB overflows")))?;
-    let regions: Vec<(GuestAddress, usize)> = arch::x86_64::memory::ram_regions(bytes)
+    let regions: Vec<(GuestAddress, usize)> = platform::ram_regions(bytes)
         .into_iter()
         .map(|(start, size)| (GuestAddress(start), size as usize))
         .collect();
@@ -137,7 +138,13 @@ fn map_guest_memory(vm: &dyn Vm, mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
-fn insert(bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<()> {
+/// Puts `dev` on `bus` at `base`.
+pub(crate) fn insert(
+    bus: &mut Bus,
+    dev: Arc<Mutex<dyn BusDevice>>,
+    base: u64,
+    len: u64,
+) -> Result<()> {
     bus.insert(dev, base, len)
         .map_err(|e| Error::Device(e.to_string()))
 }
@@ -150,16 +157,13 @@ pub fn build(
     payload: Payload<'_>,
     opts: RunOptions,
 ) -> Result<BuiltVm> {
-    use arch::x86_64::layout::*;
-
     if matches!(payload, Payload::Linux) {
         res.validate(&HostLimits::probe(hv.max_vcpus()))?;
     }
-    let vcpu_count = res.machine_config.vcpu_count;
     let mem = guest_memory(res.machine_config.mem_size_mib)?;
     let vm = hv.create_vm()?;
     map_guest_memory(vm.as_ref(), &mem)?;
-    vm.setup_x86_platform(KVM_TSS_ADDRESS)?;
+    let early = platform::setup_early(vm.as_ref(), res)?;
 
     let exit = Arc::new(ExitChannel::new()?);
     let exit_dyn: Arc<dyn ExitRequester> = exit.clone();
@@ -180,65 +184,48 @@ pub fn build(
         })?,
     };
     let input_room = EventFd::new(libc::EFD_NONBLOCK)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        IrqLine(vm.interrupt_line(COM1_GSI)?),
-        ConsoleOutput::new(out, panicked.clone()),
-        Some(input_room.try_clone()?),
-    )));
-
     let mut pio = Bus::new();
-    insert(&mut pio, serial.clone(), u64::from(COM1_PORT), 8)?;
-    let i8042 = Arc::new(Mutex::new(devices::legacy::i8042::I8042::new(
-        exit_dyn.clone(),
-        IrqLine(vm.interrupt_line(I8042_GSI)?),
-    )));
-    insert(&mut pio, i8042.clone(), u64::from(I8042_PORT), 5)?;
-    insert(
-        &mut pio,
-        Arc::new(Mutex::new(devices::legacy::cmos::Cmos::default())),
-        u64::from(CMOS_PORT),
-        2,
-    )?;
-    insert(
-        &mut pio,
-        Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(
-            exit_dyn,
-            ACPI_S5_SLEEP_TYPE,
-            ACPI_RESET_VALUE,
-        ))),
-        u64::from(ACPI_SLEEP_CONTROL_PORT),
-        3,
-    )?;
     let mut mmio = Bus::new();
+    let (serial, extra) = platform::legacy_devices(
+        vm.as_ref(),
+        &mut pio,
+        &mut mmio,
+        exit_dyn,
+        ConsoleOutput::new(out, panicked.clone()),
+        input_room.try_clone()?,
+    )?;
     let boot_timer = if res.boot_timer {
-        let timer = Arc::new(Mutex::new(BootTimer::new(opts.start, BOOT_TIMER_MAGIC)));
-        insert(&mut mmio, timer.clone(), BOOT_TIMER_START, BOOT_TIMER_SIZE)?;
+        let timer = Arc::new(Mutex::new(BootTimer::new(
+            opts.start,
+            platform::BOOT_TIMER_MAGIC,
+        )));
+        insert(
+            &mut mmio,
+            timer.clone(),
+            platform::BOOT_TIMER_START,
+            platform::BOOT_TIMER_SIZE,
+        )?;
         Some(timer)
     } else {
         None
     };
-    // virtio-mmio devices: one 4 KiB window each from VIRTIO_MMIO_START, GSIs from 5. Drives
+    // virtio-mmio devices, one window and interrupt each (platform::virtio_slot). Drives
     // first (the root device as /dev/vda), then network interfaces, vsock, balloon, rng.
-    let mut virtio = Vec::new();
+    let mut virtio: Vec<platform::VirtioSlot> = Vec::new();
     let mut handles = Vec::new();
     let mut add_virtio =
         |kind: VirtioKind, id: String, dev: Box<dyn devices::virtio::VirtioDevice>| -> Result<()> {
-            use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, WINDOW_SIZE};
-            let i = virtio.len() as u64;
-            let base = VIRTIO_MMIO_START + i * WINDOW_SIZE;
-            let gsi = VIRTIO_FIRST_GSI + i as u32;
-            let transport = MmioTransport::new(dev, mem.clone(), IrqLine(vm.interrupt_line(gsi)?))
-                .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?;
+            use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+            let slot = platform::virtio_slot(virtio.len());
+            let transport =
+                MmioTransport::new(dev, mem.clone(), IrqLine(vm.interrupt_line(slot.irq)?))
+                    .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?;
             for (q, evt) in transport.queue_events()?.iter().enumerate() {
-                vm.register_notify(evt, base + QUEUE_NOTIFY_OFFSET, q as u32)?;
+                vm.register_notify(evt, slot.base + QUEUE_NOTIFY_OFFSET, q as u32)?;
             }
             let transport = Arc::new(Mutex::new(transport));
-            insert(&mut mmio, transport.clone(), base, WINDOW_SIZE)?;
-            virtio.push(arch::x86_64::acpi::MmioDevice {
-                base,
-                len: WINDOW_SIZE,
-                gsi,
-            });
+            insert(&mut mmio, transport.clone(), slot.base, slot.len)?;
+            virtio.push(slot);
             handles.push(VirtioHandle {
                 kind,
                 id,
@@ -313,64 +300,7 @@ pub fn build(
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
     };
-
-    let boot_entry = match payload {
-        Payload::Linux => Some(load_linux(&mem, res, vcpu_count, &virtio)?),
-        Payload::Flat32 { code, load_addr } => {
-            use vm_memory::Bytes;
-            mem.write_slice(code, GuestAddress(load_addr))
-                .map_err(|e| Error::Memory(format!("test payload: {e}")))?;
-            Some(arch::x86_64::regs::BootEntry::Pvh { entry: load_addr })
-        }
-    };
-
-    let supported = vm.supported_cpuid()?;
-    let mut msrs = arch::x86_64::msr::boot_msrs();
-    if let Some(t) = &res.cpu_template {
-        for (index, b) in &t.msrs {
-            match msrs.iter_mut().find(|m| m.index == *index) {
-                Some(m) => m.data = (m.data & !b.mask) | (b.value & b.mask),
-                None => msrs.push(kvm_bindings::kvm_msr_entry {
-                    index: *index,
-                    data: b.value & b.mask,
-                    ..Default::default()
-                }),
-            }
-        }
-    }
-    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
-    for index in 0..vcpu_count {
-        let mut vcpu = vm.create_vcpu(index)?;
-        let mut cpuid = supported.clone();
-        arch::x86_64::cpuid::normalize(&mut cpuid, index, vcpu_count);
-        if let Some(t) = &res.cpu_template {
-            arch::x86_64::cpuid::apply_modifiers(&mut cpuid, &t.cpuid).map_err(|e| {
-                Error::Config(crate::resources::ConfigError::new(
-                    "cpu-config.cpuid_modifiers",
-                    e,
-                ))
-            })?;
-        }
-        if index > 0 {
-            // Application processors wait for the boot vCPU's INIT/SIPI in the in-kernel LAPIC.
-            vcpu.configure_x86(&cpuid, &msrs, None)?;
-        } else if let Some(entry) = boot_entry {
-            let mem = &mem;
-            let setup = move |s: &mut kvm_bindings::kvm_sregs| {
-                arch::x86_64::regs::setup_boot_sregs(mem, entry, s).map_err(|e| e.to_string())
-            };
-            let regs = arch::x86_64::regs::boot_regs(entry);
-            vcpu.configure_x86(
-                &cpuid,
-                &msrs,
-                Some(X86BootState {
-                    regs,
-                    sregs_setup: &setup,
-                }),
-            )?;
-        }
-        vcpus.push((index, vcpu));
-    }
+    let vcpus = platform::boot(vm.as_ref(), &mem, res, payload, &virtio, early)?;
 
     Ok(BuiltVm {
         _vm: vm,
@@ -382,45 +312,10 @@ pub fn build(
         panicked,
         console_input: opts.console_input,
         input_room,
-        i8042,
+        extra,
         boot_timer,
         virtio: handles,
     })
-}
-
-fn load_linux(
-    mem: &GuestMemoryMmap,
-    res: &VmResources,
-    vcpu_count: u8,
-    virtio: &[arch::x86_64::acpi::MmioDevice],
-) -> Result<arch::x86_64::regs::BootEntry> {
-    let boot = res.boot_source.as_ref().ok_or_else(|| {
-        Error::Config(crate::resources::ConfigError::new("boot-source", "missing"))
-    })?;
-    let kernel = boot::load_kernel(mem, &boot.kernel_image_path, boot.boot_protocol)?;
-    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-    let initrd = match &boot.initrd_path {
-        Some(p) => Some(boot::load_initrd(
-            mem,
-            p,
-            &kernel,
-            arch::x86_64::memory::low_ram_end(&regions),
-        )?),
-        None => None,
-    };
-    let cmdline_len = boot::load_cmdline_str(mem, &res.full_boot_args())?;
-    let rsdp = arch::x86_64::acpi::write_tables(mem, vcpu_count, virtio)?;
-    let e820 = arch::x86_64::memory::e820_map(&regions);
-    boot::write_boot_info(mem, &kernel, cmdline_len, initrd, &e820, rsdp)?;
-    log::info!(
-        "booting {} ({:?}, {:?}) with {} vCPUs and {} MiB",
-        boot.kernel_image_path.display(),
-        kernel.format,
-        kernel.entry,
-        vcpu_count,
-        res.machine_config.mem_size_mib
-    );
-    Ok(kernel.entry)
 }
 
 /// Wakes the event loop when a stop reason is posted.
@@ -456,7 +351,7 @@ pub struct RunningVm {
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     _terminal: Option<RawTerminal>,
     paused: bool,
-    i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
+    extra: platform::Extra,
     virtio: Vec<VirtioHandle>,
 }
 
@@ -518,7 +413,7 @@ impl BuiltVm {
             boot_timer: self.boot_timer,
             _terminal: terminal,
             paused: false,
-            i8042: self.i8042,
+            extra: self.extra,
             virtio: self.virtio,
         })
     }
@@ -583,12 +478,9 @@ impl RunningVm {
         }
     }
 
-    /// Presses Ctrl+Alt+Del on the guest's keyboard.
-    pub fn ctrl_alt_del(&self) {
-        self.i8042
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ctrl_alt_del();
+    /// Presses Ctrl+Alt+Del on the guest's keyboard (x86 only: an error elsewhere).
+    pub fn ctrl_alt_del(&self) -> std::result::Result<(), String> {
+        self.extra.ctrl_alt_del()
     }
 
     /// Changes a drive's backing file and/or rate limiter (PATCH /drives).

@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use devices::interrupt::Interrupt;
+use kvm_bindings::kvm_userspace_memory_region;
+#[cfg(target_arch = "x86_64")]
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_cpuid_entry2, kvm_msr_entry,
-    kvm_pit_config, kvm_userspace_memory_region,
+    kvm_pit_config,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -45,22 +47,30 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .create_vm()
             .map_err(HypervisorError::call("KVM_CREATE_VM"))?;
-        let cpuid = if cfg!(target_arch = "x86_64") {
-            self.kvm
-                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                .map_err(HypervisorError::call("KVM_GET_SUPPORTED_CPUID"))?
-                .as_slice()
-                .to_vec()
-        } else {
-            Vec::new()
-        };
-        Ok(Arc::new(KvmVm { vm, cpuid }))
+        #[cfg(target_arch = "x86_64")]
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(HypervisorError::call("KVM_GET_SUPPORTED_CPUID"))?
+            .as_slice()
+            .to_vec();
+        Ok(Arc::new(KvmVm {
+            vm,
+            #[cfg(target_arch = "x86_64")]
+            cpuid,
+            #[cfg(target_arch = "aarch64")]
+            gic: std::sync::Mutex::new(None),
+        }))
     }
 }
 
 struct KvmVm {
     vm: VmFd,
+    #[cfg(target_arch = "x86_64")]
     cpuid: Vec<kvm_cpuid_entry2>,
+    /// The GIC device, kept open as long as the VM.
+    #[cfg(target_arch = "aarch64")]
+    gic: std::sync::Mutex<Option<kvm_ioctls::DeviceFd>>,
 }
 
 /// An irqfd: writing the eventfd raises the GSI in the in-kernel irqchip.
@@ -97,6 +107,21 @@ impl Vm for KvmVm {
             .vm
             .create_vcpu(u64::from(index))
             .map_err(HypervisorError::call("KVM_CREATE_VCPU"))?;
+        #[cfg(target_arch = "aarch64")]
+        {
+            // PSCI 0.2+ in the kernel (CPU_ON, SYSTEM_OFF, SYSTEM_RESET); the secondary vCPUs
+            // start powered off until the boot vCPU turns them on.
+            let mut kvi = kvm_bindings::kvm_vcpu_init::default();
+            self.vm
+                .get_preferred_target(&mut kvi)
+                .map_err(HypervisorError::call("KVM_ARM_PREFERRED_TARGET"))?;
+            kvi.features[0] |= 1 << kvm_bindings::KVM_ARM_VCPU_PSCI_0_2;
+            if index > 0 {
+                kvi.features[0] |= 1 << kvm_bindings::KVM_ARM_VCPU_POWER_OFF;
+            }
+            fd.vcpu_init(&kvi)
+                .map_err(HypervisorError::call("KVM_ARM_VCPU_INIT"))?;
+        }
         Ok(Box::new(KvmVcpu { fd }))
     }
 
@@ -137,6 +162,85 @@ impl Vm for KvmVm {
     #[cfg(target_arch = "x86_64")]
     fn supported_cpuid(&self) -> HvResult<Vec<kvm_cpuid_entry2>> {
         Ok(self.cpuid.clone())
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn setup_arm_gic(&self, vcpus: u64) -> HvResult<arch::aarch64::fdt::GicVersion> {
+        use arch::aarch64::fdt::GicVersion;
+        use arch::aarch64::layout::*;
+        use kvm_bindings::*;
+        let v3 = [
+            (KVM_VGIC_V3_ADDR_TYPE_DIST, GIC_DIST_START),
+            (KVM_VGIC_V3_ADDR_TYPE_REDIST, gicv3_redist_start(vcpus)),
+        ];
+        let v2 = [
+            (KVM_VGIC_V2_ADDR_TYPE_DIST, GIC_DIST_START),
+            (KVM_VGIC_V2_ADDR_TYPE_CPU, GICV2_CPU_START),
+        ];
+        let (fd, version) = match self.create_gic(kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, &v3) {
+            Ok(fd) => (fd, GicVersion::V3),
+            Err(e3) => {
+                if vcpus as usize > GICV2_MAX_VCPUS {
+                    return Err(e3);
+                }
+                log::info!("no GICv3 ({e3}); using a GICv2");
+                (
+                    self.create_gic(kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2, &v2)?,
+                    GicVersion::V2,
+                )
+            }
+        };
+        *self.gic.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+        Ok(version)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+impl KvmVm {
+    /// Creates a GIC of `kind`, places its regions and initialises it.
+    fn create_gic(&self, kind: u32, regions: &[(u32, u64)]) -> HvResult<kvm_ioctls::DeviceFd> {
+        use kvm_bindings::*;
+        let mut dev = kvm_create_device {
+            type_: kind,
+            fd: 0,
+            flags: 0,
+        };
+        let fd = self
+            .vm
+            .create_device(&mut dev)
+            .map_err(HypervisorError::call("KVM_CREATE_DEVICE (GIC)"))?;
+        let set = |group: u32, attr: u64, addr: u64, what: &'static str| {
+            let a = kvm_device_attr {
+                group,
+                attr,
+                addr,
+                flags: 0,
+            };
+            fd.set_device_attr(&a).map_err(HypervisorError::call(what))
+        };
+        for &(kind, base) in regions {
+            // KVM reads the address through the pointer during the call.
+            set(
+                KVM_DEV_ARM_VGIC_GRP_ADDR,
+                u64::from(kind),
+                &raw const base as u64,
+                "KVM_SET_DEVICE_ATTR (GIC region address)",
+            )?;
+        }
+        let nr_irqs: u32 = arch::aarch64::layout::GIC_NR_IRQS;
+        set(
+            KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
+            0,
+            &raw const nr_irqs as u64,
+            "KVM_SET_DEVICE_ATTR (GIC interrupt count)",
+        )?;
+        set(
+            KVM_DEV_ARM_VGIC_GRP_CTRL,
+            u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
+            0,
+            "KVM_SET_DEVICE_ATTR (GIC init)",
+        )?;
+        Ok(fd)
     }
 }
 
@@ -193,6 +297,25 @@ impl Vcpu for KvmVcpu {
             }
             Err(e) => Err(HypervisorError::call("KVM_RUN")(e)),
         }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn set_arm_regs(&mut self, regs: &[(u64, u64)]) -> HvResult<()> {
+        for &(id, value) in regs {
+            self.fd
+                .set_one_reg(id, &value.to_le_bytes())
+                .map_err(HypervisorError::call("KVM_SET_ONE_REG"))?;
+        }
+        Ok(())
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn arm_mpidr(&self) -> HvResult<u64> {
+        let mut b = [0u8; 8];
+        self.fd
+            .get_one_reg(arch::aarch64::regs::MPIDR_EL1, &mut b)
+            .map_err(HypervisorError::call("KVM_GET_ONE_REG (MPIDR_EL1)"))?;
+        Ok(u64::from_le_bytes(b))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -258,6 +381,7 @@ impl Vcpu for KvmVcpu {
 }
 
 #[cfg(test)]
+#[cfg(target_arch = "x86_64")]
 mod tests {
     use super::*;
 

@@ -117,6 +117,12 @@ pub trait Vm: Send + Sync {
     /// x86: the CPUID the hypervisor can give a guest.
     #[cfg(target_arch = "x86_64")]
     fn supported_cpuid(&self) -> HvResult<Vec<kvm_bindings::kvm_cpuid_entry2>>;
+
+    /// ARM64: creates and initialises the interrupt controller for `vcpus` vCPUs (all created
+    /// already) at the addresses of `arch::aarch64::layout`: a GICv3, or a GICv2 where the
+    /// host has no GICv3 emulation.
+    #[cfg(target_arch = "aarch64")]
+    fn setup_arm_gic(&self, vcpus: u64) -> HvResult<arch::aarch64::fdt::GicVersion>;
 }
 
 /// One virtual CPU. Runs on its own thread.
@@ -133,6 +139,14 @@ pub trait Vcpu: Send {
         msrs: &[kvm_bindings::kvm_msr_entry],
         boot: Option<X86BootState<'_>>,
     ) -> HvResult<()>;
+
+    /// ARM64: sets registers, as (KVM one-reg ID, value) pairs (`arch::aarch64::regs`).
+    #[cfg(target_arch = "aarch64")]
+    fn set_arm_regs(&mut self, regs: &[(u64, u64)]) -> HvResult<()>;
+
+    /// ARM64: the vCPU's MPIDR_EL1 (its affinity, as the device tree names it).
+    #[cfg(target_arch = "aarch64")]
+    fn arm_mpidr(&self) -> HvResult<u64>;
 }
 
 /// The boot vCPU's entry state on x86.

@@ -1,0 +1,174 @@
+//! ARM64: RAM from 2 GiB, the in-kernel GIC (v3, or v2), a PL011 UART as the console, a PL031
+//! RTC, PSCI for CPU bring-up and power-off/reset, and a device tree instead of firmware
+//! tables. Layout: `arch::aarch64::layout`.
+
+use std::sync::{Arc, Mutex};
+
+use arch::aarch64::fdt::{DeviceKind, FdtConfig, MmioDevice};
+use arch::aarch64::layout::*;
+use devices::Bus;
+use devices::exit::ExitRequester;
+use devices::interrupt::IrqLine;
+use devices::legacy::pl011::Pl011;
+use devices::legacy::rtc_pl031::RtcPl031;
+use devices::legacy::serial::ConsoleOutput;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::VirtioSlot;
+use crate::hypervisor::{Vcpu, Vm};
+use crate::resources::VmResources;
+use crate::vm::{Payload, insert};
+use crate::{Error, Result};
+
+pub use arch::aarch64::layout::{BOOT_TIMER_MAGIC, BOOT_TIMER_SIZE, BOOT_TIMER_START};
+
+/// The console UART: a PL011 (`ttyAMA0`).
+pub type Uart = Pl011;
+
+/// Devices only this platform has (none beyond the common ones).
+pub struct Extra;
+
+impl Extra {
+    /// Ctrl+Alt+Del goes to an x86 keyboard controller; ARM64 has none.
+    pub fn ctrl_alt_del(&self) -> std::result::Result<(), String> {
+        Err("SendCtrlAltDel needs the x86 i8042 keyboard controller; an ARM64 guest has none (shut it down from inside, or send a signal to tern)".into())
+    }
+}
+
+/// The RAM region of a guest with `bytes` of memory.
+pub fn ram_regions(bytes: u64) -> Vec<(u64, u64)> {
+    arch::aarch64::layout::ram_regions(bytes)
+}
+
+/// What [`setup_early`] made: the vCPUs (initialised, with their MPIDRs) and the GIC.
+pub struct Early {
+    vcpus: Vec<(u8, Box<dyn Vcpu>)>,
+    mpidrs: Vec<u64>,
+    gic: arch::aarch64::fdt::GicVersion,
+}
+
+/// The vCPUs and the GIC: KVM takes irqfds only once the GIC is initialised, and it
+/// initialises only once every vCPU exists.
+pub fn setup_early(vm: &dyn Vm, res: &VmResources) -> Result<Early> {
+    let vcpu_count = res.machine_config.vcpu_count;
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    let mut mpidrs = Vec::with_capacity(usize::from(vcpu_count));
+    for index in 0..vcpu_count {
+        let vcpu = vm.create_vcpu(index)?;
+        mpidrs.push(vcpu.arm_mpidr()?);
+        vcpus.push((index, vcpu));
+    }
+    let gic = vm.setup_arm_gic(u64::from(vcpu_count))?;
+    Ok(Early { vcpus, mpidrs, gic })
+}
+
+/// The PL011 and the PL031 on the MMIO bus. PSCI (in the kernel) powers off and resets.
+pub fn legacy_devices(
+    vm: &dyn Vm,
+    _pio: &mut Bus,
+    mmio: &mut Bus,
+    _exit: Arc<dyn ExitRequester>,
+    out: ConsoleOutput,
+    input_room: EventFd,
+) -> Result<(Arc<Mutex<Uart>>, Extra)> {
+    let uart = Arc::new(Mutex::new(Pl011::new(
+        IrqLine(vm.interrupt_line(UART_SPI)?),
+        out,
+        Some(input_room),
+    )));
+    insert(mmio, uart.clone(), UART_START, LEGACY_SIZE)?;
+    insert(
+        mmio,
+        Arc::new(Mutex::new(RtcPl031::default())),
+        RTC_START,
+        LEGACY_SIZE,
+    )?;
+    Ok((uart, Extra))
+}
+
+/// Virtio-mmio device `i`: a 4 KiB window from [`VIRTIO_MMIO_START`], SPIs from
+/// [`VIRTIO_FIRST_SPI`].
+pub fn virtio_slot(i: usize) -> VirtioSlot {
+    VirtioSlot {
+        base: VIRTIO_MMIO_START + i as u64 * devices::virtio::mmio::WINDOW_SIZE,
+        len: devices::virtio::mmio::WINDOW_SIZE,
+        irq: VIRTIO_FIRST_SPI + i as u32,
+    }
+}
+
+/// Loads the kernel and initrd, writes the device tree and sets
+/// the boot vCPU's entry registers.
+pub fn boot(
+    _vm: &dyn Vm,
+    mem: &GuestMemoryMmap,
+    res: &VmResources,
+    payload: Payload<'_>,
+    virtio: &[VirtioSlot],
+    early: Early,
+) -> Result<Vec<(u8, Box<dyn Vcpu>)>> {
+    if let Payload::Flat32 { .. } = payload {
+        return Err(Error::Device(
+            "flat 32-bit test payloads are x86 code; ARM64 boots Linux only".into(),
+        ));
+    }
+    let vcpu_count = res.machine_config.vcpu_count;
+    let Early {
+        mut vcpus,
+        mpidrs,
+        gic,
+    } = early;
+
+    let boot_src = res.boot_source.as_ref().ok_or_else(|| {
+        Error::Config(crate::resources::ConfigError::new("boot-source", "missing"))
+    })?;
+    let kernel = boot::aarch64::load_kernel(mem, &boot_src.kernel_image_path)?;
+    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let fdt_addr = arch::aarch64::layout::fdt_addr(&regions)
+        .ok_or_else(|| Error::Memory("too little RAM for the kernel and its device tree".into()))?;
+    let initrd = match &boot_src.initrd_path {
+        Some(p) => Some(boot::aarch64::load_initrd(mem, p, &kernel, fdt_addr)?),
+        None => None,
+    };
+    let mut devices = vec![
+        MmioDevice {
+            kind: DeviceKind::Uart,
+            base: UART_START,
+            len: LEGACY_SIZE,
+            spi: UART_SPI,
+        },
+        MmioDevice {
+            kind: DeviceKind::Rtc,
+            base: RTC_START,
+            len: LEGACY_SIZE,
+            spi: RTC_SPI,
+        },
+    ];
+    devices.extend(virtio.iter().map(|s| MmioDevice {
+        kind: DeviceKind::Virtio,
+        base: s.base,
+        len: s.len,
+        spi: s.irq,
+    }));
+    let cmdline = res.full_boot_args();
+    let blob = arch::aarch64::fdt::create_fdt(&FdtConfig {
+        mpidrs: &mpidrs,
+        regions: &regions,
+        cmdline: &cmdline,
+        initrd: initrd.map(|r| (r.addr, r.size)),
+        gic,
+        devices: &devices,
+    })?;
+    arch::aarch64::fdt::write_fdt(mem, fdt_addr, &blob)?;
+    if let Some((_, boot_vcpu)) = vcpus.first_mut() {
+        boot_vcpu.set_arm_regs(&arch::aarch64::regs::boot_regs(kernel.entry, fdt_addr))?;
+    }
+    log::info!(
+        "booting {} (arm64 Image{}, {gic:?}) with {} vCPUs and {} MiB",
+        boot_src.kernel_image_path.display(),
+        if kernel.gzip { ", gzip" } else { "" },
+        vcpu_count,
+        res.machine_config.mem_size_mib
+    );
+    Ok(vcpus)
+}
