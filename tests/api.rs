@@ -10,7 +10,6 @@ mod http;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::Scenario;
@@ -770,14 +769,16 @@ const LIFECYCLE_STEPS: &str = r#"[
 
 const SCENARIOS: &[Scenario] = &[Scenario {
     api_steps: Some(LIFECYCLE_STEPS),
+    // Ctrl+Alt+Del needs the x86 i8042 (and tern's own x86 kernel).
+    x86_only: true,
     ..Scenario::new("api_lifecycle")
 }];
 
-static BATCH: OnceLock<Result<common::Batch, String>> = OnceLock::new();
+static BATCHES: common::Batches = common::Batches::new();
 
 #[test]
 fn api_lifecycle_configure_start_pause_resume_ctrl_alt_del() {
-    let Some(o) = common::outcome(&BATCH, "api", SCENARIOS, "api_lifecycle") else {
+    let Some(o) = common::outcomes(&BATCHES, "api", SCENARIOS, "api_lifecycle").pop() else {
         return;
     };
     let ctx = || format!("{}\napi: {:#?}", o.console(), o.api);

@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
-use common::{Kernel, Outcome, Scenario};
+use common::{Arch, Kernel, Outcome, Scenario};
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -15,6 +13,7 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         extra_args: "guest.cpuflags=1",
+        x86_only: true,
         ..Scenario::new("cpuflags_default")
     },
     Scenario {
@@ -69,10 +68,11 @@ const SCENARIOS: &[Scenario] = &[
 const NO_SSE3: &str = r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
     "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"}]}]}"#;
 
-static BATCH: OnceLock<Result<common::Batch, String>> = OnceLock::new();
+static BATCHES: common::Batches = common::Batches::new();
 
-fn run(name: &str) -> Option<&'static Outcome> {
-    common::outcome(&BATCH, "boot", SCENARIOS, name)
+/// The scenario's outcome on each architecture that ran it.
+fn runs(name: &str) -> Vec<&'static Outcome> {
+    common::outcomes(&BATCHES, "boot", SCENARIOS, name)
 }
 
 fn scenario(name: &str) -> &'static Scenario {
@@ -82,11 +82,25 @@ fn scenario(name: &str) -> &'static Scenario {
         .expect("scenario is listed")
 }
 
-/// Booted, saw the expected CPUs and memory, powered off, tern exited 0.
-fn check_boot(name: &str, protocol_log: &str) {
-    let Some(o) = run(name) else { return };
+/// Booted, saw the expected CPUs and memory, powered off, tern exited 0; tern logged
+/// `x86_log` (x86) or `arm_log` (aarch64) about the kernel it loaded.
+fn check_boot(name: &str, x86_log: &str, arm_log: &str) {
+    for o in runs(name) {
+        check_boot_on(
+            o,
+            name,
+            if o.arch == Arch::X86_64 {
+                x86_log
+            } else {
+                arm_log
+            },
+        );
+    }
+}
+
+fn check_boot_on(o: &Outcome, name: &str, protocol_log: &str) {
     let s = scenario(name);
-    let ctx = || format!("scenario {name}:\n{}", o.console());
+    let ctx = || format!("scenario {name} ({:?}):\n{}", o.arch, o.console());
     assert!(!o.timed_out, "timed out; {}", ctx());
     assert!(
         o.marker_ms("GUEST BOOTED").is_some(),
@@ -99,16 +113,21 @@ fn check_boot(name: &str, protocol_log: &str) {
         "{}",
         ctx()
     );
-    // The RAM the kernel got from tern's e820 map: all of it but the 385 KiB legacy BIOS area
-    // between the EBDA (0x9fc00) and 1 MiB, and page 0, which Linux always reserves itself.
+    // x86: the RAM the kernel got from tern's e820 map: all of it but the 385 KiB legacy BIOS
+    // area between the EBDA (0x9fc00) and 1 MiB, and page 0, which Linux always reserves
+    // itself. ARM64: the device tree's memory node, all of it.
     let configured = s.mem_mib * 1024;
+    let expected = match o.arch {
+        Arch::X86_64 => configured - 385 - 4,
+        Arch::Aarch64 => configured,
+    };
     let ram_kib: u64 = o
         .guest_value("RAM")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert_eq!(
         ram_kib,
-        configured - 385 - 4,
+        expected,
         "System RAM (kB) vs configured; {}",
         ctx()
     );
@@ -135,31 +154,40 @@ fn check_boot(name: &str, protocol_log: &str) {
 
 #[test]
 fn pvh_1vcpu_256m() {
-    check_boot("pvh_1vcpu_256m", "Pvh {");
+    check_boot("pvh_1vcpu_256m", "Pvh {", "(arm64 Image, ");
 }
 
 #[test]
 fn pvh_2vcpu_5g() {
-    check_boot("pvh_2vcpu_5g", "Pvh {");
+    check_boot("pvh_2vcpu_5g", "Pvh {", "(arm64 Image, ");
 }
 
 #[test]
 fn linux64_vmlinux_2vcpu() {
-    check_boot("linux64_vmlinux_2vcpu", "(Elf, Linux64 {");
+    check_boot("linux64_vmlinux_2vcpu", "(Elf, Linux64 {", "x86 only");
 }
 
 #[test]
 fn bzimage_1vcpu_512m_with_logging_flags() {
-    check_boot("bzimage_1vcpu_512m", "(BzImage, Linux64 {");
-    let Some(o) = run("bzimage_1vcpu_512m") else {
-        return;
-    };
-    assert!(o.has_line("[vm-7:main]:INFO booting"), "{}", o.console());
+    // On ARM64 the same scenario boots the gzip-compressed Image.
+    check_boot(
+        "bzimage_1vcpu_512m",
+        "(BzImage, Linux64 {",
+        "(arm64 Image, gzip, ",
+    );
+    for o in runs("bzimage_1vcpu_512m") {
+        assert!(o.has_line("[vm-7:main]:INFO booting"), "{}", o.console());
+    }
 }
 
 #[test]
 fn guest_reboot_ends_tern_with_0() {
-    let Some(o) = run("guest_reboot") else { return };
+    for o in runs("guest_reboot") {
+        guest_reboot_on(o);
+    }
+}
+
+fn guest_reboot_on(o: &Outcome) {
     assert!(!o.timed_out, "{}", o.console());
     let marker = o
         .marker_ms("GUEST REBOOT")
@@ -174,7 +202,12 @@ fn guest_reboot_ends_tern_with_0() {
 
 #[test]
 fn guest_panic_ends_tern_with_2_and_shows_the_panic() {
-    let Some(o) = run("guest_panic") else { return };
+    for o in runs("guest_panic") {
+        guest_panic_on(o);
+    }
+}
+
+fn guest_panic_on(o: &Outcome) {
     assert!(!o.timed_out, "{}", o.console());
     assert!(o.marker_ms("GUEST PANIC").is_some(), "{}", o.console());
     assert!(o.has_line("Kernel panic - not syncing"), "{}", o.console());
@@ -188,7 +221,10 @@ fn guest_panic_ends_tern_with_2_and_shows_the_panic() {
 
 #[test]
 fn cpu_template_changes_what_the_guest_sees() {
-    let (Some(plain), Some(templ)) = (run("cpuflags_default"), run("cpuflags_template")) else {
+    let (Some(plain), Some(templ)) = (
+        runs("cpuflags_default").pop(),
+        runs("cpuflags_template").pop(),
+    ) else {
         return;
     };
     let flags = |o: &Outcome| -> Vec<String> {
@@ -216,7 +252,12 @@ fn cpu_template_changes_what_the_guest_sees() {
 
 #[test]
 fn virtio_rng_serves_the_guest_hwrng() {
-    let Some(o) = run("virtio_rng") else { return };
+    for o in runs("virtio_rng") {
+        virtio_rng_on(o);
+    }
+}
+
+fn virtio_rng_on(o: &Outcome) {
     assert_eq!(
         o.guest_value("RNG_CURRENT").as_deref(),
         Some("virtio_rng.0"),

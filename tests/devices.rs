@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use common::{Outcome, Scenario};
 
 const RATE_KIB_S: u64 = 4096;
@@ -164,7 +162,7 @@ const SCENARIOS: &[Scenario] = &[
         guest_cmd: "shell",
         timeout_s: 300,
         host_build: Some(
-            "gcc -static -O2 -o vsock-echo.img \"$TERN_WORKSPACE/tests/guest/vsock-echo.c\" && truncate -s %4096 vsock-echo.img",
+            "$CC -static -O2 -o vsock-echo.img \"$TERN_WORKSPACE/tests/guest/vsock-echo.c\" && truncate -s %4096 vsock-echo.img",
         ),
         drives: &[
             r#"{"drive_id": "tools", "path_on_host": "vsock-echo.img", "is_root_device": false, "is_read_only": true}"#,
@@ -186,10 +184,11 @@ const SCENARIOS: &[Scenario] = &[
     },
 ];
 
-static BATCH: OnceLock<Result<common::Batch, String>> = OnceLock::new();
+static BATCHES: common::Batches = common::Batches::new();
 
-fn run(name: &str) -> Option<&'static Outcome> {
-    common::outcome(&BATCH, "devices", SCENARIOS, name)
+/// The scenario's outcome on each architecture that ran it.
+fn runs(name: &str) -> Vec<&'static Outcome> {
+    common::outcomes(&BATCHES, "devices", SCENARIOS, name)
 }
 
 /// The value of `KEY <value>` printed by the host's post commands.
@@ -208,7 +207,12 @@ fn assert_clean_exit(o: &Outcome) {
 
 #[test]
 fn blk_ext4_rootfs_boots_as_root_on_vda() {
-    let Some(o) = run("blk_rootfs") else { return };
+    for o in runs("blk_rootfs") {
+        blk_ext4_rootfs_boots_as_root_on_vda_on(o);
+    }
+}
+
+fn blk_ext4_rootfs_boots_as_root_on_vda_on(o: &'static Outcome) {
     assert_clean_exit(o);
     let ctx = o.console();
     // Mounted by the kernel (the kit's kernel: /dev/root) or by tern's initramfs (Debian's
@@ -230,7 +234,12 @@ fn blk_ext4_rootfs_boots_as_root_on_vda() {
 
 #[test]
 fn blk_direct_fsync_writes_survive_sigkill() {
-    let Some(o) = run("blk_sigkill") else { return };
+    for o in runs("blk_sigkill") {
+        blk_direct_fsync_writes_survive_sigkill_on(o);
+    }
+}
+
+fn blk_direct_fsync_writes_survive_sigkill_on(o: &'static Outcome) {
     let ctx = format!("{}\npost:\n{}", o.console(), o.post);
     assert_eq!(o.signal, Some(9), "tern was killed: {ctx}");
     assert_eq!(o.guest_value("WRITE_RC").as_deref(), Some("0"), "{ctx}");
@@ -240,7 +249,12 @@ fn blk_direct_fsync_writes_survive_sigkill() {
 
 #[test]
 fn blk_read_only_drive_refuses_writes_and_stays_identical() {
-    let Some(o) = run("blk_readonly") else { return };
+    for o in runs("blk_readonly") {
+        blk_read_only_drive_refuses_writes_and_stays_identical_on(o);
+    }
+}
+
+fn blk_read_only_drive_refuses_writes_and_stays_identical_on(o: &'static Outcome) {
     assert_clean_exit(o);
     let ctx = format!("{}\npost:\n{}", o.console(), o.post);
     assert_eq!(o.guest_value("RO_FLAG").as_deref(), Some("1"), "{ctx}");
@@ -252,9 +266,12 @@ fn blk_read_only_drive_refuses_writes_and_stays_identical() {
 
 #[test]
 fn blk_rate_limiter_holds_dd_within_20_percent() {
-    let Some(o) = run("blk_ratelimit") else {
-        return;
-    };
+    for o in runs("blk_ratelimit") {
+        blk_rate_limiter_holds_dd_within_20_percent_on(o);
+    }
+}
+
+fn blk_rate_limiter_holds_dd_within_20_percent_on(o: &'static Outcome) {
     assert_clean_exit(o);
     let kib: u64 = o.guest_value("DD_KIB").unwrap().parse().unwrap();
     let times = o.guest_value("DD_UPTIMES").expect("uptimes");
@@ -275,7 +292,12 @@ fn blk_rate_limiter_holds_dd_within_20_percent() {
 
 #[test]
 fn net_two_taps_ping_and_100_mib_each_way() {
-    let Some(o) = run("net_two_taps") else { return };
+    for o in runs("net_two_taps") {
+        net_two_taps_ping_and_100_mib_each_way_on(o);
+    }
+}
+
+fn net_two_taps_ping_and_100_mib_each_way_on(o: &'static Outcome) {
     assert_clean_exit(o);
     let ctx = format!("{}\npost:\n{}", o.console(), o.post);
     assert_eq!(
@@ -328,7 +350,12 @@ fn avail_before(o: &Outcome, t: f64) -> u64 {
 
 #[test]
 fn balloon_inflates_deflates_and_reports_statistics() {
-    let Some(o) = run("balloon") else { return };
+    for o in runs("balloon") {
+        balloon_inflates_deflates_and_reports_statistics_on(o);
+    }
+}
+
+fn balloon_inflates_deflates_and_reports_statistics_on(o: &'static Outcome) {
     let ctx = format!("{}\napi: {:#?}", o.console(), o.api);
     assert_eq!(o.steps_error, None, "{ctx}");
     assert_clean_exit(o);
@@ -383,7 +410,12 @@ fn balloon_inflates_deflates_and_reports_statistics() {
 
 #[test]
 fn vsock_echoes_10000_messages_each_way_in_order() {
-    let Some(o) = run("vsock_echo") else { return };
+    for o in runs("vsock_echo") {
+        vsock_echoes_10000_messages_each_way_in_order_on(o);
+    }
+}
+
+fn vsock_echoes_10000_messages_each_way_in_order_on(o: &'static Outcome) {
     assert_clean_exit(o);
     let ctx = format!("{}\npost:\n{}", o.console(), o.post);
     // Guest-initiated: the guest's client got every echo back from the host, in order.

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Installs what tern's build, tests and demo need on Debian/Ubuntu, skipping what is there:
 # a Rust toolchain (>= 1.85, for edition 2024), and for the nest (hosts without hardware KVM)
-# QEMU, busybox-static, cpio, binutils, kmod, xz-utils, zstd, lz4; and schemathesis (PyPI,
+# QEMU, busybox-static, cpio, binutils, kmod, xz-utils, zstd, lz4; on x86_64 hosts the arm64
+# cross toolchain and qemu-system-aarch64 for the aarch64 scenarios; and schemathesis (PyPI,
 # in a venv) for the OpenAPI test.
 set -euo pipefail
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -27,10 +28,29 @@ if ! rust_ok; then
     # Debian bookworm ships a current Rust as rustc-web/cargo-web (bookworm-security).
     if apt-cache show rustc-web >/dev/null 2>&1; then missing+=(rustc-web cargo-web); else missing+=(rustc cargo); fi
 fi
-if [ ${#missing[@]} -gt 0 ]; then
+# ARM64 (on x86_64 hosts): the nest's QEMU, and Debian's cross toolchain for tern
+# (rustc-web with the arm64 standard library, the aarch64 linker and libc, clippy).
+update=
+if [ "$(uname -m)" = x86_64 ] && command -v dpkg >/dev/null; then
+    if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+        $SUDO dpkg --add-architecture arm64
+        update=1
+    fi
+    need qemu-system-aarch64 qemu-system-arm
+    need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+    [ -f /usr/aarch64-linux-gnu/lib/libc.a ] || missing+=(libc6-dev-arm64-cross)
+    # The arm64 std must match rustc-web's version: install them together.
+    if [ ! -d /usr/lib/rustlib/aarch64-unknown-linux-gnu ] || [ ! -x /usr/bin/cargo ] ||
+       [ ! -x /usr/bin/cargo-clippy ]; then
+        missing+=(rustc-web cargo-web libstd-rust-web-dev:arm64 rust-web-clippy)
+    fi
+fi
+if [ ${#missing[@]} -gt 0 ] || [ -n "$update" ]; then
     echo "tools/deps.sh: installing ${missing[*]}" >&2
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ ${#missing[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
 fi
 rust_ok || { echo "tools/deps.sh: no Rust >= 1.85 after installing; install one (rustup) and retry" >&2; exit 1; }
 

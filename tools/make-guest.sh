@@ -16,6 +16,10 @@
 #
 # The cloud kernel has virtio (blk/net/mmio/...) as modules: use initramfs-virtio
 # with it for devices (and to boot rootfs.ext4: root=/dev/vda with that initramfs).
+#
+# --arch aarch64 builds only $OUT/initramfs.cpio.gz for arm64 guests: Debian's
+# busybox-static:arm64 (downloaded, not installed) with guest/init. The arm64 kernel itself
+# comes from $TERN_GUEST_DIR/aarch64 (tern does not build one yet).
 # Needs: busybox-static, cpio, gzip, kmod (modprobe), e2fsprogs (mke2fs), apt-get, python3, binutils
 # (readelf), and zstd or lz4 if the kernel is compressed that way; root only
 # for mknod (without it /init takes its console from devtmpfs).
@@ -32,9 +36,44 @@ EPOCH=${SOURCE_DATE_EPOCH:-1704067200}      # fixed timestamps: same bytes each 
 
 [ -f "$INIT" ] || { echo "$ME: missing $INIT" >&2; exit 1; }
 [ -x "$BUSYBOX" ] || { echo "$ME: needs busybox-static ($BUSYBOX)" >&2; exit 1; }
+mkdir -p "$OUT"
+
+# pack_tree ROOT OUTPUT: ROOT as a reproducible gzip'd newc cpio
+pack_tree() {
+    find "$1" -exec touch -h -d "@$EPOCH" {} +
+    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -9n > "$2.tmp"
+    mv "$2.tmp" "$2"
+}
+
+if [ "${1:-}" = --arch ] && [ "${2:-}" = aarch64 ]; then
+    # shellcheck source=SCRIPTDIR/lib-arm64-busybox.sh
+    . "$HERE/lib-arm64-busybox.sh"
+    BB=$(arm64_busybox "$OUT/busybox")
+    if [ -e "$OUT/initramfs.cpio.gz" ] && [ "$OUT/initramfs.cpio.gz" -nt "$INIT" ] &&
+       [ "$OUT/initramfs.cpio.gz" -nt "$0" ] && [ "$OUT/initramfs.cpio.gz" -nt "$BB" ]; then
+        echo "$ME: aarch64 initramfs.cpio.gz is up to date"
+    else
+        R=$(mktemp -d "${TMPDIR:-/tmp}/tern-guest-arm64.XXXXXX")
+        trap 'rm -rf "$R"' EXIT
+        mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,root,etc}
+        cp "$BB" "$R/bin/busybox"
+        # Applet links from the host's busybox of the same Debian release: the arm64 binary
+        # cannot run here to list its own.
+        for a in $("$BUSYBOX" --list-full); do
+            [ -e "$R/$a" ] || ln -s /bin/busybox "$R/$a"
+        done
+        install -m 755 "$INIT" "$R/init"
+        mknod -m 600 "$R/dev/console" c 5 1 2>/dev/null && mknod -m 666 "$R/dev/null" c 1 3 ||
+            echo "$ME: warning: mknod failed (not root?): init falls back to devtmpfs's console" >&2
+        pack_tree "$R" "$OUT/initramfs.cpio.gz"
+    fi
+    echo "$OUT/initramfs.cpio.gz"
+    exit 0
+fi
+
 KVER=$(debk_kver)
 KROOT=$(debk_fetch "$KVER")
-mkdir -p "$OUT"
 
 # newer OUTPUT INPUT...: true if OUTPUT exists and is newer than every INPUT
 newer() {
@@ -72,12 +111,7 @@ else
         echo "$ME: warning: mknod failed (not root?): no /dev/console in the cpio;" \
              "init falls back to devtmpfs's" >&2
     fi
-    pack() {    # pack OUTPUT: the tree as a reproducible gzip'd cpio
-        find "$R" -exec touch -h -d "@$EPOCH" {} +
-        (cd "$R" && find . -mindepth 1 | LC_ALL=C sort |
-            cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -9n > "$1.tmp"
-        mv "$1.tmp" "$1"
-    }
+    pack() { pack_tree "$R" "$1"; }
     pack "$OUT/initramfs.cpio.gz"
     # The virtio modules, dependencies first (modprobe resolves modules.dep); busybox insmod
     # wants plain .ko files.

@@ -23,6 +23,42 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 
+/// The guest architecture a batch runs. x86_64 hosts run both (aarch64 nested); aarch64
+/// hosts run aarch64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arch {
+    #[default]
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];
+
+    pub fn host() -> Arch {
+        if cfg!(target_arch = "aarch64") {
+            Arch::Aarch64
+        } else {
+            Arch::X86_64
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// The Rust target tern is cross-built for when this is not the host's architecture.
+    fn rust_target(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-gnu",
+            Arch::Aarch64 => "aarch64-unknown-linux-gnu",
+        }
+    }
+}
+
 /// Which kernel file a scenario boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -82,8 +118,12 @@ pub struct Scenario {
     /// With `api_steps`: boot from the config file as well (the steps then drive a running VM).
     pub api_with_config: bool,
     /// A host command run in the staging dir while staging (before any nest), with
-    /// `$TERN_WORKSPACE` set: builds guest-side helpers with the host's compiler.
+    /// `$TERN_WORKSPACE` set and `$CC` naming a C compiler for the guest's architecture:
+    /// builds guest-side helpers.
     pub host_build: Option<&'static str>,
+    /// Only on x86_64 guests (implied by a CPU template, a boot protocol or tern's own
+    /// x86 kernel).
+    pub x86_only: bool,
 }
 
 impl Scenario {
@@ -113,7 +153,17 @@ impl Scenario {
             markers: &[],
             api_with_config: false,
             host_build: None,
+            x86_only: false,
         }
+    }
+
+    /// Whether this scenario runs on `arch`.
+    pub fn runs_on(&self, arch: Arch) -> bool {
+        arch == Arch::X86_64
+            || !(self.x86_only
+                || self.cpu_config.is_some()
+                || self.boot_protocol.is_some()
+                || self.kernel == Kernel::OwnBzImage)
     }
 }
 
@@ -135,6 +185,9 @@ pub struct Outcome {
     /// What the scenario's `post` commands printed.
     #[serde(skip)]
     pub post: String,
+    /// The guest's architecture.
+    #[serde(skip)]
+    pub arch: Arch,
 }
 
 /// One API request `tern-bench` made, with its answer.
@@ -206,7 +259,8 @@ pub fn workspace() -> PathBuf {
 
 fn hardware_kvm() -> bool {
     Path::new("/dev/kvm").exists()
-        && (Path::new("/sys/module/kvm_intel").exists()
+        && (cfg!(target_arch = "aarch64")
+            || Path::new("/sys/module/kvm_intel").exists()
             || Path::new("/sys/module/kvm_amd").exists())
 }
 
@@ -218,7 +272,21 @@ fn have(cmd: &str) -> bool {
 }
 
 /// Direct, nested, or the reason scenarios cannot run here.
-pub fn mode() -> Result<Mode, String> {
+pub fn mode(arch: Arch) -> Result<Mode, String> {
+    if arch != Arch::host() {
+        // Only x86_64 hosts run another architecture's guests (aarch64, nested under TCG).
+        if arch == Arch::X86_64 {
+            return Err("SKIP: x86_64 guests need an x86_64 host".into());
+        }
+        if std::env::var("TERN_TEST_MODE").as_deref() == Ok("skip") {
+            return Err("TERN_TEST_MODE=skip".into());
+        }
+        return if have("qemu-system-aarch64") {
+            Ok(Mode::Nested)
+        } else {
+            Err("SKIP: aarch64 guests on this x86_64 host need qemu-system-aarch64 (package qemu-system-arm; tools/deps.sh installs it)".into())
+        };
+    }
     match std::env::var("TERN_TEST_MODE").as_deref() {
         Ok("direct") => return Ok(Mode::Direct),
         Ok("nested") => return Ok(Mode::Nested),
@@ -228,10 +296,64 @@ pub fn mode() -> Result<Mode, String> {
     if hardware_kvm() {
         return Ok(Mode::Direct);
     }
-    if have("qemu-system-x86_64") {
+    let qemu = format!("qemu-system-{}", arch.name());
+    if have(&qemu) {
         return Ok(Mode::Nested);
     }
-    Err("no hardware KVM (kvm_intel/kvm_amd) and no qemu-system-x86_64 for the nest; install qemu-system-x86 (see README)".into())
+    Err(format!(
+        "no hardware KVM and no {qemu} for the nest; install it (see README)"
+    ))
+}
+
+/// tern and tern-bench for `arch`: this build's for the host's architecture, otherwise
+/// cross-built (Debian's rustc-web with `libstd-rust-web-dev:arm64` and
+/// `gcc-aarch64-linux-gnu`, as tools/deps.sh installs them; static, see .cargo/config.toml).
+fn binaries(arch: Arch) -> Result<(PathBuf, PathBuf), String> {
+    if arch == Arch::host() {
+        return Ok((
+            PathBuf::from(env!("CARGO_BIN_EXE_tern")),
+            PathBuf::from(env!("CARGO_BIN_EXE_tern-bench")),
+        ));
+    }
+    let target = arch.rust_target();
+    let std = Path::new("/usr/lib/rustlib").join(target);
+    if !std.exists() || !have("aarch64-linux-gnu-gcc") || !Path::new("/usr/bin/cargo").exists() {
+        return Err(format!(
+            "SKIP: cannot cross-build tern for {target}: needs /usr/bin/cargo (cargo-web), {} (libstd-rust-web-dev:arm64) and aarch64-linux-gnu-gcc; tools/deps.sh installs them",
+            std.display()
+        ));
+    }
+    let dir = workspace().join("target").join("cross");
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("/usr/bin/cargo")
+        .args([
+            "build",
+            "-j2",
+            "--target",
+            target,
+            "--bin",
+            "tern",
+            "--bin",
+            "tern-bench",
+        ])
+        .current_dir(workspace())
+        .env("PATH", path)
+        .env("CARGO_TARGET_DIR", &dir)
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .output()
+        .map_err(|e| format!("cross-building tern for {target}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cross-building tern for {target} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let bin = dir.join(target).join("debug");
+    Ok((bin.join("tern"), bin.join("tern-bench")))
 }
 
 /// The guest files: kernels from `TERN_GUEST_DIR` or `../shared/guest` when present, otherwise
@@ -247,9 +369,12 @@ pub struct GuestFiles {
     /// The kernels are tern's own (Debian's, virtio as modules): the initramfs carries the
     /// modules, and a root drive is mounted by the initramfs.
     pub own_kernel: bool,
+    /// Their architecture. For aarch64, `vmlinux` and `bzimage` are both the arm64 `Image`
+    /// (staged as `Image` and, gzip-compressed, `Image.gz`).
+    pub arch: Arch,
 }
 
-pub fn guest_files() -> Result<GuestFiles, String> {
+pub fn guest_files(arch: Arch) -> Result<GuestFiles, String> {
     let own = std::env::var("TERN_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
@@ -257,6 +382,9 @@ pub fn guest_files() -> Result<GuestFiles, String> {
                 .join(".cache/tern")
         })
         .join("guest");
+    if arch == Arch::Aarch64 {
+        return aarch64_guest_files(&own.join("aarch64"));
+    }
     let status = Command::new("bash")
         .arg(workspace().join("tools/make-guest.sh"))
         .env("OUT", &own)
@@ -284,6 +412,7 @@ pub fn guest_files() -> Result<GuestFiles, String> {
         own_bzimage: own.join("bzImage"),
         dir: kdir.clone(),
         own_kernel,
+        arch,
     };
     for f in [
         &files.vmlinux,
@@ -298,11 +427,49 @@ pub fn guest_files() -> Result<GuestFiles, String> {
     Ok(files)
 }
 
-fn config_json(s: &Scenario, own_kernel: bool) -> String {
-    let kernel = match s.kernel {
-        Kernel::Vmlinux => "vmlinux",
-        Kernel::BzImage => "bzImage",
-        Kernel::OwnBzImage => "own-bzImage",
+/// The arm64 guest: the kernel `Image` (and `rootfs.ext4`) from `$TERN_GUEST_DIR/aarch64` or
+/// `../shared/guest/aarch64`, the initramfs with tern's `guest/init` from
+/// `tools/make-guest.sh --arch aarch64`.
+fn aarch64_guest_files(own: &Path) -> Result<GuestFiles, String> {
+    let kdir = std::env::var("TERN_GUEST_DIR")
+        .map(|d| PathBuf::from(d).join("aarch64"))
+        .ok()
+        .or_else(|| Some(workspace().join("../shared/guest/aarch64")))
+        .filter(|p| p.join("Image").exists())
+        .ok_or("SKIP: no arm64 guest kernel: set TERN_GUEST_DIR to a directory with aarch64/Image (../shared/guest has one); tern does not build its own arm64 kernel yet")?;
+    let status = Command::new("bash")
+        .arg(workspace().join("tools/make-guest.sh"))
+        .args(["--arch", "aarch64"])
+        .env("OUT", own)
+        .status()
+        .map_err(|e| format!("tools/make-guest.sh --arch aarch64: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "tools/make-guest.sh --arch aarch64 failed ({status})"
+        ));
+    }
+    Ok(GuestFiles {
+        vmlinux: kdir.join("Image"),
+        bzimage: kdir.join("Image"),
+        initramfs: own.join("initramfs.cpio.gz"),
+        own_bzimage: PathBuf::new(),
+        dir: kdir,
+        own_kernel: false,
+        arch: Arch::Aarch64,
+    })
+}
+
+fn config_json(s: &Scenario, own_kernel: bool, arch: Arch) -> String {
+    let kernel = match (arch, s.kernel) {
+        (Arch::Aarch64, Kernel::BzImage) => "Image.gz",
+        (Arch::Aarch64, _) => "Image",
+        (_, Kernel::Vmlinux) => "vmlinux",
+        (_, Kernel::BzImage) => "bzImage",
+        (_, Kernel::OwnBzImage) => "own-bzImage",
+    };
+    let console = match arch {
+        Arch::X86_64 => "console=ttyS0 reboot=k panic=1 pci=off",
+        Arch::Aarch64 => "console=ttyAMA0 panic=1",
     };
     let mut cpu = s
         .cpu_config
@@ -340,7 +507,7 @@ fn config_json(s: &Scenario, own_kernel: bool) -> String {
         .unwrap_or_default();
     format!(
         r#"{{"boot-source": {{"kernel_image_path": "{kernel}"{initrd},
-  "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet guest.cmd={}{script_arg} {}"{proto}}},
+  "boot_args": "{console} quiet guest.cmd={}{script_arg} {}"{proto}}},
  "machine-config": {{"vcpu_count": {}, "mem_size_mib": {}}}{cpu}}}
 "#,
         s.guest_cmd, s.extra_args, s.vcpus, s.mem_mib
@@ -348,13 +515,32 @@ fn config_json(s: &Scenario, own_kernel: bool) -> String {
 }
 
 /// Writes the run directory: binaries, guest files, one config per scenario, `run.sh`.
-fn stage(dir: &Path, scenarios: &[Scenario], guest: &GuestFiles) -> std::io::Result<()> {
+fn stage(
+    mode: Mode,
+    dir: &Path,
+    scenarios: &[Scenario],
+    guest: &GuestFiles,
+    bins: &(PathBuf, PathBuf),
+) -> std::io::Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
-    std::fs::copy(env!("CARGO_BIN_EXE_tern"), dir.join("tern"))?;
-    std::fs::copy(env!("CARGO_BIN_EXE_tern-bench"), dir.join("tern-bench"))?;
-    std::fs::copy(&guest.vmlinux, dir.join("vmlinux"))?;
-    std::fs::copy(&guest.bzimage, dir.join("bzImage"))?;
+    std::fs::copy(&bins.0, dir.join("tern"))?;
+    std::fs::copy(&bins.1, dir.join("tern-bench"))?;
+    if guest.arch == Arch::Aarch64 {
+        std::fs::copy(&guest.vmlinux, dir.join("Image"))?;
+        // The gzip form of the same kernel (what the x86 scenarios boot as a bzImage).
+        let gz = Command::new("gzip")
+            .args(["-1", "-c"])
+            .arg(&guest.bzimage)
+            .output()?;
+        if !gz.status.success() {
+            return Err(std::io::Error::other("gzip failed"));
+        }
+        std::fs::write(dir.join("Image.gz"), gz.stdout)?;
+    } else {
+        std::fs::copy(&guest.vmlinux, dir.join("vmlinux"))?;
+        std::fs::copy(&guest.bzimage, dir.join("bzImage"))?;
+    }
     std::fs::copy(&guest.initramfs, dir.join("initramfs.cpio.gz"))?;
     if scenarios.iter().any(|s| {
         s.kernel == Kernel::OwnBzImage || s.api_steps.is_some_and(|t| t.contains("own-bzImage"))
@@ -374,7 +560,7 @@ fn stage(dir: &Path, scenarios: &[Scenario], guest: &GuestFiles) -> std::io::Res
     for s in scenarios {
         std::fs::write(
             dir.join(format!("{}.json", s.name)),
-            config_json(s, guest.own_kernel),
+            config_json(s, guest.own_kernel, guest.arch),
         )?;
         if let Some(text) = s.script {
             // A raw disk holding the script, NUL-padded to 4 KiB (the guest init strips it).
@@ -421,13 +607,30 @@ fn stage(dir: &Path, scenarios: &[Scenario], guest: &GuestFiles) -> std::io::Res
                 .args(["-c", cmd])
                 .current_dir(dir)
                 .env("TERN_WORKSPACE", workspace())
+                .env(
+                    "CC",
+                    match guest.arch {
+                        Arch::X86_64 => "gcc",
+                        Arch::Aarch64 => "aarch64-linux-gnu-gcc",
+                    },
+                )
                 .status()?;
             if !st.success() {
                 return Err(std::io::Error::other(format!("{n}: `{cmd}` failed ({st})")));
             }
         }
-        let wrap = if s.netns { "unshare -n " } else { "" };
-        let _ = writeln!(script, "{wrap}sh {n}.sh");
+        if !s.netns {
+            let _ = writeln!(script, "sh {n}.sh");
+        } else if mode == Mode::Direct {
+            let _ = writeln!(script, "unshare -n sh {n}.sh");
+        } else {
+            // In the nest, L1 is a machine of its own; the arm64 L1 kernel has no network
+            // namespaces (CONFIG_NET_NS), so the scenario runs in L1's own network there.
+            let _ = writeln!(
+                script,
+                "if unshare -n true 2>/dev/null; then unshare -n sh {n}.sh; else sh {n}.sh; fi"
+            );
+        }
     }
     std::fs::write(dir.join("run.sh"), script)
 }
@@ -473,17 +676,22 @@ pub struct Batch {
 }
 
 /// Runs all `scenarios` (once per test binary) and returns each one's outcome.
-pub fn run_batch(tag: &str, scenarios: &[Scenario]) -> Result<Batch, String> {
-    let mode = mode()?;
+pub fn run_batch(tag: &str, scenarios: &[Scenario], arch: Arch) -> Result<Batch, String> {
+    let mode = mode(arch)?;
     let picked: Vec<Scenario> = scenarios
         .iter()
-        .filter(|s| selected(s.name))
+        .filter(|s| selected(s.name) && s.runs_on(arch))
         .cloned()
         .collect();
     let scenarios = &picked[..];
-    let guest = guest_files()?;
-    let dir = workspace().join("target").join("scenarios").join(tag);
-    let mut results = execute(mode, &dir, scenarios, &guest)?;
+    let guest = guest_files(arch)?;
+    let bins = binaries(arch)?;
+    let tag = match arch {
+        Arch::X86_64 => tag.to_string(),
+        Arch::Aarch64 => format!("{tag}-aarch64"),
+    };
+    let dir = workspace().join("target").join("scenarios").join(&tag);
+    let mut results = execute(mode, &dir, scenarios, &guest, &bins)?;
 
     // In the nest (and only there), a guest that resets before its init runs is rerun once:
     // the TCG-emulated SVM under L1 very occasionally triple-faults an L2 guest early in its
@@ -515,7 +723,7 @@ pub fn run_batch(tag: &str, scenarios: &[Scenario]) -> Result<Batch, String> {
                 names.join(", ")
             );
             eprintln!("rerunning {names:?}: the guest or L1 reset in the nest");
-            let retry = execute(mode, &dir.with_extension("rerun"), &again, &guest)?;
+            let retry = execute(mode, &dir.with_extension("rerun"), &again, &guest, &bins)?;
             results.extend(retry);
         }
     }
@@ -542,8 +750,10 @@ fn execute(
     dir: &Path,
     scenarios: &[Scenario],
     guest: &GuestFiles,
+    bins: &(PathBuf, PathBuf),
 ) -> Result<HashMap<String, Result<Outcome, String>>, String> {
-    stage(dir, scenarios, guest).map_err(|e| format!("staging {}: {e}", dir.display()))?;
+    stage(mode, dir, scenarios, guest, bins)
+        .map_err(|e| format!("staging {}: {e}", dir.display()))?;
     let output = match mode {
         Mode::Direct => Command::new("sh").arg("run.sh").current_dir(dir).output(),
         Mode::Nested => {
@@ -552,7 +762,13 @@ fn execute(
             // L1 must hold the largest guest's mapping plus its own ~1 GiB.
             let l1_mem = (max_mem + 2048).max(3072);
             Command::new("bash")
-                .arg(workspace().join("tools/nest-x86_64.sh"))
+                .arg(
+                    workspace()
+                        .join("tools")
+                        .join(format!("nest-{}.sh", guest.arch.name())),
+                )
+                // The arm64 test kernel has KVM built in: it is L1's kernel as well.
+                .env("L1_KERNEL", &guest.vmlinux)
                 .arg("-s")
                 .arg(dir.join("run.sh"))
                 // Everything staged goes into L1's /nest.
@@ -581,6 +797,7 @@ fn execute(
                 serde_json::from_str::<Outcome>(json)
                     .map(|mut o| {
                         o.post = post.to_string();
+                        o.arch = guest.arch;
                         o
                     })
                     .map_err(|e| format!("scenario {}: unreadable report ({e}):\n{body}", s.name))
@@ -607,32 +824,55 @@ fn selected(name: &str) -> bool {
         .unwrap_or(true)
 }
 
-/// The outcome of `name` from a batch computed once in `cell`; `None` means skipped (printed).
-pub fn outcome<'a>(
-    cell: &'a OnceLock<Result<Batch, String>>,
+/// One batch per guest architecture, each run once per test binary.
+pub struct Batches([OnceLock<Result<Batch, String>>; 2]);
+
+impl Batches {
+    pub const fn new() -> Self {
+        Batches([OnceLock::new(), OnceLock::new()])
+    }
+}
+
+/// The outcomes of scenario `name`, one per architecture that ran it (each batch computed once
+/// in `batches`); architectures that cannot run here are skipped, saying why.
+pub fn outcomes<'a>(
+    batches: &'a Batches,
     tag: &str,
     scenarios: &[Scenario],
     name: &str,
-) -> Option<&'a Outcome> {
+) -> Vec<&'a Outcome> {
     if !selected(name) {
         eprintln!("SKIPPED {name}: not in TERN_SCENARIOS");
-        return None;
+        return Vec::new();
     }
-    let batch = cell.get_or_init(|| run_batch(tag, scenarios));
-    match batch {
-        Err(why)
-            if why.starts_with("no hardware KVM") || why.starts_with("TERN_TEST_MODE=skip") =>
-        {
-            eprintln!("SKIPPED {name}: {why}");
-            None
+    let scenario = scenarios.iter().find(|s| s.name == name);
+    let mut out = Vec::new();
+    for (i, arch) in Arch::ALL.into_iter().enumerate() {
+        if !scenario.is_some_and(|s| s.runs_on(arch)) {
+            continue;
         }
-        Err(why) => panic!("scenario batch {tag} failed: {why}"),
-        Ok(b) => match b.results.get(name) {
-            Some(Ok(o)) => Some(o),
-            Some(Err(e)) => panic!("{e}"),
-            None => panic!("scenario {name} is not in batch {tag}"),
-        },
+        if std::env::var("TERN_ARCHES").is_ok_and(|a| !a.split(',').any(|x| x == arch.name())) {
+            eprintln!("SKIPPED {name} on {}: not in TERN_ARCHES", arch.name());
+            continue;
+        }
+        let batch = batches.0[i].get_or_init(|| run_batch(tag, scenarios, arch));
+        match batch {
+            Err(why)
+                if why.starts_with("no hardware KVM")
+                    || why.starts_with("TERN_TEST_MODE=skip")
+                    || why.starts_with("SKIP: ") =>
+            {
+                eprintln!("SKIPPED {name} on {}: {why}", arch.name());
+            }
+            Err(why) => panic!("scenario batch {tag} ({}) failed: {why}", arch.name()),
+            Ok(b) => match b.results.get(name) {
+                Some(Ok(o)) => out.push(o),
+                Some(Err(e)) => panic!("{} ({}): {e}", name, arch.name()),
+                None => panic!("scenario {name} is not in batch {tag} ({})", arch.name()),
+            },
+        }
     }
+    out
 }
 
 #[cfg(test)]

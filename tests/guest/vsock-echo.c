@@ -4,11 +4,11 @@
  * Messages are MSG bytes: "seq=<n>" padded with a byte pattern that depends on n, so a lost,
  * duplicated or reordered message is caught. Prints "VSOCK <role> OK <n>" or "VSOCK <role>
  * FAIL <why>" and exits 0 or 1. */
+#include <sys/socket.h> /* before linux/vm_sockets.h, which needs struct sockaddr */
 #include <linux/vm_sockets.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #define MSG 64

@@ -1,0 +1,127 @@
+#!/bin/bash
+# Run a script inside an arm64 "L1" Linux guest that QEMU TCG emulates with
+# virtualization (EL2) and a GICv3 (`-M virt,virtualization=on,gic-version=3
+# -cpu max`), so L1 has a real, nested arm64 /dev/kvm. tern's aarch64 scenarios
+# run this way on x86_64 hosts; on an ARM64 host with KVM they run directly.
+#
+#   tools/nest-aarch64.sh -s SCRIPT [FILE|DIR ...]
+#
+# FILEs/DIRs go to /nest in L1 (the script's working directory). Binaries must be
+# static (tern's cross build is: see .cargo/config.toml). SCRIPT runs with busybox
+# sh, stdin /dev/null.
+# Console (stdout): "NEST L1 UP uptime=<s>", "NEST KVM ok|MISSING",
+# "NEST CMD START", the script's output, "NEST EXIT rc=<N>".
+# Exit status: N, or 255 if L1 never printed NEST EXIT (panic, timeout, ...).
+#
+# Environment: L1_KERNEL (an arm64 Image with KVM built in, required: the arm64
+# test kernel of ../shared/guest/aarch64 is one), TERN_CACHE (default ~/.cache/tern),
+# L1_MEM (MiB, default 2048; must exceed what an L2 guest maps), L1_SMP (2),
+# L1_APPEND, NEST_TIMEOUT (s, default 1200), NEST_IDLE (s: kill an L1 silent that
+# long; off by default), NEST_QEMU_ARGS, NEST_LOG (copy of the console, default
+# $TERN_CACHE/nest-aarch64/last-console.log), NEST_REBUILD=1.
+# Needs: qemu-system-aarch64 (qemu-system-arm), cpio, apt-get with the arm64
+# architecture (for busybox-static:arm64, downloaded, not installed).
+set -euo pipefail
+
+ME=${0##*/}
+HERE=$(cd "$(dirname "$0")" && pwd)
+die() { echo "$ME: $*" >&2; exit 255; }
+usage() { echo "usage: $ME -s SCRIPT [FILE|DIR ...]  (see the header of $0)" >&2; exit 2; }
+
+SCRIPT=
+while getopts 's:h' o; do
+    case $o in s) SCRIPT=$OPTARG ;; *) usage ;; esac
+done
+shift $((OPTIND - 1))
+[ -n "$SCRIPT" ] || usage
+[ -f "$SCRIPT" ] || die "no such script: $SCRIPT"
+for f in "$@"; do [ -e "$f" ] || die "no such file: $f"; done
+for t in qemu-system-aarch64 cpio timeout; do
+    command -v "$t" >/dev/null || die "needs $t"
+done
+[ -n "${L1_KERNEL:-}" ] && [ -f "$L1_KERNEL" ] ||
+    die "set L1_KERNEL to an arm64 Image with KVM built in (e.g. ../shared/guest/aarch64/Image)"
+
+TERN_CACHE=${TERN_CACHE:-$HOME/.cache/tern}
+C=$TERN_CACHE/nest-aarch64
+BASE=$C/base.cpio
+mkdir -p "$C"
+# shellcheck source=SCRIPTDIR/lib-arm64-busybox.sh
+. "$HERE/lib-arm64-busybox.sh"
+BUSYBOX=$(arm64_busybox "$C/busybox") || die "no arm64 busybox"
+
+# ---- the cached base initramfs: busybox, /init ---------------------------------
+if [ "${NEST_REBUILD:-0}" = 1 ] || [ ! -f "$BASE" ] || [ "$0" -nt "$BASE" ] ||
+   [ "$BUSYBOX" -nt "$BASE" ]; then
+    echo "$ME: building the L1 base initramfs" >&2
+    R=$C/base.root; rm -rf "$R"
+    mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,root,etc,nest}
+    cp "$BUSYBOX" "$R/bin/busybox"; ln -s busybox "$R/bin/sh"
+    cat > "$R/init" <<'EOF'
+#!/bin/sh
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts
+for d in /tmp /run /dev/shm; do mount -t tmpfs tmpfs $d; done
+read -r up _ < /proc/uptime; echo "NEST L1 UP uptime=$up"
+ip link set lo up
+if [ -c /dev/kvm ]; then echo "NEST KVM ok"; else echo "NEST KVM MISSING"; fi
+cd /nest
+echo "NEST CMD START"
+sh /nest-cmd.sh </dev/null
+echo "NEST EXIT rc=$?"
+poweroff -f
+EOF
+    chmod 755 "$R/init"
+    (cd "$R" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$BASE.tmp"
+    mv "$BASE.tmp" "$BASE"
+    rm -rf "$R"
+fi
+
+# ---- the per-run cpio: /nest/<files>, /nest-cmd.sh ----------------------------
+RUN=$(mktemp -d "${TMPDIR:-/tmp}/tern-nest-arm64.XXXXXX")
+trap 'rm -rf "$RUN"' EXIT
+mkdir -p "$RUN/root/nest"
+for f in "$@"; do cp -a "$f" "$RUN/root/nest/"; done
+cp "$SCRIPT" "$RUN/root/nest-cmd.sh"
+(cd "$RUN/root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$RUN/run.cpio"
+cat "$BASE" "$RUN/run.cpio" > "$RUN/initramfs.cpio"
+
+# ---- boot L1 under TCG ------------------------------------------------------------
+LOG=$RUN/console.log
+: > "$LOG"
+if [ -n "${NEST_IDLE:-}" ]; then
+    (
+        last=$(stat -c %s "$LOG"); quiet=0
+        while sleep 10; do
+            now=$(stat -c %s "$LOG" 2>/dev/null) || exit 0
+            if [ "$now" = "$last" ]; then quiet=$((quiet + 10)); else quiet=0; last=$now; fi
+            if [ "$quiet" -ge "$NEST_IDLE" ]; then
+                echo "$ME: L1 printed nothing for ${NEST_IDLE} s: killing it" >&2
+                pkill -f -- "-initrd $RUN/initramfs.cpio" || true
+                exit 0
+            fi
+        done
+    ) &
+    WATCHDOG=$!
+    trap 'kill "$WATCHDOG" 2>/dev/null; rm -rf "$RUN"' EXIT
+fi
+set +e
+# shellcheck disable=SC2086
+timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-aarch64 -accel tcg \
+    -M virt,virtualization=on,gic-version=3 -cpu max \
+    -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
+    -serial stdio -kernel "$L1_KERNEL" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
+    -append "console=ttyAMA0 panic=-1 quiet loglevel=4 ${L1_APPEND:-}" </dev/null 2>&1 |
+    sed -u 's/\r//g' | tee -a "$LOG"
+qrc=${PIPESTATUS[0]}
+set -e
+SAVED=${NEST_LOG:-$C/last-console.log}
+cp "$LOG" "$SAVED" 2>/dev/null || echo "$ME: cannot save the console log to $SAVED" >&2
+rc=$(sed -n 's/.*NEST EXIT rc=\([0-9][0-9]*\).*/\1/p' "$LOG" | tail -n1)
+if [ -z "$rc" ]; then
+    echo "$ME: L1 did not print NEST EXIT (qemu exit status $qrc; 124 = NEST_TIMEOUT hit, or the NEST_IDLE watchdog); console: $SAVED" >&2
+    exit 255
+fi
+exit "$rc"
