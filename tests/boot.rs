@@ -57,6 +57,14 @@ const SCENARIOS: &[Scenario] = &[
         guest_cmd: "reboot",
         ..Scenario::new("guest_reboot")
     },
+    // ARM64 only: a host whose GIC is a GICv2 (the nest's L1 gets one) makes tern fall back
+    // from a GICv3.
+    Scenario {
+        vcpus: 2,
+        mem_mib: 256,
+        gicv2: true,
+        ..Scenario::new("gicv2_2vcpu")
+    },
     Scenario {
         guest_cmd: "panic",
         ..Scenario::new("guest_panic")
@@ -160,6 +168,18 @@ fn pvh_1vcpu_256m() {
 #[test]
 fn pvh_2vcpu_5g() {
     check_boot("pvh_2vcpu_5g", "Pvh {", "(arm64 Image, ");
+}
+
+#[test]
+fn gicv2_2vcpu_boots_with_the_fallback() {
+    check_boot("gicv2_2vcpu", "not on x86", "(arm64 Image, ");
+    for o in runs("gicv2_2vcpu") {
+        // Nested, L1 has a GICv2; on an ARM64 host it is whatever the host has.
+        if Arch::host() != Arch::Aarch64 {
+            assert!(o.has_line("using a GICv2"), "{}", o.console());
+            assert!(o.has_line("(arm64 Image, V2)"), "{}", o.console());
+        }
+    }
 }
 
 #[test]

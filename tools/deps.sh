@@ -38,6 +38,7 @@ if [ "$(uname -m)" = x86_64 ] && command -v dpkg >/dev/null; then
     fi
     need qemu-system-aarch64 qemu-system-arm
     need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+    need qemu-aarch64-static qemu-user-static
     [ -f /usr/aarch64-linux-gnu/lib/libc.a ] || missing+=(libc6-dev-arm64-cross)
     # The arm64 std must match rustc-web's version: install them together.
     if [ ! -d /usr/lib/rustlib/aarch64-unknown-linux-gnu ] || [ ! -x /usr/bin/cargo ] ||

@@ -16,7 +16,8 @@
 # Environment: L1_KERNEL (an arm64 Image with KVM built in, required: the arm64
 # test kernel of ../shared/guest/aarch64 is one), TERN_CACHE (default ~/.cache/tern),
 # L1_MEM (MiB, default 2048; must exceed what an L2 guest maps), L1_SMP (2),
-# L1_APPEND, NEST_TIMEOUT (s, default 1200), NEST_IDLE (s: kill an L1 silent that
+# L1_APPEND, L1_GIC (3, or 2 to give L1 a GICv2 and so test tern's GICv2 fallback),
+# NEST_TIMEOUT (s, default 1200), NEST_IDLE (s: kill an L1 silent that
 # long; off by default), NEST_QEMU_ARGS, NEST_LOG (copy of the console, default
 # $TERN_CACHE/nest-aarch64/last-console.log), NEST_REBUILD=1.
 # Needs: qemu-system-aarch64 (qemu-system-arm), cpio, apt-get with the arm64
@@ -110,7 +111,7 @@ fi
 set +e
 # shellcheck disable=SC2086
 timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-aarch64 -accel tcg \
-    -M virt,virtualization=on,gic-version=3 -cpu max \
+    -M "virt,virtualization=on,gic-version=${L1_GIC:-3}" -cpu max \
     -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
     -serial stdio -kernel "$L1_KERNEL" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
     -append "console=ttyAMA0 panic=-1 quiet loglevel=4 ${L1_APPEND:-}" </dev/null 2>&1 |

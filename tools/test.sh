@@ -9,6 +9,14 @@ bash tools/deps.sh
 rm -f target/scenario-summary.txt
 status=0
 cargo test --workspace -j2 "$@" || status=$?
+# The unit tests once more, built for aarch64 and run under qemu-user (static binaries; see
+# .cargo/config.toml), on x86_64 hosts that have the cross toolchain (tools/deps.sh).
+if [ "$(uname -m)" = x86_64 ] && [ -d /usr/lib/rustlib/aarch64-unknown-linux-gnu ] &&
+   command -v qemu-aarch64-static >/dev/null; then
+    echo "== unit tests on aarch64 (qemu-user) =="
+    PATH=/usr/bin:$PATH CARGO_TARGET_DIR=target/cross cargo test -j2 \
+        --target aarch64-unknown-linux-gnu --workspace --exclude tern --lib || status=$?
+fi
 echo "== integration scenarios =="
 if [ -f target/scenario-summary.txt ]; then
     cat target/scenario-summary.txt

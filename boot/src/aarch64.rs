@@ -42,6 +42,46 @@ pub struct InitrdRegion {
     pub size: u64,
 }
 
+/// Checks that `path` is an arm64 `Image` or a gzip-compressed one, reading only its header
+/// (the gzip form: only as much as decompresses to the header). True when gzip.
+pub fn detect(path: &Path) -> Result<bool> {
+    let io = |source| Error::KernelFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(io)?;
+    let mut head = [0u8; HEADER_LEN];
+    let n = read_full(&mut file, &mut head).map_err(io)?;
+    let gzip = n >= 2 && head[..2] == [0x1f, 0x8b];
+    if gzip {
+        let file = File::open(path).map_err(io)?;
+        let mut dec = flate2::read::GzDecoder::new(file);
+        let n = read_full(&mut dec, &mut head).unwrap_or(0);
+        if n < HEADER_LEN {
+            return Err(Error::NotAKernel(path.to_path_buf()));
+        }
+    } else if n < HEADER_LEN {
+        return Err(Error::NotAKernel(path.to_path_buf()));
+    }
+    if u32::from_le_bytes([head[56], head[57], head[58], head[59]]) != IMAGE_MAGIC {
+        return Err(Error::NotAKernel(path.to_path_buf()));
+    }
+    Ok(gzip)
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Reads the kernel at `path` (an `Image`, or an `Image.gz`) into guest memory at the start of
 /// RAM plus the header's `text_offset`.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
@@ -221,6 +261,17 @@ mod tests {
         assert!(e.contains("more memory"), "{e}");
         let f = file(&image(4 << 20, 1 << 20, 10));
         assert!(load_kernel(&m, f.as_path()).is_err());
+        // detect() reads headers only.
+        let f = file(&image(0, 1 << 20, 10));
+        assert!(!detect(f.as_path()).unwrap());
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&image(0, 1 << 20, 10)).unwrap();
+        let f = file(&gz.finish().unwrap());
+        assert!(detect(f.as_path()).unwrap());
+        for junk in [&b"short"[..], &[0x1f, 0x8b, 8, 0], &[0u8; 100]] {
+            let f = file(junk);
+            assert!(matches!(detect(f.as_path()), Err(Error::NotAKernel(_))));
+        }
         assert!(load_kernel(&m, Path::new("/nonexistent/Image")).is_err());
     }
 

@@ -24,8 +24,15 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
-    /// The file is neither an ELF vmlinux nor a bzImage.
-    #[error("kernel image {0}: not a Linux kernel (expected an ELF vmlinux or a bzImage)")]
+    /// The file is not a kernel this architecture boots.
+    #[cfg_attr(
+        target_arch = "aarch64",
+        error("kernel image {0}: not a Linux kernel (expected an arm64 Image or Image.gz)")
+    )]
+    #[cfg_attr(
+        not(target_arch = "aarch64"),
+        error("kernel image {0}: not a Linux kernel (expected an ELF vmlinux or a bzImage)")
+    )]
     NotAKernel(PathBuf),
     /// The kernel parsed but could not be placed in guest memory.
     #[error("kernel image {path}: {reason}")]

@@ -124,6 +124,9 @@ pub struct Scenario {
     /// Only on x86_64 guests (implied by a CPU template, a boot protocol or tern's own
     /// x86 kernel).
     pub x86_only: bool,
+    /// Only on aarch64 guests, in an L1 whose GIC is a GICv2 (so tern must fall back to a
+    /// GICv2); on an ARM64 host it runs directly with the host's GIC.
+    pub gicv2: bool,
 }
 
 impl Scenario {
@@ -154,11 +157,15 @@ impl Scenario {
             api_with_config: false,
             host_build: None,
             x86_only: false,
+            gicv2: false,
         }
     }
 
     /// Whether this scenario runs on `arch`.
     pub fn runs_on(&self, arch: Arch) -> bool {
+        if self.gicv2 {
+            return arch == Arch::Aarch64;
+        }
         arch == Arch::X86_64
             || !(self.x86_only
                 || self.cpu_config.is_some()
@@ -372,6 +379,8 @@ pub struct GuestFiles {
     /// Their architecture. For aarch64, `vmlinux` and `bzimage` are both the arm64 `Image`
     /// (staged as `Image` and, gzip-compressed, `Image.gz`).
     pub arch: Arch,
+    /// The nest's L1 gets a GICv2 (aarch64).
+    pub l1_gic2: bool,
 }
 
 pub fn guest_files(arch: Arch) -> Result<GuestFiles, String> {
@@ -413,6 +422,7 @@ pub fn guest_files(arch: Arch) -> Result<GuestFiles, String> {
         dir: kdir.clone(),
         own_kernel,
         arch,
+        l1_gic2: false,
     };
     for f in [
         &files.vmlinux,
@@ -456,6 +466,7 @@ fn aarch64_guest_files(own: &Path) -> Result<GuestFiles, String> {
         dir: kdir,
         own_kernel: false,
         arch: Arch::Aarch64,
+        l1_gic2: false,
     })
 }
 
@@ -691,7 +702,29 @@ pub fn run_batch(tag: &str, scenarios: &[Scenario], arch: Arch) -> Result<Batch,
         Arch::Aarch64 => format!("{tag}-aarch64"),
     };
     let dir = workspace().join("target").join("scenarios").join(&tag);
-    let mut results = execute(mode, &dir, scenarios, &guest, &bins)?;
+    // GICv2 scenarios need an L1 of their own in the nest.
+    let (gicv2, scenarios): (Vec<Scenario>, Vec<Scenario>) = if mode == Mode::Nested {
+        scenarios.iter().cloned().partition(|s| s.gicv2)
+    } else {
+        (Vec::new(), scenarios.to_vec())
+    };
+    let scenarios = &scenarios[..];
+    let mut results = if scenarios.is_empty() {
+        HashMap::new()
+    } else {
+        execute(mode, &dir, scenarios, &guest, &bins)?
+    };
+    if !gicv2.is_empty() {
+        let mut v2 = guest_files(arch)?;
+        v2.l1_gic2 = true;
+        results.extend(execute(
+            mode,
+            &dir.with_extension("gicv2"),
+            &gicv2,
+            &v2,
+            &bins,
+        )?);
+    }
 
     // In the nest (and only there), a guest that resets before its init runs is rerun once:
     // the TCG-emulated SVM under L1 very occasionally triple-faults an L2 guest early in its
@@ -731,7 +764,7 @@ pub fn run_batch(tag: &str, scenarios: &[Scenario], arch: Arch) -> Result<Batch,
     let summary = workspace().join("target").join("scenario-summary.txt");
     let line = format!(
         "{tag}: {} integration scenarios ran {}{rerun_note}\n",
-        scenarios.len(),
+        scenarios.len() + gicv2.len(),
         match mode {
             Mode::Direct => "direct",
             Mode::Nested => "nested",
@@ -769,6 +802,7 @@ fn execute(
                 )
                 // The arm64 test kernel has KVM built in: it is L1's kernel as well.
                 .env("L1_KERNEL", &guest.vmlinux)
+                .env("L1_GIC", if guest.l1_gic2 { "2" } else { "3" })
                 .arg("-s")
                 .arg(dir.join("run.sh"))
                 // Everything staged goes into L1's /nest.

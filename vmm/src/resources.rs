@@ -430,6 +430,16 @@ impl VmResources {
                 )
             })?;
         }
+        #[cfg(target_arch = "aarch64")]
+        boot::aarch64::detect(&boot.kernel_image_path).map_err(|_| {
+            ConfigError::new(
+                "boot-source.kernel_image_path",
+                format!(
+                    "{} is not a Linux kernel (expected an arm64 Image or Image.gz)",
+                    boot.kernel_image_path.display()
+                ),
+            )
+        })?;
         if let Some(initrd) = &boot.initrd_path {
             check_file("boot-source.initrd_path", initrd)?;
         }
@@ -554,11 +564,31 @@ mod tests {
         max_vcpus: 64,
     };
 
+    /// A file that passes the kernel format check: x86 takes any ELF (the test binary is
+    /// one); ARM64 wants an Image header, written once per test process.
+    fn test_kernel() -> PathBuf {
+        if cfg!(target_arch = "aarch64") {
+            static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+            IMAGE
+                .get_or_init(|| {
+                    let p = std::env::temp_dir()
+                        .join(format!("tern-test-Image-{}", std::process::id()));
+                    let mut h = vec![0u8; 64];
+                    h[16..24].copy_from_slice(&(1u64 << 20).to_le_bytes());
+                    h[56..60].copy_from_slice(b"ARM\x64");
+                    std::fs::write(&p, h).unwrap();
+                    p
+                })
+                .clone()
+        } else {
+            std::env::current_exe().unwrap()
+        }
+    }
+
     fn with_kernel() -> VmResources {
-        // Any ELF file passes the format check; the test binary is one.
         VmResources {
             boot_source: Some(BootSource {
-                kernel_image_path: std::env::current_exe().unwrap(),
+                kernel_image_path: test_kernel(),
                 initrd_path: None,
                 boot_args: None,
                 boot_protocol: BootProtocol::Auto,
