@@ -114,10 +114,15 @@ enum RunState {
     Paused,
 }
 
+/// Work for a paused vCPU thread, which owns the vCPU (reading or writing its state for a
+/// snapshot).
+type Job = Box<dyn FnOnce(&mut dyn crate::hypervisor::Vcpu) + Send>;
+
 /// What the VMM thread and one vCPU thread share to pause and resume it.
 pub struct VcpuControl {
     state: Mutex<RunState>,
     changed: Condvar,
+    job: Mutex<Option<Job>>,
 }
 
 impl VcpuControl {
@@ -125,6 +130,7 @@ impl VcpuControl {
         Self {
             state: Mutex::new(RunState::Running),
             changed: Condvar::new(),
+            job: Mutex::new(None),
         }
     }
 
@@ -132,13 +138,21 @@ impl VcpuControl {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called by the vCPU thread between runs: parks it while a pause is requested.
-    fn checkpoint(&self) {
+    /// Called by the vCPU thread between runs: parks it while a pause is requested, doing the
+    /// jobs [`run_on_paused`] hands it meanwhile.
+    fn checkpoint(&self, vcpu: &mut dyn crate::hypervisor::Vcpu) {
         let mut st = self.lock();
         if *st == RunState::PauseRequested {
             *st = RunState::Paused;
             self.changed.notify_all();
             while *st == RunState::Paused {
+                let job = self.job.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(job) = job {
+                    drop(st);
+                    job(vcpu);
+                    st = self.lock();
+                    continue;
+                }
                 st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         }
@@ -199,6 +213,28 @@ fn v_finished(vcpus: &[VcpuHandle], index: u8) -> bool {
         .any(|v| v.index == index && v.thread.is_finished())
 }
 
+/// Runs `f` on a paused vCPU's own thread (which owns the vCPU) and returns its result; an
+/// error when the vCPU is not paused or does not answer within `timeout`.
+pub fn run_on_paused<R: Send + 'static>(
+    v: &VcpuHandle,
+    timeout: Duration,
+    f: impl FnOnce(&mut dyn crate::hypervisor::Vcpu) -> R + Send + 'static,
+) -> Result<R, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let st = v.control.lock();
+        if *st != RunState::Paused || v.thread.is_finished() {
+            return Err(format!("vCPU {} is not paused", v.index));
+        }
+        *v.control.job.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(move |vcpu| {
+            let _ = tx.send(f(vcpu));
+        }));
+        v.control.changed.notify_all();
+    }
+    rx.recv_timeout(timeout)
+        .map_err(|e| format!("vCPU {} did not answer: {e}", v.index))
+}
+
 /// Lets every paused vCPU run again.
 pub fn resume_all(vcpus: &[VcpuHandle]) {
     for v in vcpus {
@@ -222,7 +258,7 @@ pub fn spawn(
         .name(format!("vcpu{index}"))
         .spawn(move || {
             loop {
-                ctl.checkpoint();
+                ctl.checkpoint(vcpu.as_mut());
                 let next = match vcpu.run() {
                     Ok(exit) => handle_exit(index, exit, &buses, &stop),
                     Err(e) => {
