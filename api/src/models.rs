@@ -203,6 +203,88 @@ pub struct VmState {
     pub state: VmStateValue,
 }
 
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// `Full` or `Diff` (default `Full`).
+    #[serde(default = "full")]
+    pub snapshot_type: String,
+    /// Where the state file goes.
+    pub snapshot_path: String,
+    /// Where guest memory goes.
+    pub mem_file_path: String,
+    /// Firecracker's (removed) target version field: accepted and ignored.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+fn full() -> String {
+    "Full".into()
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// `File` or `Uffd`.
+    pub backend_type: String,
+    /// The memory file (File) or the page-fault handler's socket (Uffd).
+    pub backend_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: String,
+    /// Where guest memory comes from.
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// The older way to name the memory file.
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// Track dirty pages for a later diff snapshot.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Firecracker's older name for it.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Resume the VM once loaded.
+    #[serde(default)]
+    pub resume_vm: bool,
+}
+
+impl SnapshotLoadParams {
+    /// The memory file, checked: exactly one of `mem_backend` (type `File`) and
+    /// `mem_file_path`.
+    pub fn mem_file(&self) -> Result<String, FieldError> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) => Err((
+                "snapshot-load.mem_backend".into(),
+                "give mem_backend or mem_file_path, not both".into(),
+            )),
+            (None, None) => Err((
+                "snapshot-load.mem_backend".into(),
+                "missing: say where guest memory comes from".into(),
+            )),
+            (None, Some(p)) => Ok(p.clone()),
+            (Some(b), None) => match b.backend_type.as_str() {
+                "File" => Ok(b.backend_path.clone()),
+                "Uffd" => Err((
+                    "snapshot-load.mem_backend.backend_type".into(),
+                    "Uffd is not supported yet: use File".into(),
+                )),
+                other => Err((
+                    "snapshot-load.mem_backend.backend_type".into(),
+                    format!("{other:?} is not File or Uffd"),
+                )),
+            },
+        }
+    }
+}
+
 /// The states a client may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum VmStateValue {

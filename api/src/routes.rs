@@ -216,11 +216,30 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
                     .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?,
             ))
         }
-        ("PUT", ["snapshot", "create" | "load"]) => {
-            return Err(not_yet(
-                "snapshots",
-                "pause/snapshot/restore is its own issue",
-            ));
+        ("PUT", ["snapshot", "create"]) => {
+            let p = parse::<models::SnapshotCreateParams>("snapshot-create", body)?;
+            A(VmmAction::CreateSnapshot {
+                snapshot_type: p.snapshot_type,
+                snapshot_path: p.snapshot_path.into(),
+                mem_file_path: p.mem_file_path.into(),
+            })
+        }
+        ("PUT", ["snapshot", "load"]) => {
+            let p = parse::<models::SnapshotLoadParams>("snapshot-load", body)?;
+            if p.track_dirty_pages || p.enable_diff_snapshots {
+                return Err(not_yet(
+                    "dirty-page tracking (track_dirty_pages)",
+                    "diff snapshots are not built yet",
+                ));
+            }
+            let mem = p
+                .mem_file()
+                .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?;
+            A(VmmAction::LoadSnapshot {
+                snapshot_path: p.snapshot_path.into(),
+                mem_file_path: mem.into(),
+                resume_vm: p.resume_vm,
+            })
         }
         ("PUT", ["drives", id]) => {
             let d = parse::<models::Drive>("drive", body)?;
@@ -479,7 +498,11 @@ mod tests {
             ))
             .contains("the path says \"a\" but the body says \"b\"")
         );
-        assert!(fault(route("PUT", "/snapshot/create", b"{}")).contains("not supported yet"));
+        assert!(fault(route("PUT", "/snapshot/create", b"{}")).contains("snapshot_path"));
+        let uffd = br#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#;
+        assert!(fault(route("PUT", "/snapshot/load", uffd)).contains("Uffd is not supported"));
+        let both = br#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#;
+        assert!(fault(route("PUT", "/snapshot/load", both)).contains("not both"));
         assert!(fault(route("PUT", "/metrics", b"{}")).contains("missing field `metrics_path`"));
         let prom = reply(route("GET", "/tern/v1/metrics", b""));
         assert!(prom.text && prom.body.unwrap().contains("tern_vcpu_exit_io_out_total"));

@@ -10,8 +10,8 @@
 //! The test harness and the benchmarks both use it, inside the nest or directly.
 //!
 //! With `--api-sock SOCK --steps FILE` it also drives the VMM's API while it runs: FILE holds a
-//! JSON array of steps, each `{"wait": "console text"}`, `{"sleep_ms": N}` or
-//! `{"req": "METHOD /path", "body": {...}}`, done in order; every request's status, body and
+//! JSON array of steps, each `{"wait": "console text"}`, `{"sleep_ms": N}`,
+//! `{"req": "METHOD /path", "body": {...}}` or `{"kill": true}` (SIGKILL), done in order; every request's status, body and
 //! times go into the report's `api` list.
 
 mod apibench;
@@ -63,6 +63,9 @@ pub(crate) struct Step {
     /// Record the VMM's resident memory (KiB) as a call named "RSS <label>".
     #[serde(default)]
     pub(crate) rss: Option<String>,
+    /// SIGKILL the VMM (after this step's request, if any), as a crash would.
+    #[serde(default)]
+    pub(crate) kill: bool,
 }
 
 /// Runs the API steps; `lines` is the console so far.
@@ -140,6 +143,10 @@ fn run_steps(
                 status: resp.status,
                 body: resp.body,
             });
+        }
+        if step.kill {
+            // SAFETY: kill(2) on the child's pid with a constant signal.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
     }
     (calls, None)

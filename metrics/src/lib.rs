@@ -198,6 +198,8 @@ groups! {
         pause_vm: Gauge,
         resume_vm: Gauge,
         vm_start: Gauge,
+        full_create_snapshot: Gauge,
+        load_snapshot: Gauge,
     }
     vmm: VmmMetrics {
         panic_count: Counter,

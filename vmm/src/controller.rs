@@ -108,6 +108,24 @@ pub enum VmmAction {
     Resume,
     /// Press Ctrl+Alt+Del on the guest's keyboard.
     SendCtrlAltDel,
+    /// Write a snapshot of the paused VM.
+    CreateSnapshot {
+        /// `Full` (or `Diff`, refused until dirty tracking exists).
+        snapshot_type: String,
+        /// The state file.
+        snapshot_path: PathBuf,
+        /// The memory file.
+        mem_file_path: PathBuf,
+    },
+    /// Build the VM from a snapshot (instead of booting).
+    LoadSnapshot {
+        /// The state file.
+        snapshot_path: PathBuf,
+        /// The memory file (the `File` back-end).
+        mem_file_path: PathBuf,
+        /// Run it at once; otherwise it stays paused.
+        resume_vm: bool,
+    },
 }
 
 /// What an action returns.
@@ -513,6 +531,69 @@ impl Controller {
                     .latencies_us
                     .vm_start
                     .set(t.elapsed().as_micros() as u64);
+                self.vm = Some(vm);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::CreateSnapshot {
+                snapshot_type,
+                snapshot_path,
+                mem_file_path,
+            } => {
+                let Some(vm) = &self.vm else {
+                    return Err(ActionError::InvalidState(
+                        "cannot snapshot: the VM has not started".into(),
+                    ));
+                };
+                if snapshot_type != "Full" {
+                    return Err(ActionError::InvalidState(
+                        crate::snapshot::SnapshotError::Unsupported(snapshot_type).to_string(),
+                    ));
+                }
+                let t = Instant::now();
+                vm.snapshot(&snapshot_path, &mem_file_path)
+                    .map_err(|e| match e {
+                        // Not paused, or a path that cannot be written: the client's to fix.
+                        crate::snapshot::SnapshotError::NotPaused
+                        | crate::snapshot::SnapshotError::File(_)
+                        | crate::snapshot::SnapshotError::Memory { .. } => {
+                            ActionError::InvalidState(e.to_string())
+                        }
+                        other => ActionError::Internal(other.to_string()),
+                    })?;
+                metrics::METRICS
+                    .latencies_us
+                    .full_create_snapshot
+                    .set(t.elapsed().as_micros() as u64);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::LoadSnapshot {
+                snapshot_path,
+                mem_file_path,
+                resume_vm,
+            } => {
+                pre_boot(&self.vm, "loading a snapshot")?;
+                let t = Instant::now();
+                let state = crate::snapshot::load_state(&snapshot_path)
+                    .map_err(|e| ActionError::InvalidState(e.to_string()))?;
+                let res = state.resources(&self.resources);
+                let hv = (self.hypervisor)().map_err(ActionError::Start)?;
+                let opts = RunOptions {
+                    start: self.start,
+                    console: None,
+                    console_input: self.console_input.take().unwrap_or(ConsoleInput::None),
+                };
+                let payload = Payload::Snapshot {
+                    state: &state,
+                    mem_file: &mem_file_path,
+                };
+                let vm = crate::vm::build(hv.as_ref(), &res, payload, opts)
+                    .and_then(|built| built.start_with(em, !resume_vm))
+                    .map_err(ActionError::Start)?;
+                metrics::METRICS
+                    .latencies_us
+                    .load_snapshot
+                    .set(t.elapsed().as_micros() as u64);
+                self.resources = res;
                 self.vm = Some(vm);
                 Ok(VmmData::Empty)
             }

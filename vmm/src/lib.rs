@@ -10,6 +10,7 @@ pub mod hypervisor;
 pub mod logger;
 pub mod platform;
 pub mod resources;
+pub mod snapshot;
 pub mod snapshot_file;
 pub mod vcpu;
 pub mod vm;
@@ -51,6 +52,9 @@ pub enum Error {
     /// The vCPUs could not be paused.
     #[error("pause: {0}")]
     Pause(String),
+    /// A snapshot could not be restored.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// An OS call failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),

@@ -48,7 +48,7 @@ pub struct BootSource {
 }
 
 /// vCPUs and memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MachineConfig {
     /// Number of vCPUs.
     pub vcpu_count: u8,
@@ -118,7 +118,7 @@ pub use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 pub use devices::virtio::block::IoEngine as IoEngineKind;
 
 /// A drive (`PUT /drives/{id}`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DriveConfig {
     /// Unique id; GET_ID answers it.
     pub drive_id: String,
@@ -137,7 +137,7 @@ pub struct DriveConfig {
 }
 
 /// A network interface (`PUT /network-interfaces/{id}`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// Unique id.
     pub iface_id: String,
@@ -152,7 +152,7 @@ pub struct NetConfig {
 }
 
 /// The vsock device (`PUT /vsock`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's context id (3 or more).
     pub guest_cid: u32,
@@ -161,7 +161,7 @@ pub struct VsockConfig {
 }
 
 /// The balloon device (`PUT /balloon`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonConfig {
     /// Target balloon size in MiB.
     pub amount_mib: u32,
@@ -363,6 +363,11 @@ impl VmResources {
     /// Checks that the VM can be built: a boot source whose files exist, sane machine values.
     pub fn validate(&self, host: &HostLimits) -> Result<(), ConfigError> {
         self.validate_boot_source()?;
+        self.validate_devices(host)
+    }
+
+    /// [`VmResources::validate`] without the boot source (a VM restored from a snapshot).
+    pub fn validate_devices(&self, host: &HostLimits) -> Result<(), ConfigError> {
         self.machine_config.validate(host)?;
         for d in &self.drives {
             d.validate()?;

@@ -250,9 +250,14 @@ pub fn spawn(
     mut vcpu: Box<dyn Vcpu>,
     buses: Buses,
     stop: Arc<ExitChannel>,
+    paused: bool,
 ) -> std::io::Result<VcpuHandle> {
     install_kick_handler()?;
     let control = Arc::new(VcpuControl::new());
+    if paused {
+        // It parks at its first checkpoint, before ever entering KVM_RUN.
+        *control.lock() = RunState::PauseRequested;
+    }
     let ctl = control.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))

@@ -46,6 +46,14 @@ pub enum Payload<'a> {
         /// Guest address to load and start at.
         load_addr: u64,
     },
+    /// The VM a snapshot describes: memory from `mem_file`, vCPUs, interrupt controllers and
+    /// devices from `state`.
+    Snapshot {
+        /// The state file's contents.
+        state: &'a crate::snapshot::VmState,
+        /// The memory file.
+        mem_file: &'a std::path::Path,
+    },
 }
 
 /// Options that are not part of the VM description.
@@ -72,6 +80,7 @@ pub struct BuiltVm {
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     extra: platform::Extra,
     virtio: Vec<VirtioHandle>,
+    resources: VmResources,
 }
 
 /// Which virtio device a handle is.
@@ -157,10 +166,19 @@ pub fn build(
     payload: Payload<'_>,
     opts: RunOptions,
 ) -> Result<BuiltVm> {
-    if matches!(payload, Payload::Linux) {
-        res.validate(&HostLimits::probe(hv.max_vcpus()))?;
+    match payload {
+        Payload::Linux => res.validate(&HostLimits::probe(hv.max_vcpus()))?,
+        Payload::Snapshot { .. } => res.validate_devices(&HostLimits::probe(hv.max_vcpus()))?,
+        Payload::Flat32 { .. } => {}
     }
-    let mem = guest_memory(res.machine_config.mem_size_mib)?;
+    let (mem, saved) = match &payload {
+        Payload::Snapshot { state, mem_file } => (
+            crate::snapshot::map_memory_file(state, mem_file)
+                .map_err(|e| Error::Snapshot(e.to_string()))?,
+            Some(*state),
+        ),
+        _ => (guest_memory(res.machine_config.mem_size_mib)?, None),
+    };
     let vm = hv.create_vm()?;
     map_guest_memory(vm.as_ref(), &mem)?;
     let early = platform::setup_early(vm.as_ref(), res)?;
@@ -193,6 +211,7 @@ pub fn build(
         exit_dyn,
         ConsoleOutput::new(out, panicked.clone()),
         input_room.try_clone()?,
+        saved.map(|s| &s.uart),
     )?;
     let boot_timer = if res.boot_timer {
         let timer = Arc::new(Mutex::new(BootTimer::new(
@@ -217,9 +236,28 @@ pub fn build(
         |kind: VirtioKind, id: String, dev: Box<dyn devices::virtio::VirtioDevice>| -> Result<()> {
             use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
             let slot = platform::virtio_slot(virtio.len());
-            let transport =
-                MmioTransport::new(dev, mem.clone(), IrqLine(vm.interrupt_line(slot.irq)?))
-                    .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?;
+            let irq = IrqLine(vm.interrupt_line(slot.irq)?);
+            let transport = match saved {
+                None => MmioTransport::new(dev, mem.clone(), irq)
+                    .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?,
+                Some(state) => {
+                    let (_, saved_id, json) = state.virtio.get(virtio.len()).ok_or_else(|| {
+                        Error::Snapshot(format!("the snapshot has no state for {kind:?} {id}"))
+                    })?;
+                    if *saved_id != id {
+                        return Err(Error::Snapshot(format!(
+                            "device {} of the snapshot is {saved_id}, not {id}",
+                            virtio.len()
+                        )));
+                    }
+                    let st: devices::virtio::mmio::MmioTransportState = serde_json::from_str(json)
+                        .map_err(|e| {
+                            Error::Snapshot(format!("{kind:?} {id}: unreadable state: {e}"))
+                        })?;
+                    MmioTransport::restore(dev, mem.clone(), irq, &st)
+                        .map_err(|e| Error::Snapshot(format!("{kind:?} {id}: {e}")))?
+                }
+            };
             for (q, evt) in transport.queue_events()?.iter().enumerate() {
                 vm.register_notify(evt, slot.base + QUEUE_NOTIFY_OFFSET, q as u32)?;
             }
@@ -315,6 +353,7 @@ pub fn build(
         extra,
         boot_timer,
         virtio: handles,
+        resources: res.clone(),
     })
 }
 
@@ -343,24 +382,32 @@ pub type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
 /// A VM whose vCPUs are running.
 pub struct RunningVm {
-    _vm: Arc<dyn Vm>,
-    _mem: GuestMemoryMmap,
-    vcpus: Vec<vcpu::VcpuHandle>,
+    pub(crate) _vm: Arc<dyn Vm>,
+    pub(crate) _mem: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<vcpu::VcpuHandle>,
     exit: Arc<ExitChannel>,
     panicked: Arc<AtomicBool>,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     _terminal: Option<RawTerminal>,
-    paused: bool,
+    pub(crate) paused: bool,
     extra: platform::Extra,
-    virtio: Vec<VirtioHandle>,
+    pub(crate) virtio: Vec<VirtioHandle>,
+    pub(crate) serial: Arc<Mutex<platform::Uart>>,
+    pub(crate) resources: VmResources,
 }
 
 /// How long a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl BuiltVm {
-    /// Registers the VM's event sources on `em` and starts the vCPU threads.
+    /// Registers the VM's event sources on `em` and starts the vCPU threads (parked, when
+    /// `paused`: a restored VM that is not to resume yet).
     pub fn start(self, em: &mut EventLoop) -> Result<RunningVm> {
+        self.start_with(em, false)
+    }
+
+    /// [`BuiltVm::start`], with the vCPUs parked from the start when `paused`.
+    pub fn start_with(self, em: &mut EventLoop, paused: bool) -> Result<RunningVm> {
         let mut terminal = None;
         let input = match self.console_input {
             ConsoleInput::None => None,
@@ -402,6 +449,7 @@ impl BuiltVm {
                 vcpu,
                 self.buses.clone(),
                 self.exit.clone(),
+                paused,
             )?);
         }
         Ok(RunningVm {
@@ -412,9 +460,11 @@ impl BuiltVm {
             panicked: self.panicked,
             boot_timer: self.boot_timer,
             _terminal: terminal,
-            paused: false,
+            paused,
             extra: self.extra,
             virtio: self.virtio,
+            serial: self.serial,
+            resources: self.resources,
         })
     }
 

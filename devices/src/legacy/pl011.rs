@@ -105,6 +105,27 @@ impl Pl011 {
         FIFO_SIZE - self.rx.len()
     }
 
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn save(&self) -> super::serial::UartState {
+        super::serial::UartState {
+            regs: [
+                self.int_level,
+                self.int_mask,
+                self.ibrd,
+                self.fbrd,
+                self.lcr_h,
+                self.cr,
+                self.ifls,
+                self.ilpr,
+                self.dmacr,
+            ]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect(),
+            rx: self.rx.iter().copied().collect(),
+        }
+    }
+
     /// Sets interrupt bits and pulses the line if a masked bit became set.
     fn raise(&mut self, bits: u32) {
         let before = self.int_level & self.int_mask;

@@ -123,6 +123,77 @@ impl SerialDevice {
     pub fn input_room(&self) -> usize {
         self.serial.fifo_capacity()
     }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn save(&self) -> UartState {
+        let s = self.serial.state();
+        UartState {
+            regs: vec![
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            rx: s.in_buffer,
+        }
+    }
+}
+
+impl SerialDevice {
+    /// A UART as [`SerialDevice::new`], in the state [`SerialDevice::save`] returned.
+    pub fn with_state(
+        irq: IrqLine,
+        out: ConsoleOutput,
+        input_room: Option<EventFd>,
+        state: &UartState,
+    ) -> Result<Self, String> {
+        let [
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+        ] = state.regs[..]
+        else {
+            return Err(format!(
+                "16550 state has {} registers, not 9",
+                state.regs.len()
+            ));
+        };
+        let st = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: state.rx.clone(),
+        };
+        let serial = Serial::from_state(&st, irq, InputRoom(input_room), out)
+            .map_err(|e| format!("16550 state: {e:?}"))?;
+        Ok(Self { serial })
+    }
+}
+
+/// A UART's registers and receive FIFO in a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UartState {
+    /// The registers, in the model's order.
+    pub regs: Vec<u8>,
+    /// Bytes the guest has not read yet.
+    pub rx: Vec<u8>,
 }
 
 impl BusDevice for SerialDevice {
@@ -218,6 +289,47 @@ mod tests {
         assert!(evt.read().is_err(), "not empty yet");
         dev.read(0, &mut b);
         assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn state_survives_save_and_restore() {
+        let (mut dev, _, _, _) = uart();
+        dev.write(IER, &[0x03]);
+        dev.write(7, &[0x5a]); // scratch
+        dev.enqueue_input(b"xy");
+        let saved = dev.save();
+        let mut back = SerialDevice::with_state(
+            IrqLine(Arc::new(CountingInterrupt::default())),
+            ConsoleOutput::new(
+                Box::new(SharedBuf::default()),
+                Arc::new(AtomicBool::new(false)),
+            ),
+            None,
+            &saved,
+        )
+        .unwrap();
+        assert_eq!(back.save(), saved);
+        let mut b = [0u8];
+        back.read(IER, &mut b);
+        assert_eq!(b[0], 0x03);
+        back.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+        let bad = UartState {
+            regs: vec![1, 2],
+            rx: vec![],
+        };
+        assert!(
+            SerialDevice::with_state(
+                IrqLine(Arc::new(CountingInterrupt::default())),
+                ConsoleOutput::new(
+                    Box::new(SharedBuf::default()),
+                    Arc::new(AtomicBool::new(false))
+                ),
+                None,
+                &bad
+            )
+            .is_err()
+        );
     }
 
     #[test]

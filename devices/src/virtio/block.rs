@@ -87,7 +87,7 @@ pub struct BlockConfig {
 }
 
 /// How a drive's worker does its reads and writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum IoEngine {
     /// `pread`/`pwrite`, one request after another.
     #[default]

@@ -498,7 +498,12 @@ impl MmioTransport {
 
     /// The transport's and device's state, for a snapshot (with the VM paused).
     pub fn save(&self) -> MmioTransportState {
-        let side = self.lock();
+        self.save_with(&self.lock())
+    }
+
+    /// [`MmioTransport::save`] with the device side already locked by the caller (who holds
+    /// every device's lock so that no worker writes guest memory while it is saved).
+    pub fn save_with(&self, side: &DeviceSide) -> MmioTransportState {
         MmioTransportState {
             device_type: self.device_type,
             queue_sel: self.queue_sel,

@@ -54,10 +54,19 @@ impl Hypervisor for KvmHypervisor {
             .map_err(HypervisorError::call("KVM_GET_SUPPORTED_CPUID"))?
             .as_slice()
             .to_vec();
+        #[cfg(target_arch = "x86_64")]
+        let msr_list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(HypervisorError::call("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
         Ok(Arc::new(KvmVm {
             vm,
             #[cfg(target_arch = "x86_64")]
             cpuid,
+            #[cfg(target_arch = "x86_64")]
+            msr_list: Arc::new(msr_list),
             #[cfg(target_arch = "aarch64")]
             gic: std::sync::Mutex::new(None),
         }))
@@ -68,6 +77,9 @@ struct KvmVm {
     vm: VmFd,
     #[cfg(target_arch = "x86_64")]
     cpuid: Vec<kvm_cpuid_entry2>,
+    /// The MSRs KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`).
+    #[cfg(target_arch = "x86_64")]
+    msr_list: Arc<Vec<u32>>,
     /// The GIC device, kept open as long as the VM.
     #[cfg(target_arch = "aarch64")]
     gic: std::sync::Mutex<Option<kvm_ioctls::DeviceFd>>,
@@ -122,7 +134,11 @@ impl Vm for KvmVm {
             fd.vcpu_init(&kvi)
                 .map_err(HypervisorError::call("KVM_ARM_VCPU_INIT"))?;
         }
-        Ok(Box::new(KvmVcpu { fd }))
+        Ok(Box::new(KvmVcpu {
+            fd,
+            #[cfg(target_arch = "x86_64")]
+            msr_list: self.msr_list.clone(),
+        }))
     }
 
     fn interrupt_line(&self, gsi: u32) -> HvResult<Arc<dyn Interrupt>> {
@@ -162,6 +178,60 @@ impl Vm for KvmVm {
     #[cfg(target_arch = "x86_64")]
     fn supported_cpuid(&self) -> HvResult<Vec<kvm_cpuid_entry2>> {
         Ok(self.cpuid.clone())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn save_x86_state(&self) -> HvResult<super::X86VmState> {
+        use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+        let clock = self
+            .vm
+            .get_clock()
+            .map_err(HypervisorError::call("KVM_GET_CLOCK"))?;
+        let mut irqchips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut chip)
+                .map_err(HypervisorError::call("KVM_GET_IRQCHIP"))?;
+            irqchips.push(chip);
+        }
+        let pit = self
+            .vm
+            .get_pit2()
+            .map_err(HypervisorError::call("KVM_GET_PIT2"))?;
+        Ok(super::X86VmState {
+            clock,
+            irqchips,
+            pit,
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn restore_x86_state(&self, state: &super::X86VmState) -> HvResult<()> {
+        self.vm
+            .set_pit2(&state.pit)
+            .map_err(HypervisorError::call("KVM_SET_PIT2"))?;
+        // The clock's flags are what KVM reported; it takes none of them back.
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.vm
+            .set_clock(&clock)
+            .map_err(HypervisorError::call("KVM_SET_CLOCK"))?;
+        for chip in &state.irqchips {
+            self.vm
+                .set_irqchip(chip)
+                .map_err(HypervisorError::call("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -246,6 +316,8 @@ impl KvmVm {
 
 struct KvmVcpu {
     fd: VcpuFd,
+    #[cfg(target_arch = "x86_64")]
+    msr_list: Arc<Vec<u32>>,
 }
 
 // LAPIC register offsets and delivery modes for the LINT pins.
@@ -316,6 +388,107 @@ impl Vcpu for KvmVcpu {
             .get_one_reg(arch::aarch64::regs::MPIDR_EL1, &mut b)
             .map_err(HypervisorError::call("KVM_GET_ONE_REG (MPIDR_EL1)"))?;
         Ok(u64::from_le_bytes(b))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn save_x86_state(&self) -> HvResult<super::X86VcpuState> {
+        let call = HypervisorError::call;
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(call("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let tsc_khz = self.fd.get_tsc_khz().ok();
+        // Batches of MSRs; KVM stops at the first one it cannot read, which is skipped.
+        let mut msrs = Vec::with_capacity(self.msr_list.len());
+        let mut rest: &[u32] = &self.msr_list;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(64)];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut list = Msrs::from_entries(&entries).map_err(|_| HypervisorError::Call {
+                op: "KVM_GET_MSRS",
+                source: std::io::Error::other("too many MSRs"),
+            })?;
+            let n = self.fd.get_msrs(&mut list).map_err(call("KVM_GET_MSRS"))?;
+            msrs.extend_from_slice(&list.as_slice()[..n]);
+            rest = &rest[(n + 1).min(rest.len())..];
+        }
+        Ok(super::X86VcpuState {
+            cpuid,
+            tsc_khz,
+            msrs,
+            regs: self.fd.get_regs().map_err(call("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(call("KVM_GET_SREGS"))?,
+            xsave: self.fd.get_xsave().map_err(call("KVM_GET_XSAVE"))?,
+            xcrs: self.fd.get_xcrs().map_err(call("KVM_GET_XCRS"))?,
+            debugregs: self
+                .fd
+                .get_debug_regs()
+                .map_err(call("KVM_GET_DEBUGREGS"))?,
+            lapic: self.fd.get_lapic().map_err(call("KVM_GET_LAPIC"))?,
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(call("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: self.fd.get_mp_state().map_err(call("KVM_GET_MP_STATE"))?,
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn restore_x86_state(&mut self, s: &super::X86VcpuState) -> HvResult<()> {
+        let call = HypervisorError::call;
+        let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| HypervisorError::Call {
+            op: "KVM_SET_CPUID2",
+            source: std::io::Error::other("too many CPUID entries"),
+        })?;
+        self.fd.set_cpuid2(&cpuid).map_err(call("KVM_SET_CPUID2"))?;
+        if let Some(khz) = s.tsc_khz {
+            // Another host's TSC rate: KVM scales where the CPU can; otherwise time drifts.
+            if let Err(e) = self.fd.set_tsc_khz(khz) {
+                log::warn!("cannot set the TSC to {khz} kHz: {e}; guest time may drift");
+            }
+        }
+        self.fd
+            .set_mp_state(s.mp_state)
+            .map_err(call("KVM_SET_MP_STATE"))?;
+        self.fd.set_regs(&s.regs).map_err(call("KVM_SET_REGS"))?;
+        self.fd.set_sregs(&s.sregs).map_err(call("KVM_SET_SREGS"))?;
+        // SAFETY: `s.xsave` is a whole kvm_xsave as KVM_GET_XSAVE returned it (and the state
+        // file's checksum held); KVM validates its contents.
+        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(call("KVM_SET_XSAVE"))?;
+        self.fd.set_xcrs(&s.xcrs).map_err(call("KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&s.debugregs)
+            .map_err(call("KVM_SET_DEBUGREGS"))?;
+        // The LAPIC before the MSRs: the TSC deadline MSR needs the LAPIC's timer mode.
+        self.fd.set_lapic(&s.lapic).map_err(call("KVM_SET_LAPIC"))?;
+        for chunk in s.msrs.chunks(64) {
+            let msrs = Msrs::from_entries(chunk).map_err(|_| HypervisorError::Call {
+                op: "KVM_SET_MSRS",
+                source: std::io::Error::other("too many MSRs"),
+            })?;
+            let n = self.fd.set_msrs(&msrs).map_err(call("KVM_SET_MSRS"))?;
+            if let Some(refused) = chunk.get(n) {
+                return Err(HypervisorError::Call {
+                    op: "KVM_SET_MSRS",
+                    source: std::io::Error::other(format!(
+                        "MSR {:#x} was refused (a snapshot from a host with other CPU features?)",
+                        refused.index
+                    )),
+                });
+            }
+        }
+        self.fd
+            .set_vcpu_events(&s.events)
+            .map_err(call("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -118,6 +118,14 @@ pub trait Vm: Send + Sync {
     #[cfg(target_arch = "x86_64")]
     fn supported_cpuid(&self) -> HvResult<Vec<kvm_bindings::kvm_cpuid_entry2>>;
 
+    /// x86: the clock, interrupt controllers and PIT (vCPUs paused).
+    #[cfg(target_arch = "x86_64")]
+    fn save_x86_state(&self) -> HvResult<X86VmState>;
+
+    /// x86: puts back what [`Vm::save_x86_state`] returned.
+    #[cfg(target_arch = "x86_64")]
+    fn restore_x86_state(&self, state: &X86VmState) -> HvResult<()>;
+
     /// ARM64: creates and initialises the interrupt controller for `vcpus` vCPUs (all created
     /// already) at the addresses of `arch::aarch64::layout`: a GICv3, or a GICv2 where the
     /// host has no GICv3 emulation.
@@ -140,6 +148,14 @@ pub trait Vcpu: Send {
         boot: Option<X86BootState<'_>>,
     ) -> HvResult<()>;
 
+    /// x86: the whole vCPU state (the vCPU not running).
+    #[cfg(target_arch = "x86_64")]
+    fn save_x86_state(&self) -> HvResult<X86VcpuState>;
+
+    /// x86: puts back what [`Vcpu::save_x86_state`] returned.
+    #[cfg(target_arch = "x86_64")]
+    fn restore_x86_state(&mut self, state: &X86VcpuState) -> HvResult<()>;
+
     /// ARM64: sets registers, as (KVM one-reg ID, value) pairs (`arch::aarch64::regs`).
     #[cfg(target_arch = "aarch64")]
     fn set_arm_regs(&mut self, regs: &[(u64, u64)]) -> HvResult<()>;
@@ -147,6 +163,46 @@ pub trait Vcpu: Send {
     /// ARM64: the vCPU's MPIDR_EL1 (its affinity, as the device tree names it).
     #[cfg(target_arch = "aarch64")]
     fn arm_mpidr(&self) -> HvResult<u64>;
+}
+
+/// Everything KVM holds of one x86 vCPU, for a snapshot.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct X86VcpuState {
+    /// CPUID as set.
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// The TSC frequency, when KVM reports it.
+    pub tsc_khz: Option<u32>,
+    /// MSRs (every one KVM lists that reads back).
+    pub msrs: Vec<kvm_bindings::kvm_msr_entry>,
+    /// General registers.
+    pub regs: kvm_bindings::kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_bindings::kvm_sregs,
+    /// FPU, SSE and AVX state.
+    pub xsave: kvm_bindings::kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_bindings::kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_bindings::kvm_debugregs,
+    /// The local APIC.
+    pub lapic: kvm_bindings::kvm_lapic_state,
+    /// Pending exceptions, interrupts and NMIs.
+    pub events: kvm_bindings::kvm_vcpu_events,
+    /// Running, halted, waiting for SIPI...
+    pub mp_state: kvm_bindings::kvm_mp_state,
+}
+
+/// Everything KVM holds of an x86 VM besides its vCPUs, for a snapshot.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct X86VmState {
+    /// kvmclock.
+    pub clock: kvm_bindings::kvm_clock_data,
+    /// The master PIC, the slave PIC and the IOAPIC.
+    pub irqchips: Vec<kvm_bindings::kvm_irqchip>,
+    /// The PIT.
+    pub pit: kvm_bindings::kvm_pit_state2,
 }
 
 /// The boot vCPU's entry state on x86.

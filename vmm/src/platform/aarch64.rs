@@ -71,7 +71,13 @@ pub fn legacy_devices(
     _exit: Arc<dyn ExitRequester>,
     out: ConsoleOutput,
     input_room: EventFd,
+    saved: Option<&devices::legacy::serial::UartState>,
 ) -> Result<(Arc<Mutex<Uart>>, Extra)> {
+    if saved.is_some() {
+        return Err(Error::Snapshot(
+            "restoring snapshots is not built for ARM64 yet".into(),
+        ));
+    }
     let uart = Arc::new(Mutex::new(Pl011::new(
         IrqLine(vm.interrupt_line(UART_SPI)?),
         out,
@@ -107,10 +113,18 @@ pub fn boot(
     virtio: &[VirtioSlot],
     early: Early,
 ) -> Result<Vec<(u8, Box<dyn Vcpu>)>> {
-    if let Payload::Flat32 { .. } = payload {
-        return Err(Error::Device(
-            "flat 32-bit test payloads are x86 code; ARM64 boots Linux only".into(),
-        ));
+    match payload {
+        Payload::Flat32 { .. } => {
+            return Err(Error::Device(
+                "flat 32-bit test payloads are x86 code; ARM64 boots Linux only".into(),
+            ));
+        }
+        Payload::Snapshot { .. } => {
+            return Err(Error::Snapshot(
+                "restoring snapshots is not built for ARM64 yet".into(),
+            ));
+        }
+        Payload::Linux => {}
     }
     let vcpu_count = res.machine_config.vcpu_count;
     let Early {

@@ -62,12 +62,15 @@ pub fn legacy_devices(
     exit: Arc<dyn ExitRequester>,
     out: ConsoleOutput,
     input_room: EventFd,
+    saved: Option<&devices::legacy::serial::UartState>,
 ) -> Result<(Arc<Mutex<Uart>>, Extra)> {
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        IrqLine(vm.interrupt_line(COM1_GSI)?),
-        out,
-        Some(input_room),
-    )));
+    let irq = IrqLine(vm.interrupt_line(COM1_GSI)?);
+    let uart = match saved {
+        None => SerialDevice::new(irq, out, Some(input_room)),
+        Some(st) => SerialDevice::with_state(irq, out, Some(input_room), st)
+            .map_err(|e| Error::Snapshot(format!("console UART: {e}")))?,
+    };
+    let serial = Arc::new(Mutex::new(uart));
     insert(pio, serial.clone(), u64::from(COM1_PORT), 8)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(
         exit.clone(),
@@ -114,6 +117,7 @@ pub fn boot(
 ) -> Result<Vec<(u8, Box<dyn Vcpu>)>> {
     let vcpu_count = res.machine_config.vcpu_count;
     let boot_entry = match payload {
+        Payload::Snapshot { state, .. } => return restore(vm, state),
         Payload::Linux => Some(load_linux(mem, res, vcpu_count, virtio)?),
         Payload::Flat32 { code, load_addr } => {
             use vm_memory::Bytes;
@@ -169,6 +173,24 @@ pub fn boot(
         }
         vcpus.push((index, vcpu));
     }
+    Ok(vcpus)
+}
+
+/// The vCPUs and KVM's VM state as a snapshot saved them.
+fn restore(vm: &dyn Vm, state: &crate::snapshot::VmState) -> Result<Vec<(u8, Box<dyn Vcpu>)>> {
+    let snap =
+        |what: &str, e: crate::hypervisor::HypervisorError| Error::Snapshot(format!("{what}: {e}"));
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (i, s) in state.vcpus.iter().enumerate() {
+        let index =
+            u8::try_from(i).map_err(|_| Error::Snapshot(format!("{} vCPUs", state.vcpus.len())))?;
+        let mut vcpu = vm.create_vcpu(index)?;
+        vcpu.restore_x86_state(s)
+            .map_err(|e| snap(&format!("vCPU {index}"), e))?;
+        vcpus.push((index, vcpu));
+    }
+    vm.restore_x86_state(&state.vm)
+        .map_err(|e| snap("interrupt controllers and clock", e))?;
     Ok(vcpus)
 }
 
