@@ -540,11 +540,51 @@ fn wrong_methods_are_refused_on_every_route() {
 }
 
 #[test]
-fn routes_of_later_features_are_refused_clearly() {
-    let t = Tern::start("later");
-    for (m, p) in [("PUT", "/snapshot/create"), ("PUT", "/snapshot/load")] {
-        refused(&t, m, p, Some("{}"), "not supported yet");
-    }
+fn snapshot_routes_refuse_what_cannot_be_done() {
+    let t = Tern::start("snapshots");
+    refused(&t, "PUT", "/snapshot/create", Some("{}"), "snapshot_path");
+    let create = r#"{"snapshot_type": "Full", "snapshot_path": "s", "mem_file_path": "m"}"#;
+    refused(
+        &t,
+        "PUT",
+        "/snapshot/create",
+        Some(create),
+        "has not started",
+    );
+    let missing = r#"{"snapshot_path": "/no/such/state", "mem_file_path": "/no/such/mem"}"#;
+    refused(&t, "PUT", "/snapshot/load", Some(missing), "/no/such/state");
+    let uffd =
+        r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#;
+    refused(
+        &t,
+        "PUT",
+        "/snapshot/load",
+        Some(uffd),
+        "Uffd is not supported yet",
+    );
+    let dirty = r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#;
+    refused(
+        &t,
+        "PUT",
+        "/snapshot/load",
+        Some(dirty),
+        "not supported yet",
+    );
+    // Not a tern snapshot: refused by its magic, before any VM exists.
+    let bogus = t.sock.with_extension("state");
+    std::fs::write(&bogus, [7u8; 64]).unwrap();
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "/no/such/mem"}}"#,
+        bogus.display()
+    );
+    refused(
+        &t,
+        "PUT",
+        "/snapshot/load",
+        Some(&body),
+        "not a tern snapshot",
+    );
+    let _ = std::fs::remove_file(&bogus);
 }
 
 #[test]

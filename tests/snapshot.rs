@@ -38,17 +38,99 @@ ls -l snap.state snap.mem | sed 's/^/HOST FILE /'
 echo "RESTORE_JSON $(grep '^{' restore.result)"
 "#;
 
-const SCENARIOS: &[Scenario] = &[Scenario {
-    guest_cmd: "ticks",
-    extra_args: "guest.ticks=75",
-    api_steps: Some(CREATE_STEPS),
-    api_with_config: true,
-    pre: PRE,
-    post: POST,
-    timeout_s: 120,
-    x86_only: true,
-    ..Scenario::new("snapshot_restore")
-}];
+/// Devices across a restore. Before the snapshot the guest writes a random MiB to its data
+/// drive with O_DIRECT, configures eth0, and starts a vsock echo server; then it polls a
+/// control drive. After the restore the host writes "GO" there, and the guest reads the data
+/// back with O_DIRECT, pings the host, and serves the host's vsock echo; the host inflates the
+/// balloon through the restored VM's API.
+const DEV_CREATE_STEPS: &str = r#"[
+    {"wait": "GUEST READY"},
+    {"req": "PATCH /vm", "body": {"state": "Paused"}},
+    {"req": "PUT /snapshot/create", "body": {"snapshot_type": "Full", "snapshot_path": "dev.state", "mem_file_path": "dev.mem"}},
+    {"kill": true}
+]"#;
+
+const DEV_PRE: &str = r#"./tern-bench mktap tap0
+ip link set lo up
+ip addr add 172.16.0.1/24 dev tap0 && ip link set tap0 up
+truncate -s 4M data.img
+truncate -s 4K control.img
+cat > dev-restore.steps.json <<'STEPS'
+[
+    {"req": "PUT /snapshot/load", "body": {"snapshot_path": "dev.state", "mem_backend": {"backend_type": "File", "backend_path": "dev.mem"}, "resume_vm": true}},
+    {"wait": "GUEST BLK_MD5_AFTER"},
+    {"req": "PATCH /balloon", "body": {"amount_mib": 64}},
+    {"sleep_ms": 4000},
+    {"req": "GET /balloon/statistics"}
+]
+STEPS
+"#;
+
+const DEV_SCRIPT: &str = r#"dd if=/dev/urandom of=/tmp/pattern bs=1M count=1 2>/dev/null
+dd if=/tmp/pattern of=/dev/vda bs=1M oflag=direct conv=fsync 2>/dev/null
+echo "GUEST BLK_MD5_BEFORE $(md5sum < /tmp/pattern)"
+ip addr add 172.16.0.2/24 dev eth0 && ip link set eth0 up
+ping -c 1 -W 5 172.16.0.1 >/dev/null && echo 'GUEST PING_BEFORE ok'
+cat /dev/vdc > /tmp/ve && chmod +x /tmp/ve
+/tmp/ve server 5000 100 > /tmp/srv.log 2>&1 &
+srv=$!
+sleep 1
+echo GUEST READY
+until dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q GO; do sleep 0.2; done
+echo "GUEST BLK_MD5_AFTER $(dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | md5sum)"
+ping -c 3 -W 5 172.16.0.1 >/dev/null && echo 'GUEST PING_AFTER ok'
+wait $srv
+sed 's/^/GUEST /' /tmp/srv.log
+sleep 6
+"#;
+
+const DEV_POST: &str = r#"./tern-bench run --timeout 120 --marker 'GUEST POWEROFF' --api-sock dev-restore.sock --steps dev-restore.steps.json -- ./tern --api-sock dev-restore.sock > dev-restore.result 2>&1 &
+run=$!
+sleep 2
+printf GO | dd of=control.img conv=notrunc 2>/dev/null
+./tern-bench vsock-connect vsock.sock 5000 100 > vsock_cli.out 2>&1
+wait $run
+cat vsock_cli.out
+echo "RESTORE_JSON $(grep '^{' dev-restore.result)"
+"#;
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        guest_cmd: "ticks",
+        extra_args: "guest.ticks=75",
+        api_steps: Some(CREATE_STEPS),
+        api_with_config: true,
+        pre: PRE,
+        post: POST,
+        timeout_s: 120,
+        x86_only: true,
+        ..Scenario::new("snapshot_restore")
+    },
+    Scenario {
+        guest_cmd: "shell",
+        mem_mib: 256,
+        netns: true,
+        timeout_s: 120,
+        api_steps: Some(DEV_CREATE_STEPS),
+        api_with_config: true,
+        host_build: Some(
+            "$CC -static -O2 -o vsock-echo.img \"$TERN_WORKSPACE/tests/guest/vsock-echo.c\" && truncate -s %4096 vsock-echo.img",
+        ),
+        drives: &[
+            r#"{"drive_id": "data", "path_on_host": "data.img", "is_root_device": false, "is_read_only": false}"#,
+            r#"{"drive_id": "control", "path_on_host": "control.img", "is_root_device": false, "is_read_only": true}"#,
+            r#"{"drive_id": "tools", "path_on_host": "vsock-echo.img", "is_root_device": false, "is_read_only": true}"#,
+        ],
+        config_extra: r#""network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}],
+            "vsock": {"guest_cid": 3, "uds_path": "vsock.sock"},
+            "balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#,
+        pre: DEV_PRE,
+        script: Some(DEV_SCRIPT),
+        post: DEV_POST,
+        x86_only: true,
+        ..Scenario::new("snapshot_devices")
+    },
+];
 
 static BATCHES: common::Batches = common::Batches::new();
 
@@ -128,4 +210,68 @@ fn snapshot_restore_continues_the_guest_and_refuses_damaged_files() {
             .map(|t| t.0)
             .unwrap_or(0.0)
     );
+}
+
+#[test]
+fn snapshot_devices_work_after_restore() {
+    let Some(first) = common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_devices").pop()
+    else {
+        return;
+    };
+    let ctx = || {
+        format!(
+            "{}\napi: {:#?}\npost:\n{}",
+            first.console(),
+            first.api,
+            first.post
+        )
+    };
+    assert_eq!(first.steps_error, None, "{}", ctx());
+    let statuses: Vec<u16> = first.api.iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [204, 204], "{}", ctx());
+    assert!(first.has_line("GUEST PING_BEFORE ok"), "{}", ctx());
+    let before = first.guest_value("BLK_MD5_BEFORE").expect("md5 before");
+    let json = first
+        .post
+        .lines()
+        .find_map(|l| l.strip_prefix("RESTORE_JSON "))
+        .unwrap_or_else(|| panic!("no restore report; {}", ctx()));
+    let second: Outcome =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("restore report: {e}; {}", ctx()));
+    let ctx2 = || {
+        format!(
+            "{}\napi: {:#?}\npost:\n{}",
+            second.console(),
+            second.api,
+            first.post
+        )
+    };
+    assert_eq!(second.steps_error, None, "{}", ctx2());
+    // blk: what was written (O_DIRECT, fsync) before the snapshot reads back after it.
+    assert_eq!(
+        second.guest_value("BLK_MD5_AFTER"),
+        Some(before),
+        "{}",
+        ctx2()
+    );
+    // net: the restored interface reaches the host.
+    assert!(second.has_line("GUEST PING_AFTER ok"), "{}", ctx2());
+    // vsock: the guest's listener survived (connections were reset); a new host connection
+    // is echoed 100 times.
+    assert!(second.has_line("GUEST VSOCK server OK 100"), "{}", ctx2());
+    assert!(
+        first.post.contains("HOST VSOCK CLIENT OK 100"),
+        "{}",
+        ctx2()
+    );
+    // balloon: the restored VM's balloon inflates on request.
+    let stats = second
+        .api
+        .iter()
+        .find(|c| c.request == "GET /balloon/statistics")
+        .unwrap_or_else(|| panic!("no statistics; {}", ctx2()));
+    let v: serde_json::Value = serde_json::from_str(&stats.body).expect("statistics JSON");
+    assert_eq!(v["target_mib"], 64, "{}", ctx2());
+    assert_eq!(v["actual_mib"], 64, "{}", ctx2());
+    assert_eq!(second.exit_code, Some(0), "{}", ctx2());
 }

@@ -338,7 +338,18 @@ pub fn build(
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
     };
+    let restoring = matches!(payload, Payload::Snapshot { .. });
     let vcpus = platform::boot(vm.as_ref(), &mem, res, payload, &virtio, early)?;
+    if restoring {
+        // vCPUs and interrupt controllers hold their saved state now: interrupts the devices
+        // had pending (or raised while being restored) go to the guest again.
+        for h in &handles {
+            h.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .raise_pending();
+        }
+    }
 
     Ok(BuiltVm {
         _vm: vm,

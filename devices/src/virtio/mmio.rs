@@ -486,6 +486,18 @@ impl MmioTransport {
         }
     }
 
+    /// Raises the interrupt again if its status has bits set: after a restore, once the
+    /// interrupt controllers hold their saved state (a pulse sent while they were being
+    /// rebuilt is lost, and the driver would wait for it forever).
+    pub fn raise_pending(&self) {
+        if self.interrupt_status.load(Ordering::SeqCst) != 0 {
+            let side = self.lock();
+            if let Err(e) = vm_superio::Trigger::trigger(&side.irq) {
+                log::warn!("virtio-mmio: interrupt: {e}");
+            }
+        }
+    }
+
     /// Tells the driver the configuration space changed.
     pub fn config_changed(&self) {
         self.lock().config_changed();
@@ -582,6 +594,9 @@ impl MmioTransport {
                 side.activate(t.driver_features);
             }
         }
+        // Buffers the driver made available just before the snapshot: the worker looks at
+        // every queue once it starts.
+        t.kick_queues();
         Ok(t)
     }
 

@@ -45,6 +45,10 @@ const MAX_CTRL: usize = 1024;
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
+const EVQ: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest drops its connections (after a restore,
+/// their host ends are gone) and keeps its listening sockets.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 const TYPE_STREAM: u16 = 1;
 const OP_REQUEST: u16 = 1;
@@ -235,6 +239,8 @@ pub struct Vsock {
     next_local_port: u32,
     /// Control packets for the guest, sent before data.
     ctrl: VecDeque<Header>,
+    /// Restored from a snapshot: tell the guest its connections are gone once active.
+    restored: bool,
     /// Counters.
     pub stats: VsockStats,
 }
@@ -258,6 +264,7 @@ impl Vsock {
             next_token: TOKEN_CONN_BASE,
             next_local_port: FIRST_LOCAL_PORT,
             ctrl: VecDeque::new(),
+            restored: false,
             stats: VsockStats::default(),
         })
     }
@@ -712,6 +719,25 @@ fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
     Ok(stream)
 }
 
+impl Vsock {
+    /// Puts a transport-reset event in the event queue's next buffer (none: the guest gave
+    /// none, and keeps its stale connections until they time out).
+    fn transport_reset(&mut self, ctx: &mut QueueCtx<'_>) {
+        let mem = ctx.mem;
+        let Some(chain) = ctx
+            .queues
+            .get_mut(EVQ)
+            .and_then(|q| q.pop_descriptor_chain(mem))
+        else {
+            log::warn!("vsock: no event buffer for the transport reset after restore");
+            return;
+        };
+        let head = chain.head_index();
+        let n = scatter(mem, chain, &EVENT_TRANSPORT_RESET.to_le_bytes());
+        ctx.add_used(EVQ, head, n as u32);
+    }
+}
+
 /// Copies a readable chain's bytes (at most `max`); stops at a device-writable buffer.
 fn gather(
     mem: &GuestMemoryMmap,
@@ -791,6 +817,9 @@ impl VirtioDevice for Vsock {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, _features: u64, ctx: &mut QueueCtx<'_>) {
+        if std::mem::take(&mut self.restored) {
+            self.transport_reset(ctx);
+        }
         if let Err(e) = ctx
             .poller
             .add(self.listener.as_raw_fd(), EventSet::IN, TOKEN_LISTENER)
@@ -861,6 +890,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.restored = true;
         if state["guest_cid"].as_u64() != Some(self.guest_cid) {
             return Err(format!(
                 "vsock state is for CID {}, not {}",
@@ -1076,6 +1106,44 @@ mod tests {
             Some(&b"back"[..]),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn restored_device_tells_the_guest_its_connections_are_gone() {
+        let mut t = setup();
+        // The guest gives an event buffer; nothing happens to it while running.
+        let ev = DATA + 0x30000;
+        t.d.write(ev, &[0xff; 8]);
+        t.d.chain(EVQ, 0, &[(ev, 8, true)]);
+        t.d.make_available(EVQ, 0);
+        t.d.notify(EVQ);
+        assert_eq!(t.d.used_idx(EVQ), 0);
+        let saved = t.d.dev.save();
+        let mem = t.d.mem.clone();
+        let T { d, dir, .. } = t;
+        let path = dir.as_path().join("v.sock");
+        // A new process: the same socket path (the old listener went with its process).
+        drop(d);
+        let irq = std::sync::Arc::new(crate::interrupt::CountingInterrupt::default());
+        let _restored = crate::virtio::mmio::MmioTransport::restore(
+            Box::new(Vsock::new(CID, &path).unwrap()),
+            mem.clone(),
+            crate::interrupt::IrqLine(irq.clone()),
+            &saved,
+        )
+        .unwrap();
+        let used_ring = saved.queues[EVQ].0.used_ring;
+        let idx: u16 = mem
+            .read_obj(vm_memory::GuestAddress(used_ring + 2))
+            .unwrap();
+        assert_eq!(idx, 1, "one event delivered");
+        let len: u32 = mem
+            .read_obj(vm_memory::GuestAddress(used_ring + 8))
+            .unwrap();
+        assert_eq!(len, 4);
+        let event: u32 = mem.read_obj(vm_memory::GuestAddress(ev)).unwrap();
+        assert_eq!(event, EVENT_TRANSPORT_RESET);
+        assert_eq!(irq.count(), 1, "and the guest is interrupted");
     }
 
     #[test]
