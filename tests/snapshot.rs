@@ -94,6 +94,37 @@ cat vsock_cli.out
 echo "RESTORE_JSON $(grep '^{' dev-restore.result)"
 "#;
 
+/// One snapshot, three restores at once, each in its own directory (its own copy of the
+/// control drive; the state and memory files are shared, mapped privately by each). Each
+/// guest is then told a different word through its control drive and answers with it.
+const THREE_CREATE_STEPS: &str = r#"[
+    {"wait": "GUEST READY"},
+    {"req": "PATCH /vm", "body": {"state": "Paused"}},
+    {"req": "PUT /snapshot/create", "body": {"snapshot_type": "Full", "snapshot_path": "three.state", "mem_file_path": "three.mem"}},
+    {"kill": true}
+]"#;
+
+const THREE_PRE: &str = r#"truncate -s 4K control3.img
+cat > three-restore.steps.json <<'STEPS'
+[{"req": "PUT /snapshot/load", "body": {"snapshot_path": "../three.state", "mem_backend": {"backend_type": "File", "backend_path": "../three.mem"}, "resume_vm": true}}]
+STEPS
+"#;
+
+const THREE_SCRIPT: &str = r#"echo GUEST READY
+until w=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | tr -d '\000'); [ -n "$w" ]; do sleep 0.2; done
+echo "GUEST GOT $w"
+"#;
+
+const THREE_POST: &str = r#"for i in 1 2 3; do
+    mkdir -p r$i && cp control3.img snapshot_three.script.img three-restore.steps.json r$i/
+    (cd r$i && ../tern-bench run --timeout 60 --marker 'GUEST GOT' --api-sock r.sock --steps three-restore.steps.json -- ../tern --api-sock r.sock > ../r$i.result 2>&1) &
+done
+sleep 3
+for i in 1 2 3; do printf "word$i" | dd of=r$i/control3.img conv=notrunc 2>/dev/null; done
+wait
+for i in 1 2 3; do echo "RESTORE$i $(grep '^{' r$i.result)"; done
+"#;
+
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         guest_cmd: "ticks",
@@ -129,6 +160,20 @@ const SCENARIOS: &[Scenario] = &[
         post: DEV_POST,
         x86_only: true,
         ..Scenario::new("snapshot_devices")
+    },
+    Scenario {
+        guest_cmd: "shell",
+        timeout_s: 120,
+        api_steps: Some(THREE_CREATE_STEPS),
+        api_with_config: true,
+        drives: &[
+            r#"{"drive_id": "control", "path_on_host": "control3.img", "is_root_device": false, "is_read_only": true}"#,
+        ],
+        pre: THREE_PRE,
+        script: Some(THREE_SCRIPT),
+        post: THREE_POST,
+        x86_only: true,
+        ..Scenario::new("snapshot_three")
     },
 ];
 
@@ -274,4 +319,36 @@ fn snapshot_devices_work_after_restore() {
     assert_eq!(v["target_mib"], 64, "{}", ctx2());
     assert_eq!(v["actual_mib"], 64, "{}", ctx2());
     assert_eq!(second.exit_code, Some(0), "{}", ctx2());
+}
+
+#[test]
+fn one_snapshot_restores_into_three_terns_at_once() {
+    let Some(first) = common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_three").pop()
+    else {
+        return;
+    };
+    let ctx = || {
+        format!(
+            "{}\napi: {:#?}\npost:\n{}",
+            first.console(),
+            first.api,
+            first.post
+        )
+    };
+    assert_eq!(first.steps_error, None, "{}", ctx());
+    for i in 1..=3 {
+        let json = first
+            .post
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("RESTORE{i} ")))
+            .unwrap_or_else(|| panic!("no report from restore {i}; {}", ctx()));
+        let o: Outcome =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("restore {i}: {e}; {}", ctx()));
+        let c = || format!("restore {i}:\n{}\napi: {:#?}", o.console(), o.api);
+        assert_eq!(o.api.first().map(|a| a.status), Some(204), "{}", c());
+        // Each guest runs on its own: it answers with the word its own drive holds.
+        assert_eq!(o.guest_value("GOT"), Some(format!("word{i}")), "{}", c());
+        assert!(o.has_line("GUEST SCRIPT END rc=0"), "{}", c());
+        assert_eq!(o.exit_code, Some(0), "{}", c());
+    }
 }

@@ -1,0 +1,89 @@
+#!/bin/bash
+# Snapshot create and restore times of tern (File back-end) for guests of several sizes, measured
+# by tern-bench in the same run:
+#   create:  PUT /snapshot/create request -> answer (paused VM, state + memory files, fsync'd)
+#   load:    PUT /snapshot/load request -> answer (state checked, memory mapped, VM rebuilt)
+#   running: load request sent -> the restored guest's next console line (a tick it prints
+#            every 0.2 s, so up to 200 ms of this is the guest's own wait)
+# The guest touches all its memory first (so the memory file is written in full).
+# Runs directly on hardware KVM, otherwise inside the nest (tools/nest-x86_64.sh).
+#   bench/snapshot.sh [-n RUNS] [-m "MIB MIB ..."]     (default 3 runs, 128 and 2048 MiB)
+# Prints a Markdown table; raw JSON lines go to target/bench/snapshot/results.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=3 SIZES="128 2048"
+while getopts 'n:m:' o; do case $o in n) N=$OPTARG ;; m) SIZES=$OPTARG ;; *) exit 2 ;; esac; done
+. bench/lib.sh
+bench_setup snapshot
+MAX=0
+for m in $SIZES; do
+    [ "$m" -gt "$MAX" ] && MAX=$m
+    # Fill most of RAM in a tmpfs, then tick.
+    fill=$((m * 3 / 4))
+    cat > "$D/vm-$m.json" <<JSON
+{"boot-source": {"kernel_image_path": "vmlinux", "initrd_path": "initramfs.cpio.gz",
+  "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet guest.cmd=shell guest.script=/dev/vda"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": $m},
+ "drives": [{"drive_id": "script", "path_on_host": "fill-$m.img", "is_root_device": false, "is_read_only": true}]}
+JSON
+    printf 'mount -o remount,size=%sM /tmp 2>/dev/null\ndd if=/dev/zero of=/tmp/fill bs=1M count=%s 2>/dev/null\ni=0\nwhile :; do i=$((i+1)); echo "GUEST TICK $i"; sleep 0.2; done\n' \
+        "$m" "$fill" > "$D/fill-$m.img"
+    truncate -s %4096 "$D/fill-$m.img"
+    cat > "$D/create-$m.steps.json" <<JSON
+[{"wait": "GUEST TICK 3"}, {"req": "PATCH /vm", "body": {"state": "Paused"}},
+ {"req": "PUT /snapshot/create", "body": {"snapshot_type": "Full", "snapshot_path": "s-$m.state", "mem_file_path": "s-$m.mem"}},
+ {"kill": true}]
+JSON
+    cat > "$D/load-$m.steps.json" <<JSON
+[{"req": "PUT /snapshot/load", "body": {"snapshot_path": "s-$m.state", "mem_backend": {"backend_type": "File", "backend_path": "s-$m.mem"}, "resume_vm": true}},
+ {"sleep_ms": 1500}, {"kill": true}]
+JSON
+done
+{
+    echo 'for i in $(seq '"$N"'); do'
+    echo '  for m in '"$SIZES"'; do'
+    echo '    echo "@@R create $m $(./tern-bench run --timeout 300 --api-sock c.sock --steps create-$m.steps.json -- ./tern --api-sock c.sock --config-file vm-$m.json)"'
+    echo '    echo "@@R load $m $(./tern-bench run --timeout 60 --marker "GUEST TICK" --api-sock l.sock --steps load-$m.steps.json -- ./tern --api-sock l.sock)"'
+    echo '    rm -f s-$m.state s-$m.mem'
+    echo '  done'
+    echo 'done'
+} > "$D/run.sh"
+files=("$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/initramfs.cpio.gz")
+for m in $SIZES; do files+=("$D/vm-$m.json" "$D/fill-$m.img" "$D/create-$m.steps.json" "$D/load-$m.steps.json"); done
+if hw_kvm; then
+    where="directly on hardware KVM"
+    (cd "$D" && sh run.sh) > "$D/out.txt"
+else
+    where="nested: L1 under QEMU TCG (-cpu max,+svm), tern inside L1 with its KVM; the files are in L1's RAM (tmpfs)"
+    # L1 holds the guest and its memory file (in its tmpfs): twice the largest guest, plus L1.
+    L1_MEM=$((MAX * 3 + 2048)) NEST_TIMEOUT=$((N * 900 + 300)) bash tools/nest-x86_64.sh -s "$D/run.sh" \
+        "${files[@]}" > "$D/out.txt"
+fi
+grep -a '^@@R ' "$D/out.txt" | sed 's/^@@R //' > "$D/results.jsonl"
+python3 - "$D/results.jsonl" "$where" <<'PY'
+import json, sys, statistics
+rows = {}
+for line in open(sys.argv[1]):
+    kind, mib, js = line.split(" ", 2)
+    r = json.loads(js)
+    calls = {c["request"]: c for c in r.get("api", [])}
+    d = rows.setdefault(int(mib), {"create": [], "load": [], "running": []})
+    if kind == "create":
+        c = calls.get("PUT /snapshot/create")
+        if c and c["status"] == 204:
+            d["create"].append(c["done_ms"] - c["sent_ms"])
+    else:
+        c = calls.get("PUT /snapshot/load")
+        tick = next((t for t, _, l in r["lines"] if "GUEST TICK" in l), None)
+        if c and c["status"] == 204:
+            d["load"].append(c["done_ms"] - c["sent_ms"])
+            if tick is not None:
+                d["running"].append(tick - c["sent_ms"])
+med = lambda v: f"{statistics.median(v):.0f} (n={len(v)})" if v else "—"
+print(f"Where: {sys.argv[2]}. Milliseconds, median of the runs.\n")
+print("| guest RAM | create (request → answer) | load (request → answer) | load request → guest's next console line |")
+print("| --- | --- | --- | --- |")
+for mib in sorted(rows):
+    d = rows[mib]
+    print(f"| {mib} MiB | {med(d['create'])} | {med(d['load'])} | {med(d['running'])} |")
+PY
