@@ -1,8 +1,9 @@
 #!/bin/bash
-# Snapshot create and restore times of tern (File back-end) for guests of several sizes, measured
-# by tern-bench in the same run:
+# Snapshot create and restore times of tern (File and Uffd back-ends) for guests of several
+# sizes, measured by tern-bench in the same run:
 #   create:  PUT /snapshot/create request -> answer (paused VM, state + memory files, fsync'd)
-#   load:    PUT /snapshot/load request -> answer (state checked, memory mapped, VM rebuilt)
+#   load:    PUT /snapshot/load request -> answer (state checked, memory mapped, VM rebuilt);
+#            Uffd: with `tern-bench uffd-serve` as the page-fault handler
 #   running: load request sent -> the restored guest's next console line (a tick it prints
 #            every 0.2 s, so up to 200 ms of this is the guest's own wait)
 # The guest touches all its memory first (so the memory file is written in full).
@@ -38,18 +39,25 @@ JSON
 [{"req": "PUT /snapshot/load", "body": {"snapshot_path": "s-$m.state", "mem_backend": {"backend_type": "File", "backend_path": "s-$m.mem"}, "resume_vm": true}},
  {"sleep_ms": 1500}, {"kill": true}]
 JSON
+    cat > "$D/uffd-$m.steps.json" <<JSON
+[{"req": "PUT /snapshot/load", "body": {"snapshot_path": "s-$m.state", "mem_backend": {"backend_type": "Uffd", "backend_path": "u.sock"}, "resume_vm": true}},
+ {"sleep_ms": 1500}, {"kill": true}]
+JSON
 done
 {
     echo 'for i in $(seq '"$N"'); do'
     echo '  for m in '"$SIZES"'; do'
     echo '    echo "@@R create $m $(./tern-bench run --timeout 300 --api-sock c.sock --steps create-$m.steps.json -- ./tern --api-sock c.sock --config-file vm-$m.json)"'
     echo '    echo "@@R load $m $(./tern-bench run --timeout 60 --marker "GUEST TICK" --api-sock l.sock --steps load-$m.steps.json -- ./tern --api-sock l.sock)"'
+    echo '    ./tern-bench uffd-serve u.sock s-$m.mem > /dev/null 2>&1 & h=$!; sleep 0.3'
+    echo '    echo "@@R uffd $m $(./tern-bench run --timeout 60 --marker "GUEST TICK" --api-sock u2.sock --steps uffd-$m.steps.json -- ./tern --api-sock u2.sock)"'
+    echo '    kill $h 2>/dev/null; wait $h 2>/dev/null'
     echo '    rm -f s-$m.state s-$m.mem'
     echo '  done'
     echo 'done'
 } > "$D/run.sh"
 files=("$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/initramfs.cpio.gz")
-for m in $SIZES; do files+=("$D/vm-$m.json" "$D/fill-$m.img" "$D/create-$m.steps.json" "$D/load-$m.steps.json"); done
+for m in $SIZES; do files+=("$D/vm-$m.json" "$D/fill-$m.img" "$D/create-$m.steps.json" "$D/load-$m.steps.json" "$D/uffd-$m.steps.json"); done
 if hw_kvm; then
     where="directly on hardware KVM"
     (cd "$D" && sh run.sh) > "$D/out.txt"
@@ -67,7 +75,7 @@ for line in open(sys.argv[1]):
     kind, mib, js = line.split(" ", 2)
     r = json.loads(js)
     calls = {c["request"]: c for c in r.get("api", [])}
-    d = rows.setdefault(int(mib), {"create": [], "load": [], "running": []})
+    d = rows.setdefault(int(mib), {"create": [], "load": [], "running": [], "uload": [], "urunning": []})
     if kind == "create":
         c = calls.get("PUT /snapshot/create")
         if c and c["status"] == 204:
@@ -75,15 +83,16 @@ for line in open(sys.argv[1]):
     else:
         c = calls.get("PUT /snapshot/load")
         tick = next((t for t, _, l in r["lines"] if "GUEST TICK" in l), None)
+        load, running = ("load", "running") if kind == "load" else ("uload", "urunning")
         if c and c["status"] == 204:
-            d["load"].append(c["done_ms"] - c["sent_ms"])
+            d[load].append(c["done_ms"] - c["sent_ms"])
             if tick is not None:
-                d["running"].append(tick - c["sent_ms"])
+                d[running].append(tick - c["sent_ms"])
 med = lambda v: f"{statistics.median(v):.0f} (n={len(v)})" if v else "—"
 print(f"Where: {sys.argv[2]}. Milliseconds, median of the runs.\n")
-print("| guest RAM | create (request → answer) | load (request → answer) | load request → guest's next console line |")
-print("| --- | --- | --- | --- |")
+print("| guest RAM | create (request → answer) | File: load | File: load → guest's next line | Uffd: load | Uffd: load → guest's next line |")
+print("| --- | --- | --- | --- | --- | --- |")
 for mib in sorted(rows):
     d = rows[mib]
-    print(f"| {mib} MiB | {med(d['create'])} | {med(d['load'])} | {med(d['running'])} |")
+    print(f"| {mib} MiB | {med(d['create'])} | {med(d['load'])} | {med(d['running'])} | {med(d['uload'])} | {med(d['urunning'])} |")
 PY

@@ -553,15 +553,9 @@ fn snapshot_routes_refuse_what_cannot_be_done() {
     );
     let missing = r#"{"snapshot_path": "/no/such/state", "mem_file_path": "/no/such/mem"}"#;
     refused(&t, "PUT", "/snapshot/load", Some(missing), "/no/such/state");
-    let uffd =
-        r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#;
-    refused(
-        &t,
-        "PUT",
-        "/snapshot/load",
-        Some(uffd),
-        "Uffd is not supported yet",
-    );
+    let odd =
+        r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Disk", "backend_path": "u"}}"#;
+    refused(&t, "PUT", "/snapshot/load", Some(odd), "not File or Uffd");
     let dirty = r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#;
     refused(
         &t,

@@ -27,6 +27,9 @@ const PRE: &str = r#"cat > restore.steps.json <<'STEPS'
     {"req": "PUT /snapshot/load", "body": {"snapshot_path": "snap.state", "mem_backend": {"backend_type": "File", "backend_path": "snap.mem"}, "resume_vm": true}}
 ]
 STEPS
+cat > uffd.steps.json <<'STEPS'
+[{"req": "PUT /snapshot/load", "body": {"snapshot_path": "snap.state", "mem_backend": {"backend_type": "Uffd", "backend_path": "uffd.sock"}, "resume_vm": true}}]
+STEPS
 "#;
 
 const POST: &str = r#"head -c 100 snap.state > trunc.state
@@ -36,6 +39,16 @@ head -c 1048576 snap.mem > short.mem
 ls -l snap.state snap.mem | sed 's/^/HOST FILE /'
 ./tern-bench run --timeout 90 --marker 'GUEST TICK 75' --marker 'GUEST POWEROFF' --api-sock restore.sock --steps restore.steps.json -- ./tern --api-sock restore.sock > restore.result 2>&1
 echo "RESTORE_JSON $(grep '^{' restore.result)"
+./tern-bench uffd-serve uffd.sock snap.mem > uffd.out 2>&1 &
+handler=$!
+sleep 0.5
+./tern-bench run --timeout 90 --marker 'GUEST TICK 75' --marker 'GUEST POWEROFF' --api-sock uffd-restore.sock --steps uffd.steps.json -- ./tern --api-sock uffd-restore.sock > uffd.result 2>&1
+# The handler ends when tern closes its connection; a stuck one is not waited for.
+for i in 1 2 3 4 5 6 7 8 9 10; do kill -0 $handler 2>/dev/null || break; sleep 0.5; done
+kill $handler 2>/dev/null
+wait $handler
+cat uffd.out
+echo "UFFD_JSON $(grep '^{' uffd.result)"
 "#;
 
 /// Devices across a restore. Before the snapshot the guest writes a random MiB to its data
@@ -245,6 +258,44 @@ fn snapshot_restore_continues_the_guest_and_refuses_damaged_files() {
     assert_eq!(after.last(), Some(&75), "{}", ctx2());
     assert!(second.marker_ms("GUEST POWEROFF").is_some(), "{}", ctx2());
     assert_eq!(second.exit_code, Some(0), "{}", ctx2());
+    // The same snapshot through the Uffd back-end: a page-fault handler fills pages as the
+    // guest touches them, and the guest counts on just the same.
+    let json = first
+        .post
+        .lines()
+        .find_map(|l| l.strip_prefix("UFFD_JSON "))
+        .unwrap_or_else(|| panic!("no Uffd restore report; {}", ctx()));
+    let third: Outcome = serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("Uffd restore report: {e}; {}", ctx()));
+    let ctx3 = || {
+        format!(
+            "{}\napi: {:#?}\npost:\n{}",
+            third.console(),
+            third.api,
+            first.post
+        )
+    };
+    assert_eq!(third.api.first().map(|c| c.status), Some(204), "{}", ctx3());
+    let after = ticks(&third);
+    let first_after = *after
+        .first()
+        .unwrap_or_else(|| panic!("no ticks; {}", ctx3()));
+    assert!(
+        first_after == last + 1 || first_after == last + 2,
+        "{after:?}; {}",
+        ctx3()
+    );
+    assert_eq!(after.last(), Some(&75), "{}", ctx3());
+    assert_eq!(third.exit_code, Some(0), "{}", ctx3());
+    let served: u64 = first
+        .post
+        .lines()
+        .find_map(|l| l.strip_prefix("UFFD SERVED "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the handler served nothing; {}", ctx3()));
+    // Lazily: pages the guest touched, not all 65536 of its 256 MiB.
+    assert!(served > 0 && served < 65536, "{served} pages; {}", ctx3());
+    eprintln!("snapshot_restore: the Uffd handler served {served} pages");
     let load = &second.api[3];
     eprintln!(
         "snapshot_restore: load request took {:.1} ms; first tick after it at {:.0} ms",

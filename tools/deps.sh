@@ -19,6 +19,8 @@ need zstd zstd
 need lz4 lz4
 need python3 python3
 need cc gcc
+# userfaultfd-sys generates its bindings with bindgen, which needs libclang.
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 rust_ok() {
     command -v cargo >/dev/null 2>&1 || return 1
     local v; v=$(rustc --version 2>/dev/null | awk '{print $2}')

@@ -257,9 +257,9 @@ pub struct SnapshotLoadParams {
 }
 
 impl SnapshotLoadParams {
-    /// The memory file, checked: exactly one of `mem_backend` (type `File`) and
-    /// `mem_file_path`.
-    pub fn mem_file(&self) -> Result<String, FieldError> {
+    /// Where memory comes from, checked: exactly one of `mem_backend` and `mem_file_path`.
+    /// The path, and true for the `Uffd` back-end (the handler's socket).
+    pub fn mem_source(&self) -> Result<(String, bool), FieldError> {
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(_), Some(_)) => Err((
                 "snapshot-load.mem_backend".into(),
@@ -269,13 +269,10 @@ impl SnapshotLoadParams {
                 "snapshot-load.mem_backend".into(),
                 "missing: say where guest memory comes from".into(),
             )),
-            (None, Some(p)) => Ok(p.clone()),
+            (None, Some(p)) => Ok((p.clone(), false)),
             (Some(b), None) => match b.backend_type.as_str() {
-                "File" => Ok(b.backend_path.clone()),
-                "Uffd" => Err((
-                    "snapshot-load.mem_backend.backend_type".into(),
-                    "Uffd is not supported yet: use File".into(),
-                )),
+                "File" => Ok((b.backend_path.clone(), false)),
+                "Uffd" => Ok((b.backend_path.clone(), true)),
                 other => Err((
                     "snapshot-load.mem_backend.backend_type".into(),
                     format!("{other:?} is not File or Uffd"),

@@ -232,12 +232,13 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
                     "diff snapshots are not built yet",
                 ));
             }
-            let mem = p
-                .mem_file()
+            let (mem, uffd) = p
+                .mem_source()
                 .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?;
             A(VmmAction::LoadSnapshot {
                 snapshot_path: p.snapshot_path.into(),
-                mem_file_path: mem.into(),
+                mem_path: mem.into(),
+                uffd,
                 resume_vm: p.resume_vm,
             })
         }
@@ -499,8 +500,8 @@ mod tests {
             .contains("the path says \"a\" but the body says \"b\"")
         );
         assert!(fault(route("PUT", "/snapshot/create", b"{}")).contains("snapshot_path"));
-        let uffd = br#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#;
-        assert!(fault(route("PUT", "/snapshot/load", uffd)).contains("Uffd is not supported"));
+        let odd = br#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Disk", "backend_path": "u"}}"#;
+        assert!(fault(route("PUT", "/snapshot/load", odd)).contains("not File or Uffd"));
         let both = br#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#;
         assert!(fault(route("PUT", "/snapshot/load", both)).contains("not both"));
         assert!(fault(route("PUT", "/metrics", b"{}")).contains("missing field `metrics_path`"));

@@ -16,6 +16,7 @@
 
 mod apibench;
 mod http;
+mod uffd;
 mod vsock;
 
 use std::io::{BufRead, BufReader, Read};
@@ -280,6 +281,16 @@ fn main() {
             Ok(line) => println!("{line}"),
             Err(e) => {
                 println!("HOST VSOCK FAIL {cmd}: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    if argv.get(1).map(String::as_str) == Some("uffd-serve") {
+        match uffd::serve(&argv[2..]) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                println!("HOST UFFD FAIL: {e}");
                 std::process::exit(1);
             }
         }

@@ -121,8 +121,10 @@ pub enum VmmAction {
     LoadSnapshot {
         /// The state file.
         snapshot_path: PathBuf,
-        /// The memory file (the `File` back-end).
-        mem_file_path: PathBuf,
+        /// The memory file (`File`), or the page-fault handler's socket (`Uffd`).
+        mem_path: PathBuf,
+        /// True for the `Uffd` back-end.
+        uffd: bool,
         /// Run it at once; otherwise it stays paused.
         resume_vm: bool,
     },
@@ -568,7 +570,8 @@ impl Controller {
             }
             VmmAction::LoadSnapshot {
                 snapshot_path,
-                mem_file_path,
+                mem_path,
+                uffd,
                 resume_vm,
             } => {
                 pre_boot(&self.vm, "loading a snapshot")?;
@@ -582,9 +585,14 @@ impl Controller {
                     console: None,
                     console_input: self.console_input.take().unwrap_or(ConsoleInput::None),
                 };
+                let memory = if uffd {
+                    crate::vm::MemBackend::Uffd(&mem_path)
+                } else {
+                    crate::vm::MemBackend::File(&mem_path)
+                };
                 let payload = Payload::Snapshot {
                     state: &state,
-                    mem_file: &mem_file_path,
+                    memory,
                 };
                 let vm = crate::vm::build(hv.as_ref(), &res, payload, opts)
                     .and_then(|built| built.start_with(em, !resume_vm))

@@ -276,6 +276,107 @@ pub fn map_memory_file(state: &VmState, path: &Path) -> Result<GuestMemoryMmap, 
     GuestMemoryMmap::from_regions(regions).map_err(|e| err(format!("regions: {e}")))
 }
 
+/// One guest RAM region as the page-fault handler sees it (Firecracker's
+/// `GuestRegionUffdMapping`): where it is mapped in tern, its size, where its pages start in the
+/// memory file, and the page size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UffdMapping {
+    /// Host virtual address of the region in tern.
+    pub base_host_virt_addr: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Offset of the region's first page in the memory file.
+    pub offset: u64,
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// The same in KiB (Firecracker's older field).
+    pub page_size_kib: u64,
+}
+
+/// Guest memory for the `Uffd` back-end: anonymous private mappings registered with a new
+/// userfaultfd, which goes with the region layout to the page-fault handler listening on the
+/// Unix socket `socket` (Firecracker's protocol: one message with the JSON array of
+/// [`UffdMapping`]s as body and the userfaultfd as `SCM_RIGHTS`). The handler fills each page
+/// on first touch; restore time does not grow with memory size. The connection stays open as
+/// long as the VM: its end tells the handler the VM is gone.
+pub fn uffd_memory(state: &VmState, socket: &Path) -> Result<UffdMemory, SnapshotError> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{GuestAddress, GuestRegionMmap};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let err = |reason: String| SnapshotError::Memory {
+        path: socket.to_path_buf(),
+        reason,
+    };
+    let mut regions = Vec::with_capacity(state.memory.len());
+    for &(start, size) in &state.memory {
+        let len = usize::try_from(size).map_err(|_| err(format!("region size {size}")))?;
+        let mapping = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| err(format!("cannot map {size} bytes: {e}")))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| err(format!("region at {start:#x} overflows")))?;
+        regions.push(region);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(format!("regions: {e}")))?;
+    // Kernel-mode faults too: KVM touches guest memory on the guest's behalf.
+    let uffd = userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .require_features(userfaultfd::FeatureFlags::EVENT_REMOVE)
+        .create()
+        .map_err(|e| {
+            err(format!(
+                "cannot create a userfaultfd (root, or vm.unprivileged_userfaultfd=1?): {e}"
+            ))
+        })?;
+    // SAFETY: sysconf with a constant name.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let mut mappings = Vec::with_capacity(state.memory.len());
+    let mut offset = 0u64;
+    for r in mem.iter() {
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| err(e.to_string()))?;
+        uffd.register(host.cast(), r.len() as usize).map_err(|e| {
+            err(format!(
+                "cannot register guest memory with the userfaultfd: {e}"
+            ))
+        })?;
+        mappings.push(UffdMapping {
+            base_host_virt_addr: host as u64,
+            size: r.len(),
+            offset,
+            page_size: page,
+            page_size_kib: page / 1024,
+        });
+        offset += r.len();
+    }
+    let body = serde_json::to_vec(&mappings).map_err(|e| err(e.to_string()))?;
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| err(format!("no page-fault handler listens there: {e}")))?;
+    stream
+        .send_with_fd(&body[..], std::os::fd::AsRawFd::as_raw_fd(&uffd))
+        .map_err(|e| err(format!("cannot hand the userfaultfd over: {e}")))?;
+    Ok(UffdMemory {
+        mem,
+        uffd,
+        handler: stream,
+    })
+}
+
+/// What [`uffd_memory`] sets up.
+pub struct UffdMemory {
+    /// Guest memory, filled by the handler.
+    pub mem: GuestMemoryMmap,
+    /// The userfaultfd (tern's copy).
+    pub uffd: userfaultfd::Uffd,
+    /// The connection to the handler.
+    pub handler: std::os::unix::net::UnixStream,
+}
+
 /// Reads and checks a state file.
 pub fn load_state(path: &Path) -> Result<VmState, SnapshotError> {
     Ok(snapshot_file::read(path)?)

@@ -46,14 +46,23 @@ pub enum Payload<'a> {
         /// Guest address to load and start at.
         load_addr: u64,
     },
-    /// The VM a snapshot describes: memory from `mem_file`, vCPUs, interrupt controllers and
+    /// The VM a snapshot describes: memory from `memory`, vCPUs, interrupt controllers and
     /// devices from `state`.
     Snapshot {
         /// The state file's contents.
         state: &'a crate::snapshot::VmState,
-        /// The memory file.
-        mem_file: &'a std::path::Path,
+        /// Where guest memory comes from.
+        memory: MemBackend<'a>,
     },
+}
+
+/// Where a restored VM's memory comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum MemBackend<'a> {
+    /// The memory file, mapped privately.
+    File(&'a std::path::Path),
+    /// A page-fault handler listening on this Unix socket (userfaultfd).
+    Uffd(&'a std::path::Path),
 }
 
 /// Options that are not part of the VM description.
@@ -81,6 +90,9 @@ pub struct BuiltVm {
     extra: platform::Extra,
     virtio: Vec<VirtioHandle>,
     resources: VmResources,
+    /// The userfaultfd of a VM restored with the Uffd back-end, and the connection to its
+    /// page-fault handler (both kept open with the VM).
+    _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
 }
 
 /// Which virtio device a handle is.
@@ -171,12 +183,19 @@ pub fn build(
         Payload::Snapshot { .. } => res.validate_devices(&HostLimits::probe(hv.max_vcpus()))?,
         Payload::Flat32 { .. } => {}
     }
+    let mut uffd = None;
     let (mem, saved) = match &payload {
-        Payload::Snapshot { state, mem_file } => (
-            crate::snapshot::map_memory_file(state, mem_file)
-                .map_err(|e| Error::Snapshot(e.to_string()))?,
-            Some(*state),
-        ),
+        Payload::Snapshot { state, memory } => {
+            let mem = match memory {
+                MemBackend::File(path) => crate::snapshot::map_memory_file(state, path),
+                MemBackend::Uffd(socket) => crate::snapshot::uffd_memory(state, socket).map(|u| {
+                    uffd = Some((u.uffd, u.handler));
+                    u.mem
+                }),
+            }
+            .map_err(|e| Error::Snapshot(e.to_string()))?;
+            (mem, Some(*state))
+        }
         _ => (guest_memory(res.machine_config.mem_size_mib)?, None),
     };
     let vm = hv.create_vm()?;
@@ -365,6 +384,7 @@ pub fn build(
         boot_timer,
         virtio: handles,
         resources: res.clone(),
+        _uffd: uffd,
     })
 }
 
@@ -405,6 +425,7 @@ pub struct RunningVm {
     pub(crate) virtio: Vec<VirtioHandle>,
     pub(crate) serial: Arc<Mutex<platform::Uart>>,
     pub(crate) resources: VmResources,
+    _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
 }
 
 /// How long a pause may take before it is reported as failed.
@@ -476,6 +497,7 @@ impl BuiltVm {
             virtio: self.virtio,
             serial: self.serial,
             resources: self.resources,
+            _uffd: self._uffd,
         })
     }
 
