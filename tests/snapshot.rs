@@ -192,6 +192,43 @@ const SCENARIOS: &[Scenario] = &[
 
 static BATCHES: common::Batches = common::Batches::new();
 
+/// An outcome with its API calls and (for a first tern) what the post commands printed.
+fn describe(o: &Outcome) -> String {
+    format!("{}\napi: {:#?}\npost:\n{}", o.console(), o.api, o.post)
+}
+
+/// The report of a tern the post commands ran, printed after `key `.
+fn report(first: &Outcome, key: &str) -> Outcome {
+    let json = first
+        .post
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")))
+        .unwrap_or_else(|| panic!("no {key} report; {}", describe(first)));
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{key}: {e}; {}", describe(first)))
+}
+
+/// The restored guest's count goes on from `last`: no restart, no gap (a tick line cut by the
+/// pause may be split, hence last + 1 or + 2 first), up to 75 and a clean power-off.
+fn assert_counts_on(o: &Outcome, last: u32, ctx: &dyn Fn() -> String) {
+    let after = ticks(o);
+    let first_after = *after
+        .first()
+        .unwrap_or_else(|| panic!("no ticks; {}", ctx()));
+    assert!(
+        first_after == last + 1 || first_after == last + 2,
+        "before: ..{last}, after: {after:?}; {}",
+        ctx()
+    );
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "{after:?}; {}",
+        ctx()
+    );
+    assert_eq!(after.last(), Some(&75), "{}", ctx());
+    assert!(o.marker_ms("GUEST POWEROFF").is_some(), "{}", ctx());
+    assert_eq!(o.exit_code, Some(0), "{}", ctx());
+}
+
 /// Tick numbers on the console, in order.
 fn ticks(o: &Outcome) -> Vec<u32> {
     o.lines
@@ -207,14 +244,7 @@ fn snapshot_restore_continues_the_guest_and_refuses_damaged_files() {
     else {
         return;
     };
-    let ctx = || {
-        format!(
-            "{}\napi: {:#?}\npost:\n{}",
-            first.console(),
-            first.api,
-            first.post
-        )
-    };
+    let ctx = || describe(first);
     assert_eq!(first.steps_error, None, "{}", ctx());
     let statuses: Vec<u16> = first.api.iter().map(|c| c.status).collect();
     assert_eq!(statuses, [400, 204, 400, 400, 204], "{}", ctx());
@@ -226,67 +256,20 @@ fn snapshot_restore_continues_the_guest_and_refuses_damaged_files() {
     let last = *before.last().expect("ticks before the snapshot");
     assert!(last >= 10, "{}", ctx());
 
-    let json = first
-        .post
-        .lines()
-        .find_map(|l| l.strip_prefix("RESTORE_JSON "))
-        .unwrap_or_else(|| panic!("no restore report; {}", ctx()));
-    let second: Outcome =
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("restore report: {e}; {}", ctx()));
-    let ctx2 = || format!("{}\napi: {:#?}", second.console(), second.api);
+    let second = report(first, "RESTORE_JSON");
+    let ctx2 = || format!("{}\npost:\n{}", describe(&second), first.post);
     let statuses: Vec<u16> = second.api.iter().map(|c| c.status).collect();
     assert_eq!(statuses, [400, 400, 400, 204], "{}", ctx2());
     assert!(second.api[0].body.contains("truncated"), "{}", ctx2());
     assert!(second.api[1].body.contains("corrupt"), "{}", ctx2());
     assert!(second.api[2].body.contains("bytes of RAM"), "{}", ctx2());
-    // The counter goes on from where it was: no restart, no gap (a tick line cut by the
-    // pause may be split, hence last + 1 or + 2 first), up to the end and a clean power-off.
-    let after = ticks(&second);
-    let first_after = *after
-        .first()
-        .unwrap_or_else(|| panic!("no ticks; {}", ctx2()));
-    assert!(
-        first_after == last + 1 || first_after == last + 2,
-        "before: ..{last}, after: {after:?}; {}",
-        ctx2()
-    );
-    assert!(
-        after.windows(2).all(|w| w[1] == w[0] + 1),
-        "{after:?}; {}",
-        ctx2()
-    );
-    assert_eq!(after.last(), Some(&75), "{}", ctx2());
-    assert!(second.marker_ms("GUEST POWEROFF").is_some(), "{}", ctx2());
-    assert_eq!(second.exit_code, Some(0), "{}", ctx2());
+    assert_counts_on(&second, last, &ctx2);
     // The same snapshot through the Uffd back-end: a page-fault handler fills pages as the
     // guest touches them, and the guest counts on just the same.
-    let json = first
-        .post
-        .lines()
-        .find_map(|l| l.strip_prefix("UFFD_JSON "))
-        .unwrap_or_else(|| panic!("no Uffd restore report; {}", ctx()));
-    let third: Outcome = serde_json::from_str(json)
-        .unwrap_or_else(|e| panic!("Uffd restore report: {e}; {}", ctx()));
-    let ctx3 = || {
-        format!(
-            "{}\napi: {:#?}\npost:\n{}",
-            third.console(),
-            third.api,
-            first.post
-        )
-    };
+    let third = report(first, "UFFD_JSON");
+    let ctx3 = || format!("{}\npost:\n{}", describe(&third), first.post);
     assert_eq!(third.api.first().map(|c| c.status), Some(204), "{}", ctx3());
-    let after = ticks(&third);
-    let first_after = *after
-        .first()
-        .unwrap_or_else(|| panic!("no ticks; {}", ctx3()));
-    assert!(
-        first_after == last + 1 || first_after == last + 2,
-        "{after:?}; {}",
-        ctx3()
-    );
-    assert_eq!(after.last(), Some(&75), "{}", ctx3());
-    assert_eq!(third.exit_code, Some(0), "{}", ctx3());
+    assert_counts_on(&third, last, &ctx3);
     let served: u64 = first
         .post
         .lines()
@@ -314,26 +297,13 @@ fn snapshot_devices_work_after_restore() {
     else {
         return;
     };
-    let ctx = || {
-        format!(
-            "{}\napi: {:#?}\npost:\n{}",
-            first.console(),
-            first.api,
-            first.post
-        )
-    };
+    let ctx = || describe(first);
     assert_eq!(first.steps_error, None, "{}", ctx());
     let statuses: Vec<u16> = first.api.iter().map(|c| c.status).collect();
     assert_eq!(statuses, [204, 204], "{}", ctx());
     assert!(first.has_line("GUEST PING_BEFORE ok"), "{}", ctx());
     let before = first.guest_value("BLK_MD5_BEFORE").expect("md5 before");
-    let json = first
-        .post
-        .lines()
-        .find_map(|l| l.strip_prefix("RESTORE_JSON "))
-        .unwrap_or_else(|| panic!("no restore report; {}", ctx()));
-    let second: Outcome =
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("restore report: {e}; {}", ctx()));
+    let second = report(first, "RESTORE_JSON");
     let ctx2 = || {
         format!(
             "{}\napi: {:#?}\npost:\n{}",
@@ -378,23 +348,10 @@ fn one_snapshot_restores_into_three_terns_at_once() {
     else {
         return;
     };
-    let ctx = || {
-        format!(
-            "{}\napi: {:#?}\npost:\n{}",
-            first.console(),
-            first.api,
-            first.post
-        )
-    };
+    let ctx = || describe(first);
     assert_eq!(first.steps_error, None, "{}", ctx());
     for i in 1..=3 {
-        let json = first
-            .post
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("RESTORE{i} ")))
-            .unwrap_or_else(|| panic!("no report from restore {i}; {}", ctx()));
-        let o: Outcome =
-            serde_json::from_str(json).unwrap_or_else(|e| panic!("restore {i}: {e}; {}", ctx()));
+        let o = report(first, &format!("RESTORE{i}"));
         let c = || format!("restore {i}:\n{}\napi: {:#?}", o.console(), o.api);
         assert_eq!(o.api.first().map(|a| a.status), Some(204), "{}", c());
         // Each guest runs on its own: it answers with the word its own drive holds.

@@ -92,22 +92,9 @@ cat "$BASE" "$RUN/run.cpio" > "$RUN/initramfs.cpio"
 # ---- boot L1 under TCG ------------------------------------------------------------
 LOG=$RUN/console.log
 : > "$LOG"
-if [ -n "${NEST_IDLE:-}" ]; then
-    (
-        last=$(stat -c %s "$LOG"); quiet=0
-        while sleep 10; do
-            now=$(stat -c %s "$LOG" 2>/dev/null) || exit 0
-            if [ "$now" = "$last" ]; then quiet=$((quiet + 10)); else quiet=0; last=$now; fi
-            if [ "$quiet" -ge "$NEST_IDLE" ]; then
-                echo "$ME: L1 printed nothing for ${NEST_IDLE} s: killing it" >&2
-                pkill -f -- "-initrd $RUN/initramfs.cpio" || true
-                exit 0
-            fi
-        done
-    ) &
-    WATCHDOG=$!
-    trap 'kill "$WATCHDOG" 2>/dev/null; rm -rf "$RUN"' EXIT
-fi
+# shellcheck source=SCRIPTDIR/lib-nest.sh
+. "$HERE/lib-nest.sh"
+nest_watchdog
 set +e
 # shellcheck disable=SC2086
 timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-aarch64 -accel tcg \
@@ -118,11 +105,4 @@ timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-aarch64 -accel tcg \
     sed -u 's/\r//g' | tee -a "$LOG"
 qrc=${PIPESTATUS[0]}
 set -e
-SAVED=${NEST_LOG:-$C/last-console.log}
-cp "$LOG" "$SAVED" 2>/dev/null || echo "$ME: cannot save the console log to $SAVED" >&2
-rc=$(sed -n 's/.*NEST EXIT rc=\([0-9][0-9]*\).*/\1/p' "$LOG" | tail -n1)
-if [ -z "$rc" ]; then
-    echo "$ME: L1 did not print NEST EXIT (qemu exit status $qrc; 124 = NEST_TIMEOUT hit, or the NEST_IDLE watchdog); console: $SAVED" >&2
-    exit 255
-fi
-exit "$rc"
+nest_finish "$qrc" "${NEST_LOG:-$C/last-console.log}"

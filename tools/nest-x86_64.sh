@@ -139,24 +139,9 @@ cat "$BASE" "$RUN/run.cpio" > "$RUN/initramfs.cpio"
 # ---- boot L1 under TCG ------------------------------------------------------
 LOG=$RUN/console.log
 : > "$LOG"
-# Watchdog: with NEST_IDLE=S, an L1 that prints nothing for S seconds is taken for hung (seen
-# under TCG: L1 stops, the run would otherwise wait for NEST_TIMEOUT) and killed.
-if [ -n "${NEST_IDLE:-}" ]; then
-    (
-        last=$(stat -c %s "$LOG"); quiet=0
-        while sleep 10; do
-            now=$(stat -c %s "$LOG" 2>/dev/null) || exit 0
-            if [ "$now" = "$last" ]; then quiet=$((quiet + 10)); else quiet=0; last=$now; fi
-            if [ "$quiet" -ge "$NEST_IDLE" ]; then
-                echo "$ME: L1 printed nothing for ${NEST_IDLE} s: killing it" >&2
-                pkill -f -- "-initrd $RUN/initramfs.cpio" || true
-                exit 0
-            fi
-        done
-    ) &
-    WATCHDOG=$!
-    trap 'kill "$WATCHDOG" 2>/dev/null; rm -rf "$RUN"' EXIT
-fi
+# shellcheck source=SCRIPTDIR/lib-nest.sh
+. "$HERE/lib-nest.sh"
+nest_watchdog
 set +e
 timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu max,+svm \
     -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
@@ -166,11 +151,4 @@ timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu ma
     sed -u 's/\r//g; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g' | tee -a "$LOG"
 qrc=${PIPESTATUS[0]}
 set -e
-SAVED=${NEST_LOG:-$TERN_CACHE/nest-x86_64/last-console.log}
-cp "$LOG" "$SAVED" 2>/dev/null || echo "$ME: cannot save the console log to $SAVED" >&2
-rc=$(sed -n 's/.*NEST EXIT rc=\([0-9][0-9]*\).*/\1/p' "$LOG" | tail -n1)
-if [ -z "$rc" ]; then
-    echo "$ME: L1 did not print NEST EXIT (qemu exit status $qrc; 124 = NEST_TIMEOUT hit, or the NEST_IDLE watchdog); console: $SAVED" >&2
-    exit 255
-fi
-exit "$rc"
+nest_finish "$qrc" "${NEST_LOG:-$TERN_CACHE/nest-x86_64/last-console.log}"

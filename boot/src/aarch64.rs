@@ -12,7 +12,7 @@ use std::path::Path;
 use arch::aarch64::layout::{DRAM_START, KERNEL_ALIGN};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::{Error, Result};
+use crate::{Error, InitrdRegion, Result};
 
 /// "ARM\x64" at offset 56 of an arm64 Image.
 const IMAGE_MAGIC: u32 = 0x644d_5241;
@@ -31,15 +31,6 @@ pub struct LoadedKernel {
     pub end: u64,
     /// Whether the file was gzip-compressed.
     pub gzip: bool,
-}
-
-/// An initrd placed in guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InitrdRegion {
-    /// Guest address.
-    pub addr: u64,
-    /// Size in bytes.
-    pub size: u64,
 }
 
 /// Checks that `path` is an arm64 `Image` or a gzip-compressed one, reading only its header
@@ -171,21 +162,7 @@ pub fn load_initrd(
     };
     let mut file = File::open(path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
-    let too_big = || Error::InitrdTooBig {
-        path: path.to_path_buf(),
-        size,
-    };
-    let addr = top.checked_sub(size).ok_or_else(too_big)? & !0xfff;
-    if addr < kernel.end {
-        return Err(too_big());
-    }
-    let len = usize::try_from(size).map_err(|_| too_big())?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
-        .map_err(|e| Error::InitrdFile {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e),
-        })?;
-    Ok(InitrdRegion { addr, size })
+    crate::place_initrd(mem, path, &mut file, size, top, kernel.end)
 }
 
 #[cfg(test)]

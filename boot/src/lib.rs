@@ -84,6 +84,43 @@ pub enum Error {
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// An initrd placed in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitrdRegion {
+    /// Guest address.
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Reads `size` bytes of the initrd `file` (at `path`) into guest memory right below `top`,
+/// page-aligned, and not below `kernel_end`.
+fn place_initrd(
+    mem: &vm_memory::GuestMemoryMmap,
+    path: &std::path::Path,
+    file: &mut std::fs::File,
+    size: u64,
+    top: u64,
+    kernel_end: u64,
+) -> Result<InitrdRegion> {
+    use vm_memory::{Bytes, GuestAddress};
+    let too_big = || Error::InitrdTooBig {
+        path: path.to_path_buf(),
+        size,
+    };
+    let addr = top.checked_sub(size).ok_or_else(too_big)? & !0xfff;
+    if addr < kernel_end {
+        return Err(too_big());
+    }
+    let len = usize::try_from(size).map_err(|_| too_big())?;
+    mem.read_exact_volatile_from(GuestAddress(addr), file, len)
+        .map_err(|e| Error::InitrdFile {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+    Ok(InitrdRegion { addr, size })
+}
+
 /// Which entry point to use for a kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BootProtocol {

@@ -11,9 +11,9 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
 use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability, load_cmdline};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::{BootProtocol, Error, Result};
+use crate::{BootProtocol, Error, InitrdRegion, Result};
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
@@ -45,15 +45,6 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
     /// First guest address after the kernel.
     pub end: u64,
-}
-
-/// An initrd placed in guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InitrdRegion {
-    /// Guest address.
-    pub addr: u64,
-    /// Size in bytes.
-    pub size: u64,
 }
 
 /// Tells an ELF vmlinux from a bzImage by their magic numbers.
@@ -160,21 +151,7 @@ pub fn load_initrd(
         .filter(|&m| m != 0)
         .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
     let top = low_ram_end.min(addr_max + 1);
-    let too_big = || Error::InitrdTooBig {
-        path: path.to_path_buf(),
-        size,
-    };
-    let addr = top.checked_sub(size).ok_or_else(too_big)? & !0xfff;
-    if addr < kernel.end {
-        return Err(too_big());
-    }
-    let len = usize::try_from(size).map_err(|_| too_big())?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
-        .map_err(|e| Error::InitrdFile {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e),
-        })?;
-    Ok(InitrdRegion { addr, size })
+    crate::place_initrd(mem, path, &mut file, size, top, kernel.end)
 }
 
 /// Validates `args` as a kernel command line and writes it at [`CMDLINE_START`].
@@ -299,6 +276,7 @@ fn write_pvh_info(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
     use std::io::Write;
 
     fn mem() -> GuestMemoryMmap {

@@ -2,7 +2,6 @@
 //! memory file. The container format is [`crate::snapshot_file`]; building a VM back from a
 //! snapshot is [`crate::vm::build`] with [`crate::vm::Payload::Snapshot`].
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use devices::legacy::serial::UartState;
@@ -199,45 +198,20 @@ impl RunningVm {
 
 /// Writes guest memory, region after region, to `path` atomically.
 fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(), SnapshotError> {
-    let err = |reason: String| SnapshotError::Memory {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| err("the path names no file".into()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> Result<(), String> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| e.to_string())?;
+    snapshot_file::write_atomic_with(path, |f| {
         for r in mem.iter() {
-            let slice = r
-                .as_volatile_slice()
-                .map_err(|e| format!("region at {:#x}: {e}", r.start_addr().0))?;
-            f.write_all_volatile(&slice).map_err(|e| e.to_string())?;
+            let slice = r.as_volatile_slice().map_err(|e| {
+                std::io::Error::other(format!("region at {:#x}: {e}", r.start_addr().0))
+            })?;
+            f.write_all_volatile(&slice)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
-        f.flush().map_err(|e| e.to_string())?;
-        f.sync_all().map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, path).map_err(|e| e.to_string())?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| e.to_string())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+        Ok(())
+    })
+    .map_err(|e| SnapshotError::Memory {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Maps the memory file privately (copy-on-write: pages load on first touch, and the file is

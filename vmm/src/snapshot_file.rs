@@ -279,17 +279,24 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, Snaps
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
 /// fsync of the directory. On any error nothing is left under `path` (nor the temporary).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotFileError> {
-    let io = |source| SnapshotFileError::Io {
+    write_atomic_with(path, |f| f.write_all(bytes)).map_err(|source| SnapshotFileError::Io {
         path: path.to_path_buf(),
         source,
-    };
+    })
+}
+
+/// [`write_atomic`] with `fill` writing the contents (the memory file goes region by region).
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let name = path
         .file_name()
-        .ok_or_else(|| io(std::io::Error::other("the path names no file")))?;
+        .ok_or_else(|| std::io::Error::other("the path names no file"))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -300,7 +307,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotFileError> 
             .write(true)
             .create_new(true)
             .open(&tmp)?;
-        f.write_all(bytes)?;
+        fill(&mut f)?;
+        f.flush()?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         std::fs::File::open(&dir)?.sync_all()
@@ -308,7 +316,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotFileError> 
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(io)
+    result
 }
 
 /// Reads and decodes the state file at `path`.

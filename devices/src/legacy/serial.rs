@@ -293,21 +293,23 @@ mod tests {
 
     #[test]
     fn state_survives_save_and_restore() {
+        let with = |st: &UartState| {
+            SerialDevice::with_state(
+                IrqLine(Arc::new(CountingInterrupt::default())),
+                ConsoleOutput::new(
+                    Box::new(SharedBuf::default()),
+                    Arc::new(AtomicBool::new(false)),
+                ),
+                None,
+                st,
+            )
+        };
         let (mut dev, _, _, _) = uart();
         dev.write(IER, &[0x03]);
         dev.write(7, &[0x5a]); // scratch
         dev.enqueue_input(b"xy");
         let saved = dev.save();
-        let mut back = SerialDevice::with_state(
-            IrqLine(Arc::new(CountingInterrupt::default())),
-            ConsoleOutput::new(
-                Box::new(SharedBuf::default()),
-                Arc::new(AtomicBool::new(false)),
-            ),
-            None,
-            &saved,
-        )
-        .unwrap();
+        let mut back = with(&saved).unwrap();
         assert_eq!(back.save(), saved);
         let mut b = [0u8];
         back.read(IER, &mut b);
@@ -318,18 +320,7 @@ mod tests {
             regs: vec![1, 2],
             rx: vec![],
         };
-        assert!(
-            SerialDevice::with_state(
-                IrqLine(Arc::new(CountingInterrupt::default())),
-                ConsoleOutput::new(
-                    Box::new(SharedBuf::default()),
-                    Arc::new(AtomicBool::new(false))
-                ),
-                None,
-                &bad
-            )
-            .is_err()
-        );
+        assert!(with(&bad).is_err());
     }
 
     #[test]
