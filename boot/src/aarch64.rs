@@ -129,8 +129,8 @@ fn place(mem: &GuestMemoryMmap, path: &Path, image: &[u8], gzip: bool) -> Result
     }
     let entry = DRAM_START + text_offset;
     let footprint = image_size.max(image.len() as u64);
-    let end = entry + footprint;
-    let ram_end = mem.last_addr().0 + 1;
+    let ram_end = mem.last_addr().0.saturating_add(1);
+    let end = entry.saturating_add(footprint);
     if end > ram_end {
         return Err(Error::KernelLoad {
             path: path.to_path_buf(),

@@ -276,8 +276,8 @@ fn write_pvh_info(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::Bytes;
     use std::io::Write;
+    use vm_memory::Bytes;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()

@@ -68,9 +68,11 @@ impl VmState {
         }
     }
 
-    /// The memory file's expected size.
+    /// The memory file's expected size (saturating: a forged state cannot overflow it).
     pub fn memory_bytes(&self) -> u64 {
-        self.memory.iter().map(|&(_, size)| size).sum()
+        self.memory
+            .iter()
+            .fold(0u64, |n, &(_, size)| n.saturating_add(size))
     }
 }
 
@@ -245,7 +247,7 @@ pub fn map_memory_file(state: &VmState, path: &Path) -> Result<GuestMemoryMmap, 
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| err(format!("region at {start:#x} overflows")))?;
         regions.push(region);
-        offset += size;
+        offset = offset.saturating_add(size);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| err(format!("regions: {e}")))
 }
