@@ -556,6 +556,7 @@ impl Controller {
                     .map_err(|e| match e {
                         // Not paused, or a path that cannot be written: the client's to fix.
                         crate::snapshot::SnapshotError::NotPaused
+                        | crate::snapshot::SnapshotError::SamePath(_)
                         | crate::snapshot::SnapshotError::File(_)
                         | crate::snapshot::SnapshotError::Memory { .. } => {
                             ActionError::InvalidState(e.to_string())
@@ -577,6 +578,7 @@ impl Controller {
                 pre_boot(&self.vm, "loading a snapshot")?;
                 let t = Instant::now();
                 let state = crate::snapshot::load_state(&snapshot_path)
+                    .and_then(|s| s.check().map(|()| s))
                     .map_err(|e| ActionError::InvalidState(e.to_string()))?;
                 let res = state.resources(&self.resources);
                 let hv = (self.hypervisor)().map_err(ActionError::Start)?;

@@ -2,6 +2,7 @@
 //! memory file. The container format is [`crate::snapshot_file`]; building a VM back from a
 //! snapshot is [`crate::vm::build`] with [`crate::vm::Payload::Snapshot`].
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use devices::legacy::serial::UartState;
@@ -68,6 +69,30 @@ impl VmState {
         }
     }
 
+    /// Checks that the state describes a VM this tern builds: as many vCPU states as vCPUs, and
+    /// the RAM layout this platform gives the configured memory size.
+    pub fn check(&self) -> Result<(), SnapshotError> {
+        let bad = |m: String| Err(SnapshotError::Inconsistent(m));
+        #[cfg(target_arch = "x86_64")]
+        if self.vcpus.len() != usize::from(self.machine.vcpu_count) {
+            return bad(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                self.machine.vcpu_count
+            ));
+        }
+        let Some(bytes) = self.machine.mem_size_mib.checked_mul(1 << 20) else {
+            return bad(format!("{} MiB of memory", self.machine.mem_size_mib));
+        };
+        if self.memory != crate::platform::ram_regions(bytes) {
+            return bad(format!(
+                "RAM regions {:x?} are not this platform's for {} MiB",
+                self.memory, self.machine.mem_size_mib
+            ));
+        }
+        Ok(())
+    }
+
     /// The memory file's expected size (saturating: a forged state cannot overflow it).
     pub fn memory_bytes(&self) -> u64 {
         self.memory
@@ -102,6 +127,12 @@ pub enum SnapshotError {
     /// Snapshots are built for x86_64 only so far.
     #[error("snapshots are not built for this architecture yet (x86_64 only)")]
     NotOnThisArch,
+    /// The state and memory files would be one file.
+    #[error("snapshot_path and mem_file_path are both {0}: give two files")]
+    SamePath(PathBuf),
+    /// The state does not describe a VM this tern builds.
+    #[error("the snapshot's VM is inconsistent: {0}")]
+    Inconsistent(String),
     /// Only full snapshots exist so far.
     #[error(
         "snapshot_type {0:?} is not supported yet: use \"Full\" (diff snapshots need dirty-page tracking, not built yet)"
@@ -128,6 +159,9 @@ impl RunningVm {
     pub fn snapshot(&self, snapshot_path: &Path, mem_path: &Path) -> Result<(), SnapshotError> {
         if !self.paused {
             return Err(SnapshotError::NotPaused);
+        }
+        if snapshot_path == mem_path {
+            return Err(SnapshotError::SamePath(snapshot_path.to_path_buf()));
         }
         #[cfg(not(target_arch = "x86_64"))]
         return Err(SnapshotError::NotOnThisArch);
@@ -171,7 +205,7 @@ impl RunningVm {
             .iter()
             .map(|r| (r.start_addr().0, r.len()))
             .collect();
-        write_memory(&self._mem, mem_path)?;
+        let mem_file = write_memory(&self._mem, mem_path)?;
         drop(guards);
         drop(transports);
         let uart = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
@@ -193,14 +227,31 @@ impl RunningVm {
             vcpus: vcpu_states,
         };
         let bytes = snapshot_file::encode(&state, SnapshotArch::native())?;
-        snapshot_file::write_atomic(snapshot_path, &bytes)?;
+        let io = |source| {
+            SnapshotError::File(SnapshotFileError::Io {
+                path: snapshot_path.to_path_buf(),
+                source,
+            })
+        };
+        // Both files are complete on disk before either gets its name: a failure leaves
+        // neither, and never a new memory file beside an old state file.
+        let state_file =
+            snapshot_file::write_pending(snapshot_path, |f| f.write_all(&bytes)).map_err(io)?;
+        mem_file.commit().map_err(|e| SnapshotError::Memory {
+            path: mem_path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        state_file.commit().map_err(io)?;
         Ok(())
     }
 }
 
-/// Writes guest memory, region after region, to `path` atomically.
-fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(), SnapshotError> {
-    snapshot_file::write_atomic_with(path, |f| {
+/// Writes guest memory, region after region, for `path` (renamed into place on commit).
+fn write_memory(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<snapshot_file::PendingFile, SnapshotError> {
+    snapshot_file::write_pending(path, |f| {
         for r in mem.iter() {
             let slice = r.as_volatile_slice().map_err(|e| {
                 std::io::Error::other(format!("region at {:#x}: {e}", r.start_addr().0))
@@ -225,6 +276,10 @@ pub fn map_memory_file(state: &VmState, path: &Path) -> Result<GuestMemoryMmap, 
         path: path.to_path_buf(),
         reason,
     };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
     let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
     let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
     let want = state.memory_bytes();
@@ -433,6 +488,37 @@ mod tests {
     }
 
     #[test]
+    fn inconsistent_states_are_refused() {
+        let regions = crate::platform::ram_regions(128 << 20);
+        let s = state(vec![(0, 4096)]);
+        let e = s.check().unwrap_err().to_string();
+        #[cfg(target_arch = "x86_64")]
+        assert!(e.contains("0 vCPU states for 1 vCPUs"), "{e}");
+        #[cfg(not(target_arch = "x86_64"))]
+        assert!(e.contains("RAM regions"), "{e}");
+        let mut s = state(regions);
+        #[cfg(target_arch = "x86_64")]
+        s.vcpus.push(crate::hypervisor::X86VcpuState {
+            cpuid: Vec::new(),
+            tsc_khz: None,
+            msrs: Vec::new(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            events: Default::default(),
+            mp_state: Default::default(),
+        });
+        assert!(s.check().is_ok());
+        s.memory[0].1 += 4096;
+        assert!(s.check().unwrap_err().to_string().contains("RAM regions"));
+        s.machine.mem_size_mib = u64::MAX;
+        assert!(s.check().is_err());
+    }
+
+    #[test]
     fn memory_file_is_mapped_privately_and_must_fit() {
         let dir = TempDir::new().unwrap();
         let path = dir.as_path().join("mem");
@@ -451,7 +537,7 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), data);
         // Written back out, the regions come out in order.
         let out = dir.as_path().join("again");
-        write_memory(&mem, &out).unwrap();
+        write_memory(&mem, &out).unwrap().commit().unwrap();
         let again = std::fs::read(&out).unwrap();
         assert_eq!(again.len(), data.len());
         assert_eq!(again[0], 0x55);

@@ -290,6 +290,25 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    write_pending(path, fill)?.commit()
+}
+
+/// A file written and fsync'd under a temporary name beside `path`, waiting to be renamed into
+/// place by [`PendingFile::commit`]; dropped uncommitted, the temporary is removed.
+pub struct PendingFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    dir: PathBuf,
+    committed: bool,
+}
+
+/// Writes a [`PendingFile`] for `path` with `fill`. The temporary's name is unique to this
+/// process and call, and only a temporary this call created is ever removed.
+pub fn write_pending(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<PendingFile> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -297,26 +316,52 @@ pub fn write_atomic_with(
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("the path names no file"))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{nanos:x}-{}",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        fill(&mut f)?;
-        f.flush()?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    // From here on the temporary is ours: dropping `pending` removes it.
+    let pending = PendingFile {
+        tmp,
+        path: path.to_path_buf(),
+        dir,
+        committed: false,
+    };
+    fill(&mut f)?;
+    f.flush()?;
+    f.sync_all()?;
+    Ok(pending)
+}
+
+impl PendingFile {
+    /// Renames the file into place and syncs the directory. A failed directory sync after the
+    /// rename is only logged: the file is in place.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        if let Err(e) = std::fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
+            log::warn!("cannot sync directory {}: {e}", self.dir.display());
+        }
+        Ok(())
     }
-    result
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Reads and decodes the state file at `path`.
@@ -326,13 +371,25 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, SnapshotFileError> {
         source,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
-    if meta.len() > MAX_PAYLOAD + (HEADER_LEN + CRC_LEN) as u64 {
+    if !meta.is_file() {
+        return Err(io(std::io::Error::other(
+            "not a regular file (a state file is a regular file)",
+        )));
+    }
+    let limit = MAX_PAYLOAD + (HEADER_LEN + CRC_LEN) as u64;
+    if meta.len() > limit {
         return Err(SnapshotFileError::TooLarge {
             path: path.to_path_buf(),
             len: meta.len(),
         });
     }
-    let bytes = std::fs::read(path).map_err(io)?;
+    // Bounded even if the file grows meanwhile.
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(path).map_err(io)?, limit + 1),
+        &mut bytes,
+    )
+    .map_err(io)?;
     decode(&bytes, path)
 }
 
@@ -461,6 +518,13 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"second");
         let names: Vec<_> = std::fs::read_dir(dir.as_path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary left behind");
+        // A pending file that is never committed leaves nothing either.
+        let p = write_pending(&dir.as_path().join("never"), |f| f.write_all(b"x")).unwrap();
+        drop(p);
+        assert_eq!(std::fs::read_dir(dir.as_path()).unwrap().count(), 1);
+        // Not a regular file.
+        let e = read::<State>(dir.as_path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
         let missing = dir.as_path().join("no/such/dir/vm.snap");
         let e = write_atomic(&missing, b"x").unwrap_err();
         assert!(e.to_string().contains("no/such/dir"), "{e}");

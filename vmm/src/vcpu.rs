@@ -222,7 +222,21 @@ pub fn run_on_paused<R: Send + 'static>(
 ) -> Result<R, String> {
     let (tx, rx) = std::sync::mpsc::channel();
     {
-        let st = v.control.lock();
+        let mut st = v.control.lock();
+        // A vCPU started paused parks at its first checkpoint: wait for it to get there.
+        let deadline = Instant::now() + timeout;
+        while *st == RunState::PauseRequested && !v.thread.is_finished() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = v
+                .control
+                .changed
+                .wait_timeout(st, left.min(Duration::from_millis(10)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
         if *st != RunState::Paused || v.thread.is_finished() {
             return Err(format!("vCPU {} is not paused", v.index));
         }

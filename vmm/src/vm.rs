@@ -492,7 +492,10 @@ impl BuiltVm {
             panicked: self.panicked,
             boot_timer: self.boot_timer,
             _terminal: terminal,
-            paused,
+            paused: {
+                devices::virtio::VM_PAUSED.store(paused, Ordering::SeqCst);
+                paused
+            },
             extra: self.extra,
             virtio: self.virtio,
             serial: self.serial,
@@ -538,7 +541,11 @@ impl RunningVm {
     pub fn pause(&mut self) -> Result<()> {
         if !self.paused {
             let t = std::time::Instant::now();
-            vcpu::pause_all(&self.vcpus, PAUSE_TIMEOUT).map_err(|e| Error::Pause(e.to_string()))?;
+            devices::virtio::VM_PAUSED.store(true, Ordering::SeqCst);
+            if let Err(e) = vcpu::pause_all(&self.vcpus, PAUSE_TIMEOUT) {
+                devices::virtio::VM_PAUSED.store(false, Ordering::SeqCst);
+                return Err(Error::Pause(e.to_string()));
+            }
             metrics::METRICS
                 .latencies_us
                 .pause_vm
@@ -553,6 +560,7 @@ impl RunningVm {
         if self.paused {
             let t = std::time::Instant::now();
             vcpu::resume_all(&self.vcpus);
+            devices::virtio::VM_PAUSED.store(false, Ordering::SeqCst);
             metrics::METRICS
                 .latencies_us
                 .resume_vm

@@ -193,11 +193,12 @@ impl Balloon {
                         GuestAddress(u64::from(start) * PAGE_SIZE),
                         pages * PAGE_SIZE,
                     );
-                    self.state.inflated_pages += pages;
+                    self.state.inflated_pages = self.state.inflated_pages.wrapping_add(pages);
                     i = j;
                 }
             } else {
-                self.state.deflated_pages += pfns.len() as u64;
+                self.state.deflated_pages =
+                    self.state.deflated_pages.wrapping_add(pfns.len() as u64);
             }
             if !ctx.add_used(q, head, 0) {
                 return;
@@ -237,7 +238,7 @@ impl Balloon {
                 ctx.add_used(q, old, 0);
             }
             self.state.stats = stats;
-            self.state.stats_updates += 1;
+            self.state.stats_updates = self.state.stats_updates.wrapping_add(1);
         }
     }
 

@@ -359,17 +359,17 @@ impl Block {
                     off += u64::from(len);
                 }
                 if r.kind == T_IN {
-                    self.stats.reads += 1;
-                    self.stats.read_bytes += total;
+                    self.stats.reads = self.stats.reads.wrapping_add(1);
+                    self.stats.read_bytes = self.stats.read_bytes.wrapping_add(total);
                     (S_OK, total.min(u64::from(u32::MAX - 1)) as u32)
                 } else {
-                    self.stats.writes += 1;
-                    self.stats.write_bytes += total;
+                    self.stats.writes = self.stats.writes.wrapping_add(1);
+                    self.stats.write_bytes = self.stats.write_bytes.wrapping_add(total);
                     (S_OK, 0)
                 }
             }
             T_FLUSH => {
-                self.stats.flushes += 1;
+                self.stats.flushes = self.stats.flushes.wrapping_add(1);
                 match self.backing.file.sync_data() {
                     Ok(()) => (S_OK, 0),
                     Err(e) => {
@@ -545,7 +545,7 @@ impl Block {
         let req = match Self::parse(chain, mem) {
             Ok(r) => r,
             Err(head) => {
-                self.stats.errors += 1;
+                self.stats.errors = self.stats.errors.wrapping_add(1);
                 return if ctx.add_used(0, head, 0) {
                     Err(false)
                 } else {
@@ -556,7 +556,7 @@ impl Block {
         let charge = Self::data_len(&req).min(self.backing.sectors * SECTOR_SIZE);
         if let Some(l) = &mut self.limiter {
             if !l.consume(charge) {
-                self.stats.throttled += 1;
+                self.stats.throttled = self.stats.throttled.wrapping_add(1);
                 super::unpop(queue);
                 return Err(true);
             }
@@ -572,7 +572,7 @@ impl Block {
         written: u32,
     ) -> bool {
         if status != S_OK {
-            self.stats.errors += 1;
+            self.stats.errors = self.stats.errors.wrapping_add(1);
         }
         let len = match ctx.mem.write_obj(status, req.status) {
             Ok(()) => written.saturating_add(1),
@@ -721,13 +721,13 @@ impl Block {
             let (status, written) = match (ok, req.kind) {
                 (false, _) => (S_IOERR, 0),
                 (true, T_IN) => {
-                    self.stats.reads += 1;
-                    self.stats.read_bytes += total;
+                    self.stats.reads = self.stats.reads.wrapping_add(1);
+                    self.stats.read_bytes = self.stats.read_bytes.wrapping_add(total);
                     (S_OK, total.min(u64::from(u32::MAX - 1)) as u32)
                 }
                 (true, _) => {
-                    self.stats.writes += 1;
-                    self.stats.write_bytes += total;
+                    self.stats.writes = self.stats.writes.wrapping_add(1);
+                    self.stats.write_bytes = self.stats.write_bytes.wrapping_add(total);
                     (S_OK, 0)
                 }
             };

@@ -296,7 +296,8 @@ impl DeviceSide {
     /// buffers made available without a notification are processed. Neither happens with a
     /// correct driver and hypervisor; both would stall a lock-step protocol (vsock) for good.
     pub fn idle_check(&mut self) {
-        if !self.activated {
+        // A paused guest acknowledges nothing: nothing is lost then.
+        if !self.activated || super::VM_PAUSED.load(Ordering::SeqCst) {
             self.idle_seen = None;
             return;
         }
@@ -317,15 +318,16 @@ impl DeviceSide {
             poller: &self.poller,
             used: 0,
         };
-        if let Some(what) = self.device.idle(&mut ctx) {
-            let used = ctx.used;
+        let found = self.device.idle(&mut ctx);
+        let used = ctx.used;
+        if let Some(what) = found {
             log::warn!(
                 "virtio-mmio (type {}): {what} with no event announcing it; done now ({})",
                 self.device.device_type(),
                 self.describe()
             );
-            self.signal_used(used);
         }
+        self.signal_used(used);
         for i in 0..self.queues.len() {
             let q = &self.queues[i];
             let pending = q.ready()

@@ -81,6 +81,10 @@ impl Poller {
     }
 }
 
+/// The VM is paused (one VM per process): the workers' idle checks stand down, since a paused
+/// guest acknowledges nothing. Set by the VMM when it pauses and resumes the vCPUs.
+pub static VM_PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Un-pops the chain last taken from `queue` (a rate-limited request waits for its tokens).
 pub fn unpop(queue: &mut Queue) {
     queue.set_next_avail(queue.next_avail().wrapping_sub(1));

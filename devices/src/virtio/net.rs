@@ -293,7 +293,7 @@ impl Net {
                     Ok(0) => return,
                     // A TAP reports a truncated frame's full length: drop it.
                     Ok(n) if n > self.rx_frame.len() => {
-                        self.stats.dropped += 1;
+                        self.stats.dropped = self.stats.dropped.wrapping_add(1);
                         continue;
                     }
                     Ok(n) => n,
@@ -346,13 +346,16 @@ impl Net {
             self.rx_pending = None;
             self.rx_paid = false;
             if ok && done == len {
-                self.stats.rx_packets += 1;
-                self.stats.rx_bytes += (len - VNET_HDR_LEN.min(len)) as u64;
+                self.stats.rx_packets = self.stats.rx_packets.wrapping_add(1);
+                self.stats.rx_bytes = self
+                    .stats
+                    .rx_bytes
+                    .wrapping_add((len - VNET_HDR_LEN.min(len)) as u64);
                 if !ctx.add_used(RX, head, len as u32) {
                     return;
                 }
             } else {
-                self.stats.dropped += 1;
+                self.stats.dropped = self.stats.dropped.wrapping_add(1);
                 if !ctx.add_used(RX, head, 0) {
                     return;
                 }
@@ -398,18 +401,21 @@ impl Net {
                 }
             }
             if !ok || len < VNET_HDR_LEN {
-                self.stats.dropped += 1;
+                self.stats.dropped = self.stats.dropped.wrapping_add(1);
             } else {
                 // A TAP takes a frame whole or not at all.
                 match self.backend.write(&self.tx_frame) {
-                    Ok(n) if n < len => self.stats.dropped += 1,
+                    Ok(n) if n < len => self.stats.dropped = self.stats.dropped.wrapping_add(1),
                     Ok(_) => {
-                        self.stats.tx_packets += 1;
-                        self.stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                        self.stats.tx_packets = self.stats.tx_packets.wrapping_add(1);
+                        self.stats.tx_bytes = self
+                            .stats
+                            .tx_bytes
+                            .wrapping_add((len - VNET_HDR_LEN) as u64);
                     }
                     Err(e) => {
                         log::debug!("net {}: TAP write: {e}", self.id);
-                        self.stats.dropped += 1;
+                        self.stats.dropped = self.stats.dropped.wrapping_add(1);
                     }
                 }
             }

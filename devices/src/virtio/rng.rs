@@ -176,7 +176,7 @@ impl VirtioDevice for Rng {
             if !ctx.add_used(0, head, written) {
                 return;
             }
-            self.bytes_served += u64::from(written);
+            self.bytes_served = self.bytes_served.wrapping_add(u64::from(written));
         }
     }
 }

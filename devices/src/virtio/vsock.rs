@@ -326,7 +326,7 @@ impl Vsock {
         if c.state != State::AwaitConnectLine {
             self.by_ports.insert((c.local_port, c.peer_port), token);
         }
-        self.stats.connections += 1;
+        self.stats.connections = self.stats.connections.wrapping_add(1);
         self.conns.insert(token, c);
         Some(token)
     }
@@ -502,7 +502,7 @@ impl Vsock {
                 c.fwd_cnt_told = c.fwd_cnt;
                 let mut h = header(self.guest_cid, c, OP_RW);
                 h.len = n as u32;
-                self.stats.rx_bytes += n as u64;
+                self.stats.rx_bytes = self.stats.rx_bytes.wrapping_add(n as u64);
                 self.put_rx(ctx, &h, &buf[..n])
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -533,7 +533,7 @@ impl Vsock {
         pkt.extend_from_slice(payload);
         let written = scatter(mem, chain, &pkt);
         if written < pkt.len() {
-            self.stats.dropped += 1;
+            self.stats.dropped = self.stats.dropped.wrapping_add(1);
             log::debug!("vsock: a receive buffer of the guest is too small or bad");
         }
         ctx.add_used(RXQ, head, written as u32);
@@ -542,7 +542,7 @@ impl Vsock {
 
     fn handle_tx(&mut self, h: Header, payload: Vec<u8>, poller: &Poller) {
         if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID || h.type_ != TYPE_STREAM {
-            self.stats.dropped += 1;
+            self.stats.dropped = self.stats.dropped.wrapping_add(1);
             if h.op != OP_RST {
                 let r = self.rst_for(&h);
                 self.ctrl.push_back(r);
@@ -611,7 +611,7 @@ impl Vsock {
                     self.remove_conn(t, poller);
                     return;
                 }
-                self.stats.tx_bytes += payload.len() as u64;
+                self.stats.tx_bytes = self.stats.tx_bytes.wrapping_add(payload.len() as u64);
                 c.pending.extend(payload);
                 self.service_host(t, poller);
             }
@@ -639,7 +639,7 @@ impl Vsock {
                 }
                 self.remove_conn(t, poller);
             }
-            (_, Some(_)) => self.stats.dropped += 1,
+            (_, Some(_)) => self.stats.dropped = self.stats.dropped.wrapping_add(1),
         }
     }
 
@@ -659,7 +659,7 @@ impl Vsock {
             let bytes = gather(mem, chain, HDR_LEN + MAX_PKT_PAYLOAD);
             ctx.add_used(TXQ, head, 0);
             let Some(hdr) = bytes.get(..HDR_LEN) else {
-                self.stats.dropped += 1;
+                self.stats.dropped = self.stats.dropped.wrapping_add(1);
                 continue;
             };
             let mut hb = [0u8; HDR_LEN];
@@ -667,7 +667,7 @@ impl Vsock {
             let h = Header::parse(&hb);
             let len = h.len as usize;
             if bytes.len() < HDR_LEN + len {
-                self.stats.dropped += 1;
+                self.stats.dropped = self.stats.dropped.wrapping_add(1);
                 continue;
             }
             self.handle_tx(h, bytes[HDR_LEN..HDR_LEN + len].to_vec(), ctx.poller);

@@ -393,6 +393,8 @@ impl Vcpu for KvmVcpu {
     #[cfg(target_arch = "x86_64")]
     fn save_x86_state(&self) -> HvResult<super::X86VcpuState> {
         let call = HypervisorError::call;
+        // First: KVM_GET_MP_STATE processes pending INIT/SIPI, which changes the rest.
+        let mp_state = self.fd.get_mp_state().map_err(call("KVM_GET_MP_STATE"))?;
         let cpuid = self
             .fd
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
@@ -417,8 +419,10 @@ impl Vcpu for KvmVcpu {
                 source: std::io::Error::other("too many MSRs"),
             })?;
             let n = self.fd.get_msrs(&mut list).map_err(call("KVM_GET_MSRS"))?;
-            msrs.extend_from_slice(&list.as_slice()[..n]);
-            rest = &rest[(n + 1).min(rest.len())..];
+            msrs.extend_from_slice(&list.as_slice()[..n.min(chunk.len())]);
+            // A short read stopped at an MSR KVM cannot read: skip that one.
+            let skip = if n < chunk.len() { n + 1 } else { chunk.len() };
+            rest = &rest[skip.min(rest.len())..];
         }
         Ok(super::X86VcpuState {
             cpuid,
@@ -433,11 +437,12 @@ impl Vcpu for KvmVcpu {
                 .get_debug_regs()
                 .map_err(call("KVM_GET_DEBUGREGS"))?,
             lapic: self.fd.get_lapic().map_err(call("KVM_GET_LAPIC"))?,
+            // Last, as Firecracker does: pending events as of the end.
             events: self
                 .fd
                 .get_vcpu_events()
                 .map_err(call("KVM_GET_VCPU_EVENTS"))?,
-            mp_state: self.fd.get_mp_state().map_err(call("KVM_GET_MP_STATE"))?,
+            mp_state,
         })
     }
 

@@ -140,6 +140,12 @@ pub fn boot(
     let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
     let fdt_addr = arch::aarch64::layout::fdt_addr(&regions)
         .ok_or_else(|| Error::Memory("too little RAM for the kernel and its device tree".into()))?;
+    if kernel.end > fdt_addr {
+        return Err(Error::Memory(format!(
+            "the kernel needs {} MiB from the start of RAM, which leaves no room for the device tree; give the VM more memory (machine-config.mem_size_mib)",
+            (kernel.end - DRAM_START).div_ceil(1 << 20)
+        )));
+    }
     let initrd = match &boot_src.initrd_path {
         Some(p) => Some(boot::aarch64::load_initrd(mem, p, &kernel, fdt_addr)?),
         None => None,
