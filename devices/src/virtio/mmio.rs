@@ -593,6 +593,24 @@ impl MmioTransport {
             let mut side = t.lock();
             side.config_generation = state.config_generation;
             if t.status & STATUS_DRIVER_OK != 0 && t.status & STATUS_NEEDS_RESET == 0 {
+                // What a running driver had to pass to get here (set_status) is checked again:
+                // a forged state must not start a device on rings outside guest memory.
+                if t.status & STATUS_FEATURES_OK == 0 || t.driver_features & VIRTIO_F_VERSION_1 == 0
+                {
+                    return Err(RestoreError::Device(
+                        "DRIVER_OK without FEATURES_OK and VERSION_1".into(),
+                    ));
+                }
+                if let Some(index) = side
+                    .queues
+                    .iter()
+                    .position(|q| q.ready() && !q.is_valid(&side.mem))
+                {
+                    return Err(RestoreError::Queue {
+                        index,
+                        reason: "ready, but its rings are not in guest memory".into(),
+                    });
+                }
                 side.activate(t.driver_features);
             }
         }
@@ -1039,6 +1057,17 @@ mod tests {
         assert!(matches!(restore(&s), Some(RestoreError::Features(_))));
         let mut s = good.clone();
         s.device = serde_json::json!({"bytes_served": "lots"});
+        assert!(matches!(restore(&s), Some(RestoreError::Device(_))));
+        // A running device whose rings lie outside guest memory, or that never agreed on
+        // VERSION_1, is not started from a forged state.
+        let mut s = good.clone();
+        s.queues[0].0.desc_table = MEM_SIZE as u64 + 0x1000;
+        assert!(matches!(
+            restore(&s),
+            Some(RestoreError::Queue { index: 0, .. })
+        ));
+        let mut s = good.clone();
+        s.driver_features &= !VIRTIO_F_VERSION_1;
         assert!(matches!(restore(&s), Some(RestoreError::Device(_))));
         assert_eq!(restore(&good), None);
     }
