@@ -156,13 +156,7 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
     top: u64,
 ) -> Result<InitrdRegion> {
-    let io = |source| Error::InitrdFile {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = File::open(path).map_err(io)?;
-    let size = file.metadata().map_err(io)?.len();
-    crate::place_initrd(mem, path, &mut file, size, top, kernel.end)
+    crate::place_initrd(mem, path, top, kernel.end)
 }
 
 #[cfg(test)]

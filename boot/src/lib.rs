@@ -93,17 +93,21 @@ pub struct InitrdRegion {
     pub size: u64,
 }
 
-/// Reads `size` bytes of the initrd `file` (at `path`) into guest memory right below `top`,
-/// page-aligned, and not below `kernel_end`.
+/// Reads the initrd at `path` into guest memory right below `top`, page-aligned, and not
+/// below `kernel_end`.
 fn place_initrd(
     mem: &vm_memory::GuestMemoryMmap,
     path: &std::path::Path,
-    file: &mut std::fs::File,
-    size: u64,
     top: u64,
     kernel_end: u64,
 ) -> Result<InitrdRegion> {
     use vm_memory::{Bytes, GuestAddress};
+    let io = |source| Error::InitrdFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
     let too_big = || Error::InitrdTooBig {
         path: path.to_path_buf(),
         size,
@@ -113,7 +117,7 @@ fn place_initrd(
         return Err(too_big());
     }
     let len = usize::try_from(size).map_err(|_| too_big())?;
-    mem.read_exact_volatile_from(GuestAddress(addr), file, len)
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(|e| Error::InitrdFile {
             path: path.to_path_buf(),
             source: std::io::Error::other(e),

@@ -139,19 +139,13 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
     low_ram_end: u64,
 ) -> Result<InitrdRegion> {
-    let io = |source| Error::InitrdFile {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = File::open(path).map_err(io)?;
-    let size = file.metadata().map_err(io)?.len();
     let addr_max = kernel
         .setup_header
         .map(|h| u64::from(h.initrd_addr_max))
         .filter(|&m| m != 0)
         .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
     let top = low_ram_end.min(addr_max + 1);
-    crate::place_initrd(mem, path, &mut file, size, top, kernel.end)
+    crate::place_initrd(mem, path, top, kernel.end)
 }
 
 /// Validates `args` as a kernel command line and writes it at [`CMDLINE_START`].

@@ -445,6 +445,24 @@ mod tests {
         }
     }
 
+    /// A vCPU state of KVM's defaults.
+    #[cfg(target_arch = "x86_64")]
+    fn vcpu_state() -> crate::hypervisor::X86VcpuState {
+        crate::hypervisor::X86VcpuState {
+            cpuid: Vec::new(),
+            tsc_khz: None,
+            msrs: Vec::new(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            events: Default::default(),
+            mp_state: Default::default(),
+        }
+    }
+
     #[test]
     fn state_round_trips_through_the_file_format() {
         #[allow(unused_mut)] // only x86 adds a vCPU
@@ -464,13 +482,7 @@ mod tests {
                     ..Default::default()
                 }],
                 regs,
-                sregs: Default::default(),
-                xsave: Default::default(),
-                xcrs: Default::default(),
-                debugregs: Default::default(),
-                lapic: Default::default(),
-                events: Default::default(),
-                mp_state: Default::default(),
+                ..vcpu_state()
             });
         }
         let bytes = snapshot_file::encode(&s, SnapshotArch::native()).unwrap();
@@ -498,19 +510,7 @@ mod tests {
         assert!(e.contains("RAM regions"), "{e}");
         let mut s = state(regions);
         #[cfg(target_arch = "x86_64")]
-        s.vcpus.push(crate::hypervisor::X86VcpuState {
-            cpuid: Vec::new(),
-            tsc_khz: None,
-            msrs: Vec::new(),
-            regs: Default::default(),
-            sregs: Default::default(),
-            xsave: Default::default(),
-            xcrs: Default::default(),
-            debugregs: Default::default(),
-            lapic: Default::default(),
-            events: Default::default(),
-            mp_state: Default::default(),
-        });
+        s.vcpus.push(vcpu_state());
         assert!(s.check().is_ok());
         s.memory[0].1 += 4096;
         assert!(s.check().unwrap_err().to_string().contains("RAM regions"));
