@@ -1,5 +1,31 @@
 # shellcheck shell=bash
-# Shared by tools/nest-*.sh (sourced; they set ME, RUN and LOG first).
+# Shared by tools/nest-*.sh (sourced; nest_watchdog and nest_finish need ME, RUN and LOG).
+
+# nest_write_init FILE: L1's /init. It mounts the usual file systems, loads the modules named
+# in /etc/nest-modules (if any), says whether /dev/kvm is there, runs /nest-cmd.sh in /nest,
+# prints "NEST EXIT rc=<N>" and powers L1 off.
+nest_write_init() {
+    cat > "$1" <<'EOF'
+#!/bin/sh
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts
+for d in /tmp /run /dev/shm; do mount -t tmpfs tmpfs $d; done
+read -r up _ < /proc/uptime; echo "NEST L1 UP uptime=$up"
+if [ -f /etc/nest-modules ]; then
+    while read -r m; do insmod /lib/modules/nest/$m.ko || echo "NEST insmod $m failed"; done < /etc/nest-modules
+fi
+ip link set lo up
+if [ -c /dev/kvm ]; then echo "NEST KVM ok"; else echo "NEST KVM MISSING"; fi
+cd /nest
+echo "NEST CMD START"
+sh /nest-cmd.sh </dev/null
+echo "NEST EXIT rc=$?"
+poweroff -f
+EOF
+    chmod 755 "$1"
+}
 
 # nest_watchdog: with NEST_IDLE=S, an L1 that prints nothing for S seconds is taken for hung
 # (seen under TCG: L1 stops, and the run would wait for NEST_TIMEOUT) and its QEMU is killed.

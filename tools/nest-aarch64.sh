@@ -26,6 +26,8 @@ set -euo pipefail
 
 ME=${0##*/}
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=SCRIPTDIR/lib-nest.sh
+. "$HERE/lib-nest.sh"
 die() { echo "$ME: $*" >&2; exit 255; }
 usage() { echo "usage: $ME -s SCRIPT [FILE|DIR ...]  (see the header of $0)" >&2; exit 2; }
 
@@ -52,29 +54,13 @@ mkdir -p "$C"
 BUSYBOX=$(arm64_busybox "$C/busybox") || die "no arm64 busybox"
 
 # ---- the cached base initramfs: busybox, /init ---------------------------------
-if [ "${NEST_REBUILD:-0}" = 1 ] || [ ! -f "$BASE" ] || [ "$0" -nt "$BASE" ] ||
+if [ "${NEST_REBUILD:-0}" = 1 ] || [ ! -f "$BASE" ] || [ "$0" -nt "$BASE" ] || [ "$HERE/lib-nest.sh" -nt "$BASE" ] ||
    [ "$BUSYBOX" -nt "$BASE" ]; then
     echo "$ME: building the L1 base initramfs" >&2
     R=$C/base.root; rm -rf "$R"
     mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,root,etc,nest}
     cp "$BUSYBOX" "$R/bin/busybox"; ln -s busybox "$R/bin/sh"
-    cat > "$R/init" <<'EOF'
-#!/bin/sh
-/bin/busybox --install -s
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
-mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts
-for d in /tmp /run /dev/shm; do mount -t tmpfs tmpfs $d; done
-read -r up _ < /proc/uptime; echo "NEST L1 UP uptime=$up"
-ip link set lo up
-if [ -c /dev/kvm ]; then echo "NEST KVM ok"; else echo "NEST KVM MISSING"; fi
-cd /nest
-echo "NEST CMD START"
-sh /nest-cmd.sh </dev/null
-echo "NEST EXIT rc=$?"
-poweroff -f
-EOF
-    chmod 755 "$R/init"
+    nest_write_init "$R/init"
     (cd "$R" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$BASE.tmp"
     mv "$BASE.tmp" "$BASE"
     rm -rf "$R"
@@ -92,8 +78,6 @@ cat "$BASE" "$RUN/run.cpio" > "$RUN/initramfs.cpio"
 # ---- boot L1 under TCG ------------------------------------------------------------
 LOG=$RUN/console.log
 : > "$LOG"
-# shellcheck source=SCRIPTDIR/lib-nest.sh
-. "$HERE/lib-nest.sh"
 nest_watchdog
 set +e
 # shellcheck disable=SC2086

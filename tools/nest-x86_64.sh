@@ -25,6 +25,8 @@ set -euo pipefail
 
 ME=${0##*/}
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=SCRIPTDIR/lib-nest.sh
+. "$HERE/lib-nest.sh"
 die() { echo "$ME: $*" >&2; exit 255; }
 usage() { echo "usage: $ME -s SCRIPT [FILE|DIR ...]  (see the header of $0)" >&2; exit 2; }
 
@@ -51,7 +53,7 @@ BASE=$C/base.cpio
 mkdir -p "$C"
 
 # ---- the cached base initramfs: busybox, modules, /init --------------------
-if [ "${NEST_REBUILD:-0}" = 1 ] || [ ! -f "$BASE" ] || [ "$0" -nt "$BASE" ] ||
+if [ "${NEST_REBUILD:-0}" = 1 ] || [ ! -f "$BASE" ] || [ "$0" -nt "$BASE" ] || [ "$HERE/lib-nest.sh" -nt "$BASE" ] ||
    [ "$HERE/lib-debian-kernel.sh" -nt "$BASE" ]; then
     echo "$ME: building the L1 base initramfs ($KVER)" >&2
     R=$C/base.root; rm -rf "$R"
@@ -76,24 +78,7 @@ if [ "${NEST_REBUILD:-0}" = 1 ] || [ ! -f "$BASE" ] || [ "$0" -nt "$BASE" ] ||
             echo "$b" >> "$R/etc/nest-modules"
         done
     done
-    cat > "$R/init" <<'EOF'
-#!/bin/sh
-/bin/busybox --install -s
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
-mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts
-for d in /tmp /run /dev/shm; do mount -t tmpfs tmpfs $d; done
-read -r up _ < /proc/uptime; echo "NEST L1 UP uptime=$up"
-while read -r m; do insmod /lib/modules/nest/$m.ko || echo "NEST insmod $m failed"; done < /etc/nest-modules
-ip link set lo up
-if [ -c /dev/kvm ]; then echo "NEST KVM ok"; else echo "NEST KVM MISSING"; fi
-cd /nest
-echo "NEST CMD START"
-sh /nest-cmd.sh </dev/null
-echo "NEST EXIT rc=$?"
-poweroff -f
-EOF
-    chmod 755 "$R/init"
+    nest_write_init "$R/init"
     (cd "$R" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$BASE.tmp"
     mv "$BASE.tmp" "$BASE"
     rm -rf "$R"
@@ -139,8 +124,6 @@ cat "$BASE" "$RUN/run.cpio" > "$RUN/initramfs.cpio"
 # ---- boot L1 under TCG ------------------------------------------------------
 LOG=$RUN/console.log
 : > "$LOG"
-# shellcheck source=SCRIPTDIR/lib-nest.sh
-. "$HERE/lib-nest.sh"
 nest_watchdog
 set +e
 timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu max,+svm \
