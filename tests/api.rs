@@ -556,13 +556,17 @@ fn snapshot_routes_refuse_what_cannot_be_done() {
     let odd =
         r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Disk", "backend_path": "u"}}"#;
     refused(&t, "PUT", "/snapshot/load", Some(odd), "not File or Uffd");
-    let dirty = r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#;
+    // Dirty-page tracking is taken; the load still fails on its missing file.
+    let dirty =
+        r#"{"snapshot_path": "/no/such/state", "mem_file_path": "m", "track_dirty_pages": true}"#;
+    refused(&t, "PUT", "/snapshot/load", Some(dirty), "/no/such/state");
+    let partial = r#"{"snapshot_type": "Partial", "snapshot_path": "s", "mem_file_path": "m"}"#;
     refused(
         &t,
         "PUT",
-        "/snapshot/load",
-        Some(dirty),
-        "not supported yet",
+        "/snapshot/create",
+        Some(partial),
+        "\"Full\" or \"Diff\"",
     );
     // Not a tern snapshot: refused by its magic, before any VM exists.
     let bogus = t.sock.with_extension("state");

@@ -72,10 +72,6 @@ fn parse<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Reply> {
     })
 }
 
-fn not_yet(what: &str, issue: &str) -> Reply {
-    Reply::bad(format!("{what} is not supported yet ({issue})"))
-}
-
 /// Counts a request in Firecracker's API metrics (`*_count`, and `*_fails` when refused).
 pub fn count(method: &str, path: &str, status: u16) {
     let m = &metrics::METRICS;
@@ -226,12 +222,6 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
         }
         ("PUT", ["snapshot", "load"]) => {
             let p = parse::<models::SnapshotLoadParams>("snapshot-load", body)?;
-            if p.track_dirty_pages || p.enable_diff_snapshots {
-                return Err(not_yet(
-                    "dirty-page tracking (track_dirty_pages)",
-                    "diff snapshots are not built yet",
-                ));
-            }
             let (mem, uffd) = p
                 .mem_source()
                 .map_err(|(f, m)| Reply::bad(format!("{f}: {m}")))?;
@@ -240,6 +230,7 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
                 mem_path: mem.into(),
                 uffd,
                 resume_vm: p.resume_vm,
+                track_dirty_pages: p.track_dirty_pages || p.enable_diff_snapshots,
             })
         }
         ("PUT", ["drives", id]) => {

@@ -11,8 +11,9 @@
 //!
 //! With `--api-sock SOCK --steps FILE` it also drives the VMM's API while it runs: FILE holds a
 //! JSON array of steps, each `{"wait": "console text"}`, `{"sleep_ms": N}`,
-//! `{"req": "METHOD /path", "body": {...}}` or `{"kill": true}` (SIGKILL), done in order; every request's status, body and
-//! times go into the report's `api` list.
+//! `{"req": "METHOD /path", "body": {...}}`, `{"sh": "host command"}` or `{"kill": true}`
+//! (SIGKILL), done in order; every request's status, body and times go into the report's `api`
+//! list.
 
 mod apibench;
 mod http;
@@ -67,6 +68,10 @@ pub(crate) struct Step {
     /// SIGKILL the VMM (after this step's request, if any), as a crash would.
     #[serde(default)]
     pub(crate) kill: bool,
+    /// A host shell command (`sh -c`, in the current directory) after this step's request;
+    /// one that fails ends the steps with its output as the error.
+    #[serde(default)]
+    pub(crate) sh: Option<String>,
 }
 
 /// Runs the API steps; `lines` is the console so far.
@@ -144,6 +149,23 @@ fn run_steps(
                 status: resp.status,
                 body: resp.body,
             });
+        }
+        if let Some(cmd) = &step.sh {
+            match std::process::Command::new("sh").arg("-c").arg(cmd).output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    return (
+                        calls,
+                        Some(format!(
+                            "sh {cmd:?}: {}: {}{}",
+                            o.status,
+                            String::from_utf8_lossy(&o.stdout),
+                            String::from_utf8_lossy(&o.stderr)
+                        )),
+                    );
+                }
+                Err(e) => return (calls, Some(format!("sh {cmd:?}: {e}"))),
+            }
         }
         if step.kill {
             // SAFETY: kill(2) on the child's pid with a constant signal.

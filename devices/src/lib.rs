@@ -6,6 +6,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod dirty;
 pub mod exit;
 pub mod interrupt;
 pub mod legacy;

@@ -199,6 +199,7 @@ groups! {
         resume_vm: Gauge,
         vm_start: Gauge,
         full_create_snapshot: Gauge,
+        diff_create_snapshot: Gauge,
         load_snapshot: Gauge,
     }
     vmm: VmmMetrics {

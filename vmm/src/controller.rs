@@ -110,7 +110,7 @@ pub enum VmmAction {
     SendCtrlAltDel,
     /// Write a snapshot of the paused VM.
     CreateSnapshot {
-        /// `Full` (or `Diff`, refused until dirty tracking exists).
+        /// `Full` or `Diff`.
         snapshot_type: String,
         /// The state file.
         snapshot_path: PathBuf,
@@ -127,6 +127,8 @@ pub enum VmmAction {
         uffd: bool,
         /// Run it at once; otherwise it stays paused.
         resume_vm: bool,
+        /// Track dirty pages from here on (for diff snapshots of the restored VM).
+        track_dirty_pages: bool,
     },
 }
 
@@ -541,21 +543,24 @@ impl Controller {
                 snapshot_path,
                 mem_file_path,
             } => {
+                let kind: crate::snapshot::SnapshotType =
+                    snapshot_type
+                        .parse()
+                        .map_err(|e: crate::snapshot::SnapshotError| {
+                            ActionError::InvalidState(e.to_string())
+                        })?;
                 let Some(vm) = &self.vm else {
                     return Err(ActionError::InvalidState(
                         "cannot snapshot: the VM has not started".into(),
                     ));
                 };
-                if snapshot_type != "Full" {
-                    return Err(ActionError::InvalidState(
-                        crate::snapshot::SnapshotError::Unsupported(snapshot_type).to_string(),
-                    ));
-                }
                 let t = Instant::now();
-                vm.snapshot(&snapshot_path, &mem_file_path)
+                vm.snapshot(kind, &snapshot_path, &mem_file_path)
                     .map_err(|e| match e {
-                        // Not paused, or a path that cannot be written: the client's to fix.
+                        // Not paused, not tracking, or a path that cannot be written: the
+                        // client's to fix.
                         crate::snapshot::SnapshotError::NotPaused
+                        | crate::snapshot::SnapshotError::NotTracking
                         | crate::snapshot::SnapshotError::SamePath(_)
                         | crate::snapshot::SnapshotError::File(_)
                         | crate::snapshot::SnapshotError::Memory { .. } => {
@@ -563,10 +568,12 @@ impl Controller {
                         }
                         other => ActionError::Internal(other.to_string()),
                     })?;
-                metrics::METRICS
-                    .latencies_us
-                    .full_create_snapshot
-                    .set(t.elapsed().as_micros() as u64);
+                let latencies = &metrics::METRICS.latencies_us;
+                match kind {
+                    crate::snapshot::SnapshotType::Full => &latencies.full_create_snapshot,
+                    crate::snapshot::SnapshotType::Diff => &latencies.diff_create_snapshot,
+                }
+                .set(t.elapsed().as_micros() as u64);
                 Ok(VmmData::Empty)
             }
             VmmAction::LoadSnapshot {
@@ -574,13 +581,15 @@ impl Controller {
                 mem_path,
                 uffd,
                 resume_vm,
+                track_dirty_pages,
             } => {
                 pre_boot(&self.vm, "loading a snapshot")?;
                 let t = Instant::now();
                 let state = crate::snapshot::load_state(&snapshot_path)
                     .and_then(|s| s.check().map(|()| s))
                     .map_err(|e| ActionError::InvalidState(e.to_string()))?;
-                let res = state.resources(&self.resources);
+                let mut res = state.resources(&self.resources);
+                res.machine_config.track_dirty_pages = track_dirty_pages;
                 let hv = (self.hypervisor)().map_err(ActionError::Start)?;
                 let opts = RunOptions {
                     start: self.start,

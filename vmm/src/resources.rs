@@ -349,12 +349,6 @@ impl MachineConfig {
                 "true is not supported yet: tern gives each vCPU its own core (use false)",
             ));
         }
-        if self.track_dirty_pages {
-            return Err(ConfigError::new(
-                "machine-config.track_dirty_pages",
-                "true is not supported yet: dirty tracking arrives with diff snapshots (use false)",
-            ));
-        }
         Ok(())
     }
 }

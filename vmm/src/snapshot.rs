@@ -133,11 +133,36 @@ pub enum SnapshotError {
     /// The state does not describe a VM this tern builds.
     #[error("the snapshot's VM is inconsistent: {0}")]
     Inconsistent(String),
-    /// Only full snapshots exist so far.
+    /// A snapshot type other than `Full` and `Diff`.
+    #[error("snapshot_type {0:?} is unknown: use \"Full\" or \"Diff\"")]
+    UnknownType(String),
+    /// A diff snapshot of a VM that does not track dirty pages.
     #[error(
-        "snapshot_type {0:?} is not supported yet: use \"Full\" (diff snapshots need dirty-page tracking, not built yet)"
+        "a Diff snapshot needs dirty-page tracking: start the VM with machine-config track_dirty_pages true (or load it with track_dirty_pages true), then take a Full snapshot as the base"
     )]
-    Unsupported(String),
+    NotTracking,
+}
+
+/// What a snapshot's memory file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    Full,
+    /// Only the pages written since the VM's last snapshot (or since it was loaded), at their
+    /// offsets in a sparse file as large as a full one: merge it onto its base
+    /// ([`merge_diff`], `tern-rebase-snap`) before loading.
+    Diff,
+}
+
+impl std::str::FromStr for SnapshotType {
+    type Err = SnapshotError;
+    fn from_str(s: &str) -> Result<Self, SnapshotError> {
+        match s {
+            "Full" => Ok(Self::Full),
+            "Diff" => Ok(Self::Diff),
+            other => Err(SnapshotError::UnknownType(other.to_string())),
+        }
+    }
 }
 
 fn kind_name(k: VirtioKind) -> &'static str {
@@ -155,13 +180,25 @@ impl RunningVm {
     /// `mem_path`, each atomically. On failure the VM stays paused and intact, and neither
     /// file is left half-written under its name. (x86_64 only so far: ARM64 vCPU registers
     /// and GIC state are not captured yet.)
+    ///
+    /// With dirty-page tracking on, the pages written since the last snapshot are KVM's dirty
+    /// log plus what the devices marked; a `Diff` snapshot writes only those, and every
+    /// successful snapshot starts the count over (a failed one keeps it).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unreachable_code, unused_variables))]
-    pub fn snapshot(&self, snapshot_path: &Path, mem_path: &Path) -> Result<(), SnapshotError> {
+    pub fn snapshot(
+        &self,
+        kind: SnapshotType,
+        snapshot_path: &Path,
+        mem_path: &Path,
+    ) -> Result<(), SnapshotError> {
         if !self.paused {
             return Err(SnapshotError::NotPaused);
         }
         if snapshot_path == mem_path {
             return Err(SnapshotError::SamePath(snapshot_path.to_path_buf()));
+        }
+        if kind == SnapshotType::Diff && self.dirty.is_none() {
+            return Err(SnapshotError::NotTracking);
         }
         #[cfg(not(target_arch = "x86_64"))]
         return Err(SnapshotError::NotOnThisArch);
@@ -205,7 +242,23 @@ impl RunningVm {
             .iter()
             .map(|r| (r.start_addr().0, r.len()))
             .collect();
-        let mem_file = write_memory(&self._mem, mem_path)?;
+        // The pages this snapshot holds, per region: KVM's log is folded into tern's first,
+        // so a failure below loses nothing.
+        let mut saved_pages = Vec::new();
+        if let Some(log) = &self.dirty {
+            for (slot, r) in self._mem.iter().enumerate() {
+                let bits = self
+                    ._vm
+                    .dirty_log(slot as u32, r.len())
+                    .map_err(|e| SnapshotError::Hypervisor(e.to_string()))?;
+                log.merge(slot, &bits);
+                saved_pages.push(log.bitmap(slot));
+            }
+        }
+        let mem_file = match kind {
+            SnapshotType::Full => write_memory(&self._mem, mem_path)?,
+            SnapshotType::Diff => write_memory_diff(&self._mem, mem_path, &saved_pages)?,
+        };
         drop(guards);
         drop(transports);
         let uart = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
@@ -242,8 +295,130 @@ impl RunningVm {
             reason: e.to_string(),
         })?;
         state_file.commit().map_err(io)?;
+        if let Some(log) = &self.dirty {
+            for (slot, bits) in saved_pages.iter().enumerate() {
+                log.clear(slot, bits);
+            }
+        }
         Ok(())
     }
+}
+
+/// Writes the pages `dirty` marks (one bitmap per region, one bit per
+/// [`devices::dirty::PAGE_SIZE`] page) at their offsets in a sparse file as large as a full
+/// memory file, for `path`.
+fn write_memory_diff(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    dirty: &[Vec<u64>],
+) -> Result<snapshot_file::PendingFile, SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestAddress};
+    const PAGE: u64 = devices::dirty::PAGE_SIZE;
+    const CHUNK: u64 = 256; // pages per write at most (1 MiB)
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    snapshot_file::write_pending(path, |f| {
+        f.set_len(total)?;
+        let mut buf = Vec::new();
+        let mut offset = 0u64;
+        for (r, bits) in mem.iter().zip(dirty) {
+            let pages = r.len().div_ceil(PAGE);
+            let is_dirty = |p: u64| {
+                bits.get((p / 64) as usize)
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
+            };
+            let mut p = 0;
+            while p < pages {
+                if !is_dirty(p) {
+                    p += 1;
+                    continue;
+                }
+                let first = p;
+                while p < pages && is_dirty(p) && p - first < CHUNK {
+                    p += 1;
+                }
+                let start = first * PAGE;
+                let len = (p * PAGE).min(r.len()) - start;
+                buf.resize(len as usize, 0);
+                mem.read_slice(&mut buf, GuestAddress(r.start_addr().0 + start))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                f.write_all_at(&buf, offset + start)?;
+            }
+            offset += r.len();
+        }
+        Ok(())
+    })
+    .map_err(|e| SnapshotError::Memory {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Copies the pages a diff memory file holds (its data ranges: the file is sparse) onto its
+/// base memory file, in place: `base` then holds guest memory as of the diff snapshot. Both
+/// must be as large, and the diff must sit on a file system that keeps holes (ext4, xfs,
+/// btrfs, tmpfs). Apply diffs in the order they were taken.
+pub fn merge_diff(base: &Path, diff: &Path) -> Result<u64, SnapshotError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let err = |path: &Path, reason: String| SnapshotError::Memory {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let d = std::fs::File::open(diff).map_err(|e| err(diff, e.to_string()))?;
+    let b = std::fs::OpenOptions::new()
+        .write(true)
+        .open(base)
+        .map_err(|e| err(base, e.to_string()))?;
+    let dlen = d.metadata().map_err(|e| err(diff, e.to_string()))?.len();
+    let blen = b.metadata().map_err(|e| err(base, e.to_string()))?.len();
+    if dlen != blen {
+        return Err(err(
+            diff,
+            format!(
+                "{dlen} bytes, but the base {} has {blen}: not its diff",
+                base.display()
+            ),
+        ));
+    }
+    let seek = |at: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a file descriptor `d` owns; no memory is passed.
+        let r = unsafe { libc::lseek(d.as_raw_fd(), at as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None) // no data after `at`
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut copied = 0u64;
+    let mut at = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while at < dlen {
+        let Some(start) = seek(at, libc::SEEK_DATA).map_err(|e| err(diff, e.to_string()))? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)
+            .map_err(|e| err(diff, e.to_string()))?
+            .unwrap_or(dlen)
+            .min(dlen);
+        let mut pos = start;
+        while pos < end {
+            let n = ((end - pos) as usize).min(buf.len());
+            d.read_exact_at(&mut buf[..n], pos)
+                .map_err(|e| err(diff, e.to_string()))?;
+            b.write_all_at(&buf[..n], pos)
+                .map_err(|e| err(base, e.to_string()))?;
+            pos += n as u64;
+        }
+        copied += end - start;
+        at = end;
+    }
+    b.sync_all().map_err(|e| err(base, e.to_string()))?;
+    Ok(copied)
 }
 
 /// Writes guest memory, region after region, for `path` (renamed into place on commit).
@@ -555,5 +730,70 @@ mod tests {
         let bad = dir.as_path().join("no/dir/mem");
         assert!(write_memory(&mem, &bad).is_err());
         assert_eq!(std::fs::read_dir(dir.as_path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_diff_holds_only_dirty_pages_and_merges_onto_its_base() {
+        const P: usize = 4096;
+        let dir = TempDir::new().unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 64 * P),
+            (GuestAddress(0x100_0000), 300 * P),
+        ])
+        .unwrap();
+        for i in 0..364u64 {
+            let at = if i < 64 {
+                i * 4096
+            } else {
+                0x100_0000 + (i - 64) * 4096
+            };
+            mem.write_obj(i, GuestAddress(at + 8)).unwrap();
+        }
+        let base = dir.as_path().join("base");
+        write_memory(&mem, &base).unwrap().commit().unwrap();
+
+        // The guest writes pages 3 and 63 of the first region and a 260-page run (longer than
+        // one write) of the second; the log says so.
+        let log = devices::dirty::DirtyLog::new(&[(0, 64 * 4096), (0x100_0000, 300 * 4096)]);
+        let writes: [(u64, usize); 3] = [
+            (3 * 4096, 1),
+            (63 * 4096 + 100, 1),
+            (0x100_0000 + 20 * 4096, 260 * P),
+        ];
+        for (gpa, len) in writes {
+            mem.write_slice(&vec![0xee; len], GuestAddress(gpa))
+                .unwrap();
+            log.mark(gpa, len as u64);
+        }
+        let bits = vec![log.bitmap(0), log.bitmap(1)];
+        let diff = dir.as_path().join("diff");
+        write_memory_diff(&mem, &diff, &bits)
+            .unwrap()
+            .commit()
+            .unwrap();
+        let full = dir.as_path().join("full");
+        write_memory(&mem, &full).unwrap().commit().unwrap();
+
+        // As large as a full file, and sparse: only the dirty pages take room.
+        let meta = std::fs::metadata(&diff).unwrap();
+        assert_eq!(meta.len(), 364 * 4096);
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            meta.blocks() * 512 <= 280 * 4096,
+            "{} blocks",
+            meta.blocks()
+        );
+
+        // Merged onto the base, it is the full snapshot taken at the same point.
+        let copied = merge_diff(&base, &diff).unwrap();
+        assert!(copied >= 262 * 4096, "{copied}");
+        assert_eq!(std::fs::read(&base).unwrap(), std::fs::read(&full).unwrap());
+
+        // A diff of another size is not this base's.
+        let other = dir.as_path().join("other");
+        std::fs::write(&other, [1u8; 4096]).unwrap();
+        let e = merge_diff(&base, &other).unwrap_err().to_string();
+        assert!(e.contains("not its diff"), "{e}");
+        assert!(merge_diff(&base, &dir.as_path().join("absent")).is_err());
     }
 }

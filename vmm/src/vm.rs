@@ -93,6 +93,9 @@ pub struct BuiltVm {
     /// The userfaultfd of a VM restored with the Uffd back-end, and the connection to its
     /// page-fault handler (both kept open with the VM).
     _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
+    /// Pages written since the last snapshot (devices' writes; KVM's are folded in when a
+    /// snapshot is taken), when the VM tracks dirty pages.
+    pub(crate) dirty: Option<Arc<devices::dirty::DirtyLog>>,
 }
 
 /// Which virtio device a handle is.
@@ -141,7 +144,7 @@ fn guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap> {
         .map_err(|e| Error::Memory(format!("cannot map {mem_mib} MiB of guest memory: {e}")))
 }
 
-fn map_guest_memory(vm: &dyn Vm, mem: &GuestMemoryMmap) -> Result<()> {
+fn map_guest_memory(vm: &dyn Vm, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -153,6 +156,7 @@ fn map_guest_memory(vm: &dyn Vm, mem: &GuestMemoryMmap) -> Result<()> {
                 region.start_addr().0,
                 region.len(),
                 host as u64,
+                log_dirty,
             )
         }?;
     }
@@ -199,7 +203,18 @@ pub fn build(
         _ => (guest_memory(res.machine_config.mem_size_mib)?, None),
     };
     let vm = hv.create_vm()?;
-    map_guest_memory(vm.as_ref(), &mem)?;
+    // Dirty-page tracking (for diff snapshots): KVM logs the guest's writes, the devices'
+    // transports mark theirs. A booted VM is in no snapshot yet: every page starts dirty. A
+    // restored one starts clean: its pages are those of the snapshot it came from.
+    let dirty = res.machine_config.track_dirty_pages.then(|| {
+        let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let log = Arc::new(devices::dirty::DirtyLog::new(&regions));
+        if saved.is_none() {
+            log.mark_all();
+        }
+        log
+    });
+    map_guest_memory(vm.as_ref(), &mem, dirty.is_some())?;
     let early = platform::setup_early(vm.as_ref(), res)?;
 
     let exit = Arc::new(ExitChannel::new()?);
@@ -277,6 +292,9 @@ pub fn build(
                         .map_err(|e| Error::Snapshot(format!("{kind:?} {id}: {e}")))?
                 }
             };
+            if let Some(log) = &dirty {
+                transport.set_dirty_log(log.clone());
+            }
             for (q, evt) in transport.queue_events()?.iter().enumerate() {
                 vm.register_notify(evt, slot.base + QUEUE_NOTIFY_OFFSET, q as u32)?;
             }
@@ -385,6 +403,7 @@ pub fn build(
         virtio: handles,
         resources: res.clone(),
         _uffd: uffd,
+        dirty,
     })
 }
 
@@ -426,6 +445,9 @@ pub struct RunningVm {
     pub(crate) serial: Arc<Mutex<platform::Uart>>,
     pub(crate) resources: VmResources,
     _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
+    /// Pages written since the last snapshot (devices' writes; KVM's are folded in when a
+    /// snapshot is taken), when the VM tracks dirty pages.
+    pub(crate) dirty: Option<Arc<devices::dirty::DirtyLog>>,
 }
 
 /// How long a pause may take before it is reported as failed.
@@ -501,6 +523,7 @@ impl BuiltVm {
             serial: self.serial,
             resources: self.resources,
             _uffd: self._uffd,
+            dirty: self.dirty,
         })
     }
 

@@ -188,6 +188,9 @@ impl Balloon {
                         j += 1;
                     }
                     let pages = (j - i) as u64;
+                    // A dropped page reads back as zeros (or the snapshot file's page): a
+                    // diff snapshot must carry it.
+                    ctx.mark_dirty(u64::from(start) * PAGE_SIZE, pages * PAGE_SIZE);
                     discard(
                         mem,
                         GuestAddress(u64::from(start) * PAGE_SIZE),

@@ -167,6 +167,8 @@ pub struct DeviceSide {
     /// Interrupts raised so far, and what [`DeviceSide::idle_check`] saw last time.
     triggers: u64,
     idle_seen: Option<(u32, u64)>,
+    /// Where written guest pages are marked, when the VM tracks dirty pages.
+    dirty: Option<Arc<crate::dirty::DirtyLog>>,
 }
 
 /// How long the worker waits without events before [`DeviceSide::idle_check`].
@@ -222,6 +224,7 @@ impl DeviceSide {
             mem: &self.mem,
             poller: &self.poller,
             used: 0,
+            dirty: self.dirty.as_deref(),
         };
         if let Some(evt) = usize::try_from(token)
             .ok()
@@ -317,6 +320,7 @@ impl DeviceSide {
             mem: &self.mem,
             poller: &self.poller,
             used: 0,
+            dirty: self.dirty.as_deref(),
         };
         let found = self.device.idle(&mut ctx);
         let used = ctx.used;
@@ -341,6 +345,7 @@ impl DeviceSide {
                 mem: &self.mem,
                 poller: &self.poller,
                 used: 0,
+                dirty: self.dirty.as_deref(),
             };
             self.device.process_queue(i as u16, &mut ctx);
             let used = ctx.used;
@@ -366,6 +371,7 @@ impl DeviceSide {
             mem: &self.mem,
             poller: &self.poller,
             used: 0,
+            dirty: self.dirty.as_deref(),
         };
         self.device.activate(driver_features, &mut ctx);
         let used = ctx.used;
@@ -445,6 +451,7 @@ impl MmioTransport {
                 config_generation: 0,
                 triggers: 0,
                 idle_seen: None,
+                dirty: None,
             })),
             interrupt_status,
             queue_evts: vcpu_evts,
@@ -458,6 +465,12 @@ impl MmioTransport {
 
     fn lock(&self) -> MutexGuard<'_, DeviceSide> {
         self.side.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks every guest page the device writes from now on in `log` (dirty-page tracking
+    /// for diff snapshots).
+    pub fn set_dirty_log(&self, log: Arc<crate::dirty::DirtyLog>) {
+        self.lock().dirty = Some(log);
     }
 
     /// The worker's half, for [`super::worker::spawn`].
@@ -916,6 +929,32 @@ mod tests {
         assert_eq!(r(&mut g.dev, REG_INTERRUPT_STATUS), INT_USED_BUFFER);
         w(&mut g.dev, REG_INTERRUPT_ACK, INT_USED_BUFFER);
         assert_eq!(r(&mut g.dev, REG_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn written_buffers_and_the_used_ring_are_marked_dirty() {
+        let mut g = guest();
+        let log = Arc::new(crate::dirty::DirtyLog::new(&[(0, MEM_SIZE as u64)]));
+        g.dev.set_dirty_log(log.clone());
+        // A read-only buffer is not marked; the writable one (two pages) and the ring are.
+        g.desc(0, 0x20000, 16, F_NEXT, 1);
+        g.desc(1, 0x30ff0, 32, F_WRITE, 0);
+        g.offer(0);
+        assert_eq!(g.used().0, 1);
+        let pages: Vec<u64> = log
+            .bitmap(0)
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &b)| {
+                (0..64)
+                    .filter(move |i| b & (1 << i) != 0)
+                    .map(move |i| w as u64 * 64 + i)
+            })
+            .collect();
+        assert!(pages.contains(&0x30) && pages.contains(&0x31), "{pages:x?}");
+        assert!(!pages.contains(&0x20), "{pages:x?}");
+        assert!(pages.contains(&(USED / 4096)), "{pages:x?}");
+        assert_eq!(pages.len(), 3, "{pages:x?}");
     }
 
     /// Runs the worker's idle check on the device side.

@@ -101,15 +101,31 @@ pub struct QueueCtx<'a> {
     pub poller: &'a Poller,
     /// Bit `i` set: queue `i` has new used buffers.
     pub used: u64,
+    /// Where the pages the device writes are marked, when the VM tracks dirty pages.
+    pub dirty: Option<&'a crate::dirty::DirtyLog>,
 }
 
 impl QueueCtx<'_> {
+    /// Marks guest memory the device changed outside a used chain (a balloon's discarded
+    /// pages), when the VM tracks dirty pages.
+    pub fn mark_dirty(&self, gpa: u64, len: u64) {
+        if let Some(log) = self.dirty {
+            log.mark(gpa, len);
+        }
+    }
+
     /// Puts chain `head` with `len` bytes written into queue `q`'s used ring. False (and
     /// logged) when the ring cannot be written: the guest broke the queue.
     pub fn add_used(&mut self, q: usize, head: u16, len: u32) -> bool {
         let Some(queue) = self.queues.get_mut(q) else {
             return false;
         };
+        if let Some(log) = self.dirty {
+            // What the device wrote into the chain, and the used ring entry it is about to
+            // write (the whole ring: flags, index, entries, avail event).
+            crate::dirty::mark_chain(log, self.mem, queue.desc_table(), queue.size(), head);
+            log.mark(queue.used_ring(), 6 + 8 * u64::from(queue.size()) + 2);
+        }
         match queue.add_used(self.mem, head, len) {
             Ok(()) => {
                 self.used |= 1 << q;

@@ -101,17 +101,32 @@ impl Vm for KvmVm {
         guest_addr: u64,
         size: u64,
         host_addr: u64,
+        log_dirty: bool,
     ) -> HvResult<()> {
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: guest_addr,
             memory_size: size,
             userspace_addr: host_addr,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the caller guarantees the host range stays mapped for the VM's lifetime.
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(HypervisorError::call("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    fn dirty_log(&self, slot: u32, size: u64) -> HvResult<Vec<u64>> {
+        let size = usize::try_from(size).map_err(|_| HypervisorError::Call {
+            op: "KVM_GET_DIRTY_LOG",
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+        self.vm
+            .get_dirty_log(slot, size)
+            .map_err(HypervisorError::call("KVM_GET_DIRTY_LOG"))
     }
 
     fn create_vcpu(&self, index: u8) -> HvResult<Box<dyn Vcpu>> {

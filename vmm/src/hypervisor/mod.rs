@@ -83,7 +83,8 @@ pub trait Hypervisor: Send + Sync {
 
 /// A VM: memory, interrupt controllers, vCPUs.
 pub trait Vm: Send + Sync {
-    /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr`.
+    /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr`; with
+    /// `log_dirty`, the hypervisor records which pages the guest writes ([`Vm::dirty_log`]).
     ///
     /// # Safety
     /// The host range must stay mapped and valid for as long as the VM exists.
@@ -93,7 +94,12 @@ pub trait Vm: Send + Sync {
         guest_addr: u64,
         size: u64,
         host_addr: u64,
+        log_dirty: bool,
     ) -> HvResult<()>;
+
+    /// The pages of memory slot `slot` (`size` bytes) the guest wrote since the last call, one
+    /// bit per 4 KiB page; the log starts over.
+    fn dirty_log(&self, slot: u32, size: u64) -> HvResult<Vec<u64>>;
 
     /// Creates vCPU `index`.
     fn create_vcpu(&self, index: u8) -> HvResult<Box<dyn Vcpu>>;
