@@ -16,7 +16,6 @@ use crate::snapshot_file::{self, SnapshotArch, SnapshotFileError};
 use crate::vm::{RunningVm, VirtioKind};
 
 /// How long a paused vCPU thread may take to hand over its state.
-#[cfg(target_arch = "x86_64")]
 const VCPU_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Everything in a state file.
@@ -49,6 +48,12 @@ pub struct VmState {
     /// Each vCPU's state.
     #[cfg(target_arch = "x86_64")]
     pub vcpus: Vec<crate::hypervisor::X86VcpuState>,
+    /// The GIC.
+    #[cfg(target_arch = "aarch64")]
+    pub gic: crate::hypervisor::ArmGicState,
+    /// Each vCPU's state.
+    #[cfg(target_arch = "aarch64")]
+    pub vcpus: Vec<crate::hypervisor::ArmVcpuState>,
 }
 
 impl VmState {
@@ -73,7 +78,6 @@ impl VmState {
     /// the RAM layout this platform gives the configured memory size.
     pub fn check(&self) -> Result<(), SnapshotError> {
         let bad = |m: String| Err(SnapshotError::Inconsistent(m));
-        #[cfg(target_arch = "x86_64")]
         if self.vcpus.len() != usize::from(self.machine.vcpu_count) {
             return bad(format!(
                 "{} vCPU states for {} vCPUs",
@@ -124,9 +128,6 @@ pub enum SnapshotError {
     /// A device's state could not be taken or restored.
     #[error("device {0}")]
     Device(String),
-    /// Snapshots are built for x86_64 only so far.
-    #[error("snapshots are not built for this architecture yet (x86_64 only)")]
-    NotOnThisArch,
     /// The state and memory files would be one file.
     #[error("snapshot_path and mem_file_path are both {0}: give two files")]
     SamePath(PathBuf),
@@ -178,13 +179,11 @@ fn kind_name(k: VirtioKind) -> &'static str {
 impl RunningVm {
     /// Writes a full snapshot of the paused VM: the state to `snapshot_path`, guest memory to
     /// `mem_path`, each atomically. On failure the VM stays paused and intact, and neither
-    /// file is left half-written under its name. (x86_64 only so far: ARM64 vCPU registers
-    /// and GIC state are not captured yet.)
+    /// file is left half-written under its name.
     ///
     /// With dirty-page tracking on, the pages written since the last snapshot are KVM's dirty
     /// log plus what the devices marked; a `Diff` snapshot writes only those, and every
     /// successful snapshot starts the count over (a failed one keeps it).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unreachable_code, unused_variables))]
     pub fn snapshot(
         &self,
         kind: SnapshotType,
@@ -200,24 +199,25 @@ impl RunningVm {
         if kind == SnapshotType::Diff && self.dirty.is_none() {
             return Err(SnapshotError::NotTracking);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        return Err(SnapshotError::NotOnThisArch);
-        #[cfg(target_arch = "x86_64")]
-        let (vm_state, vcpu_states) = {
-            let mut vcpus = Vec::with_capacity(self.vcpus.len());
-            for v in &self.vcpus {
-                let s =
-                    crate::vcpu::run_on_paused(v, VCPU_JOB_TIMEOUT, |vcpu| vcpu.save_x86_state())
-                        .map_err(SnapshotError::Hypervisor)?
-                        .map_err(|e| SnapshotError::Hypervisor(e.to_string()))?;
-                vcpus.push(s);
-            }
-            let vm = self
-                ._vm
-                .save_x86_state()
+        let mut vcpu_states = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            #[cfg(target_arch = "x86_64")]
+            let job = |vcpu: &mut dyn crate::hypervisor::Vcpu| vcpu.save_x86_state();
+            #[cfg(target_arch = "aarch64")]
+            let job = |vcpu: &mut dyn crate::hypervisor::Vcpu| vcpu.save_arm_state();
+            let s = crate::vcpu::run_on_paused(v, VCPU_JOB_TIMEOUT, job)
+                .map_err(SnapshotError::Hypervisor)?
                 .map_err(|e| SnapshotError::Hypervisor(e.to_string()))?;
-            (vm, vcpus)
+            vcpu_states.push(s);
+        }
+        #[cfg(target_arch = "x86_64")]
+        let vm_state = self._vm.save_x86_state();
+        #[cfg(target_arch = "aarch64")]
+        let vm_state = {
+            let mpidrs: Vec<u64> = vcpu_states.iter().map(|v| v.mpidr).collect();
+            self._vm.save_arm_gic(&mpidrs)
         };
+        let vm_state = vm_state.map_err(|e| SnapshotError::Hypervisor(e.to_string()))?;
         // Every device worker is held while its state and guest memory are read, so none
         // writes guest memory in between.
         let transports: Vec<_> = self
@@ -276,7 +276,8 @@ impl RunningVm {
             virtio,
             #[cfg(target_arch = "x86_64")]
             vm: vm_state,
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(target_arch = "aarch64")]
+            gic: vm_state,
             vcpus: vcpu_states,
         };
         let bytes = snapshot_file::encode(&state, SnapshotArch::native())?;
@@ -535,7 +536,7 @@ pub fn uffd_memory(state: &VmState, socket: &Path) -> Result<UffdMemory, Snapsho
         .create()
         .map_err(|e| {
             err(format!(
-                "cannot create a userfaultfd (root, or vm.unprivileged_userfaultfd=1?): {e}"
+                "cannot create a userfaultfd ({e:?}; a kernel with CONFIG_USERFAULTFD, and root or vm.unprivileged_userfaultfd=1?)"
             ))
         })?;
     // SAFETY: sysconf with a constant name.
@@ -615,8 +616,22 @@ mod tests {
                 irqchips: vec![Default::default(); 3],
                 pit: Default::default(),
             },
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(target_arch = "aarch64")]
+            gic: crate::hypervisor::ArmGicState {
+                version: 3,
+                regs: vec![(1, 0, 0x12)],
+            },
             vcpus: Vec::new(),
+        }
+    }
+
+    /// A vCPU state with one register.
+    #[cfg(target_arch = "aarch64")]
+    fn vcpu_state() -> crate::hypervisor::ArmVcpuState {
+        crate::hypervisor::ArmVcpuState {
+            mpidr: 0x8000_0000,
+            mp_state: 0,
+            regs: vec![(0x6030_0000_0010_0042, 0x4000_0000u64.to_le_bytes().to_vec())],
         }
     }
 
@@ -640,7 +655,6 @@ mod tests {
 
     #[test]
     fn state_round_trips_through_the_file_format() {
-        #[allow(unused_mut)] // only x86 adds a vCPU
         let mut s = state(vec![(0, 4096), (1 << 32, 8192)]);
         #[cfg(target_arch = "x86_64")]
         {
@@ -660,6 +674,8 @@ mod tests {
                 ..vcpu_state()
             });
         }
+        #[cfg(target_arch = "aarch64")]
+        s.vcpus.push(vcpu_state());
         let bytes = snapshot_file::encode(&s, SnapshotArch::native()).unwrap();
         let back: VmState = snapshot_file::decode(&bytes, Path::new("s")).unwrap();
         assert_eq!(back.memory, s.memory);
@@ -672,6 +688,11 @@ mod tests {
             assert_eq!(back.vcpus[0].msrs[0].data, 12345);
             assert_eq!(back.vcpus[0].tsc_khz, Some(2_500_000));
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            assert_eq!(back.vcpus, s.vcpus);
+            assert_eq!(back.gic, s.gic);
+        }
     }
 
     #[test]
@@ -679,12 +700,8 @@ mod tests {
         let regions = crate::platform::ram_regions(128 << 20);
         let s = state(vec![(0, 4096)]);
         let e = s.check().unwrap_err().to_string();
-        #[cfg(target_arch = "x86_64")]
         assert!(e.contains("0 vCPU states for 1 vCPUs"), "{e}");
-        #[cfg(not(target_arch = "x86_64"))]
-        assert!(e.contains("RAM regions"), "{e}");
         let mut s = state(regions);
-        #[cfg(target_arch = "x86_64")]
         s.vcpus.push(vcpu_state());
         assert!(s.check().is_ok());
         s.memory[0].1 += 4096;

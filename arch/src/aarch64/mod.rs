@@ -3,5 +3,6 @@
 //! the virtio-mmio devices, and the boot vCPU's entry registers.
 
 pub mod fdt;
+pub mod gic;
 pub mod layout;
 pub mod regs;

@@ -80,9 +80,9 @@ struct KvmVm {
     /// The MSRs KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`).
     #[cfg(target_arch = "x86_64")]
     msr_list: Arc<Vec<u32>>,
-    /// The GIC device, kept open as long as the VM.
+    /// The GIC device (kept open as long as the VM) and its version.
     #[cfg(target_arch = "aarch64")]
-    gic: std::sync::Mutex<Option<kvm_ioctls::DeviceFd>>,
+    gic: std::sync::Mutex<Option<(kvm_ioctls::DeviceFd, arch::aarch64::fdt::GicVersion)>>,
 }
 
 /// An irqfd: writing the eventfd raises the GSI in the in-kernel irqchip.
@@ -275,9 +275,132 @@ impl Vm for KvmVm {
                 )
             }
         };
-        *self.gic.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+        *self.gic.lock().unwrap_or_else(|p| p.into_inner()) = Some((fd, version));
         Ok(version)
     }
+
+    #[cfg(target_arch = "aarch64")]
+    fn save_arm_gic(&self, mpidrs: &[u64]) -> HvResult<super::ArmGicState> {
+        use arch::aarch64::fdt::GicVersion;
+        use arch::aarch64::gic;
+        use arch::aarch64::layout::GIC_NR_IRQS;
+        let guard = self.gic.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((fd, version)) = guard.as_ref() else {
+            return Err(no_gic());
+        };
+        let mut regs = Vec::new();
+        let mut read_all = |list: Vec<gic::GicReg>| -> HvResult<()> {
+            for r in list {
+                regs.push((r.group, r.attr, gic_get(fd, r)?));
+            }
+            Ok(())
+        };
+        match version {
+            GicVersion::V3 => {
+                read_all(gic::v3_dist(GIC_NR_IRQS))?;
+                for &mpidr in mpidrs {
+                    read_all(gic::v3_redist(mpidr))?;
+                    let sys = gic::v3_cpu_sysregs(mpidr);
+                    let ctlr_reg = sys[1];
+                    read_all(sys)?;
+                    let ctlr = gic_get(fd, ctlr_reg)?;
+                    read_all(gic::v3_cpu_apr(mpidr, ctlr))?;
+                }
+            }
+            GicVersion::V2 => {
+                let cpus = u8::try_from(mpidrs.len()).unwrap_or(u8::MAX);
+                read_all(gic::v2_dist(GIC_NR_IRQS, cpus))?;
+                for cpu in 0..cpus {
+                    read_all(gic::v2_cpu(cpu))?;
+                }
+            }
+        }
+        Ok(super::ArmGicState {
+            version: match version {
+                GicVersion::V3 => 3,
+                GicVersion::V2 => 2,
+            },
+            regs,
+        })
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn restore_arm_gic(&self, state: &super::ArmGicState) -> HvResult<()> {
+        use arch::aarch64::gic::{
+            GRP_CPU_REGS, GRP_CPU_SYSREGS, GRP_DIST_REGS, GRP_REDIST_REGS, GicReg,
+        };
+        let guard = self.gic.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((fd, _)) = guard.as_ref() else {
+            return Err(no_gic());
+        };
+        for &(group, attr, value) in &state.regs {
+            if ![
+                GRP_DIST_REGS,
+                GRP_CPU_REGS,
+                GRP_REDIST_REGS,
+                GRP_CPU_SYSREGS,
+            ]
+            .contains(&group)
+            {
+                return Err(HypervisorError::Call {
+                    op: "KVM_SET_DEVICE_ATTR (GIC register of an unknown group)",
+                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                });
+            }
+            gic_set(fd, GicReg { group, attr }, value).inspect_err(|_| {
+                log::warn!("GIC register group {group} attr {attr:#x} = {value:#x} refused");
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn no_gic() -> HypervisorError {
+    HypervisorError::Call {
+        op: "GIC state (the VM has no GIC yet)",
+        source: std::io::Error::from_raw_os_error(libc::ENODEV),
+    }
+}
+
+/// Reads one GIC register (32 bits, or 64 for GICv3 CPU interface system registers).
+#[cfg(target_arch = "aarch64")]
+fn gic_get(fd: &kvm_ioctls::DeviceFd, r: arch::aarch64::gic::GicReg) -> HvResult<u64> {
+    let mut wide: u64 = 0;
+    let mut narrow: u32 = 0;
+    let mut a = kvm_bindings::kvm_device_attr {
+        group: r.group,
+        attr: r.attr,
+        addr: if r.wide() {
+            &raw mut wide as u64
+        } else {
+            &raw mut narrow as u64
+        },
+        flags: 0,
+    };
+    // SAFETY: `addr` points to a live local of the width KVM writes for this group.
+    unsafe { fd.get_device_attr(&mut a) }
+        .map_err(HypervisorError::call("KVM_GET_DEVICE_ATTR (GIC register)"))?;
+    Ok(if r.wide() { wide } else { u64::from(narrow) })
+}
+
+/// Writes one GIC register (see [`gic_get`]).
+#[cfg(target_arch = "aarch64")]
+fn gic_set(fd: &kvm_ioctls::DeviceFd, r: arch::aarch64::gic::GicReg, value: u64) -> HvResult<()> {
+    let wide: u64 = value;
+    let narrow: u32 = value as u32;
+    let a = kvm_bindings::kvm_device_attr {
+        group: r.group,
+        attr: r.attr,
+        addr: if r.wide() {
+            &raw const wide as u64
+        } else {
+            &raw const narrow as u64
+        },
+        flags: 0,
+    };
+    fd.set_device_attr(&a)
+        .map_err(HypervisorError::call("KVM_SET_DEVICE_ATTR (GIC register)"))
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -403,6 +526,65 @@ impl Vcpu for KvmVcpu {
             .get_one_reg(arch::aarch64::regs::MPIDR_EL1, &mut b)
             .map_err(HypervisorError::call("KVM_GET_ONE_REG (MPIDR_EL1)"))?;
         Ok(u64::from_le_bytes(b))
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn save_arm_state(&self) -> HvResult<super::ArmVcpuState> {
+        use kvm_bindings::{KVM_REG_SIZE_MASK, KVM_REG_SIZE_SHIFT, RegList};
+        // kvm-bindings caps the list at 500 entries (KVM lists about 450 without SVE).
+        let fam = |_| HypervisorError::Call {
+            op: "KVM_GET_REG_LIST (more registers than the 500 kvm-bindings allows)",
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        };
+        let mut list = RegList::new(500).map_err(fam)?;
+        if let Err(e) = self.fd.get_reg_list(&mut list) {
+            if e.errno() != libc::E2BIG {
+                return Err(HypervisorError::call("KVM_GET_REG_LIST")(e));
+            }
+            // KVM wrote how many it has.
+            let n = list.as_fam_struct_ref().n as usize;
+            list = RegList::new(n).map_err(fam)?;
+            self.fd
+                .get_reg_list(&mut list)
+                .map_err(HypervisorError::call("KVM_GET_REG_LIST"))?;
+        }
+        let mut regs = Vec::with_capacity(list.as_slice().len());
+        for &id in list.as_slice() {
+            let size = 1usize << ((id & KVM_REG_SIZE_MASK) >> KVM_REG_SIZE_SHIFT);
+            let mut value = vec![0u8; size];
+            self.fd
+                .get_one_reg(id, &mut value)
+                .map_err(|e| HypervisorError::Call {
+                    op: "KVM_GET_ONE_REG (one of KVM_GET_REG_LIST)",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?;
+            regs.push((id, value));
+        }
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(HypervisorError::call("KVM_GET_MP_STATE"))?
+            .mp_state;
+        Ok(super::ArmVcpuState {
+            mpidr: self.arm_mpidr()?,
+            mp_state,
+            regs,
+        })
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn restore_arm_state(&mut self, s: &super::ArmVcpuState) -> HvResult<()> {
+        for (id, value) in &s.regs {
+            self.fd.set_one_reg(*id, value).map_err(|e| {
+                log::warn!("KVM_SET_ONE_REG {id:#x} ({} bytes) refused", value.len());
+                HypervisorError::call("KVM_SET_ONE_REG (a saved register)")(e)
+            })?;
+        }
+        self.fd
+            .set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: s.mp_state,
+            })
+            .map_err(HypervisorError::call("KVM_SET_MP_STATE"))
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -137,6 +137,15 @@ pub trait Vm: Send + Sync {
     /// host has no GICv3 emulation.
     #[cfg(target_arch = "aarch64")]
     fn setup_arm_gic(&self, vcpus: u64) -> HvResult<arch::aarch64::fdt::GicVersion>;
+
+    /// ARM64: the GIC's distributor, and for each vCPU (by MPIDR, in vCPU order) its
+    /// redistributor and CPU interface (vCPUs paused).
+    #[cfg(target_arch = "aarch64")]
+    fn save_arm_gic(&self, mpidrs: &[u64]) -> HvResult<ArmGicState>;
+
+    /// ARM64: puts back what [`Vm::save_arm_gic`] returned (the vCPUs restored first).
+    #[cfg(target_arch = "aarch64")]
+    fn restore_arm_gic(&self, state: &ArmGicState) -> HvResult<()>;
 }
 
 /// One virtual CPU. Runs on its own thread.
@@ -169,6 +178,42 @@ pub trait Vcpu: Send {
     /// ARM64: the vCPU's MPIDR_EL1 (its affinity, as the device tree names it).
     #[cfg(target_arch = "aarch64")]
     fn arm_mpidr(&self) -> HvResult<u64>;
+
+    /// ARM64: every register `KVM_GET_REG_LIST` names (core, FP/SIMD, system registers,
+    /// timers, firmware pseudo-registers) and the MP state (the vCPU not running).
+    #[cfg(target_arch = "aarch64")]
+    fn save_arm_state(&self) -> HvResult<ArmVcpuState>;
+
+    /// ARM64: puts back what [`Vcpu::save_arm_state`] returned (on a vCPU initialised as the
+    /// saved one was).
+    #[cfg(target_arch = "aarch64")]
+    fn restore_arm_state(&mut self, state: &ArmVcpuState) -> HvResult<()>;
+}
+
+/// The GIC's state, for a snapshot: every register as (`KVM_DEV_ARM_VGIC_GRP_*` group,
+/// attribute, value) in the order it is written back. Distributor and redistributor
+/// registers are 32 bits wide, GICv3 CPU interface system registers 64.
+#[cfg(target_arch = "aarch64")]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArmGicState {
+    /// 3 (GICv3) or 2 (GICv2).
+    pub version: u8,
+    /// The registers.
+    pub regs: Vec<(u32, u64, u64)>,
+}
+
+/// Everything KVM holds of one ARM64 vCPU, for a snapshot.
+#[cfg(target_arch = "aarch64")]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArmVcpuState {
+    /// MPIDR_EL1 (also among `regs`; kept apart to check the restored vCPU and to address
+    /// its GIC redistributor).
+    pub mpidr: u64,
+    /// `KVM_MP_STATE_*`: running, stopped (powered off through PSCI), suspended.
+    pub mp_state: u32,
+    /// (KVM one-reg ID, value bytes), in `KVM_GET_REG_LIST` order; each value as many bytes as
+    /// the ID's size field says.
+    pub regs: Vec<(u64, Vec<u8>)>,
 }
 
 /// Everything KVM holds of one x86 vCPU, for a snapshot.

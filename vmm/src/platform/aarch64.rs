@@ -73,16 +73,12 @@ pub fn legacy_devices(
     input_room: EventFd,
     saved: Option<&devices::legacy::serial::UartState>,
 ) -> Result<(Arc<Mutex<Uart>>, Extra)> {
-    if saved.is_some() {
-        return Err(Error::Snapshot(
-            "restoring snapshots is not built for ARM64 yet".into(),
-        ));
-    }
-    let uart = Arc::new(Mutex::new(Pl011::new(
-        IrqLine(vm.interrupt_line(UART_SPI)?),
-        out,
-        Some(input_room),
-    )));
+    let irq = IrqLine(vm.interrupt_line(UART_SPI)?);
+    let uart = Arc::new(Mutex::new(match saved {
+        None => Pl011::new(irq, out, Some(input_room)),
+        Some(st) => Pl011::with_state(irq, out, Some(input_room), st)
+            .map_err(|e| Error::Snapshot(format!("console UART: {e}")))?,
+    }));
     insert(mmio, uart.clone(), UART_START, LEGACY_SIZE)?;
     insert(
         mmio,
@@ -106,7 +102,7 @@ pub fn virtio_slot(i: usize) -> VirtioSlot {
 /// Loads the kernel and initrd, writes the device tree and sets
 /// the boot vCPU's entry registers.
 pub fn boot(
-    _vm: &dyn Vm,
+    vm: &dyn Vm,
     mem: &GuestMemoryMmap,
     res: &VmResources,
     payload: Payload<'_>,
@@ -119,11 +115,7 @@ pub fn boot(
                 "flat 32-bit test payloads are x86 code; ARM64 boots Linux only".into(),
             ));
         }
-        Payload::Snapshot { .. } => {
-            return Err(Error::Snapshot(
-                "restoring snapshots is not built for ARM64 yet".into(),
-            ));
-        }
+        Payload::Snapshot { state, .. } => return restore(vm, state, early),
         Payload::Linux => {}
     }
     let vcpu_count = res.machine_config.vcpu_count;
@@ -189,6 +181,46 @@ pub fn boot(
         if kernel.gzip { ", gzip" } else { "" },
         vcpu_count,
         res.machine_config.mem_size_mib
+    );
+    Ok(vcpus)
+}
+
+/// The vCPUs (created and initialised as for a boot, by [`setup_early`]) and the GIC as a
+/// snapshot saved them: registers and MP state first, then the GIC, whose redistributors
+/// belong to the vCPUs.
+fn restore(
+    vm: &dyn Vm,
+    state: &crate::snapshot::VmState,
+    early: Early,
+) -> Result<Vec<(u8, Box<dyn Vcpu>)>> {
+    let snap =
+        |what: &str, e: crate::hypervisor::HypervisorError| Error::Snapshot(format!("{what}: {e}"));
+    let want = match early.gic {
+        arch::aarch64::fdt::GicVersion::V3 => 3,
+        arch::aarch64::fdt::GicVersion::V2 => 2,
+    };
+    if state.gic.version != want {
+        return Err(Error::Snapshot(format!(
+            "the snapshot's VM had a GICv{}, this host gives a GICv{want}: restore it on a host like the one it was taken on",
+            state.gic.version
+        )));
+    }
+    let mut vcpus = early.vcpus;
+    for ((index, vcpu), s) in vcpus.iter_mut().zip(&state.vcpus) {
+        if early.mpidrs.get(usize::from(*index)) != Some(&s.mpidr) {
+            return Err(Error::Snapshot(format!(
+                "vCPU {index}: saved MPIDR {:#x}, this VM's is {:?}",
+                s.mpidr,
+                early.mpidrs.get(usize::from(*index))
+            )));
+        }
+        vcpu.restore_arm_state(s)
+            .map_err(|e| snap(&format!("vCPU {index}"), e))?;
+    }
+    vm.restore_arm_gic(&state.gic).map_err(|e| snap("GIC", e))?;
+    log::info!(
+        "restored {} vCPUs and a GICv{want} from the snapshot",
+        vcpus.len()
     );
     Ok(vcpus)
 }
