@@ -204,6 +204,38 @@ printf 4 | dd of=controld.img conv=notrunc 2>/dev/null
 echo "RESTORE_JSON $(grep '^{' dr.result)"
 "#;
 
+/// ARM64 with a GICv2 (the nest gives this scenario an L1 whose GIC is a GICv2): two vCPUs
+/// are snapshotted and restored, and after the restore both take their timer interrupts
+/// through the restored distributor and CPU interfaces while two busy loops keep them awake.
+const V2_CREATE_STEPS: &str = r#"[
+    {"wait": "GUEST READY"},
+    {"req": "PATCH /vm", "body": {"state": "Paused"}},
+    {"req": "PUT /snapshot/create", "body": {"snapshot_type": "Full", "snapshot_path": "v2.state", "mem_file_path": "v2.mem"}},
+    {"kill": true}
+]"#;
+
+const V2_PRE: &str = r#"truncate -s 4K controlv2.img
+cat > v2-restore.steps.json <<'STEPS'
+[{"req": "PUT /snapshot/load", "body": {"snapshot_path": "v2.state", "mem_backend": {"backend_type": "File", "backend_path": "v2.mem"}, "resume_vm": true}}]
+STEPS
+"#;
+
+const V2_SCRIPT: &str = r#"echo GUEST READY
+until [ "$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | tr -d '\000')" = go ]; do sleep 0.2; done
+( while :; do :; done ) & a=$!
+( while :; do :; done ) & b=$!
+sleep 1
+echo "GUEST T1 $(grep arch_timer /proc/interrupts)"
+sleep 2
+echo "GUEST T2 $(grep arch_timer /proc/interrupts)"
+kill $a $b
+"#;
+
+const V2_POST: &str = r#"printf go | dd of=controlv2.img conv=notrunc 2>/dev/null
+./tern-bench run --timeout 60 --marker 'GUEST T2' --marker 'GUEST POWEROFF' --api-sock v2r.sock --steps v2-restore.steps.json -- ./tern --api-sock v2r.sock > v2r.result 2>&1
+echo "RESTORE_JSON $(grep '^{' v2r.result)"
+"#;
+
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         guest_cmd: "ticks",
@@ -265,6 +297,21 @@ const SCENARIOS: &[Scenario] = &[
         script: Some(DIFF_SCRIPT),
         post: DIFF_POST,
         ..Scenario::new("snapshot_diff")
+    },
+    Scenario {
+        guest_cmd: "shell",
+        vcpus: 2,
+        gicv2: true,
+        timeout_s: 120,
+        api_steps: Some(V2_CREATE_STEPS),
+        api_with_config: true,
+        drives: &[
+            r#"{"drive_id": "control", "path_on_host": "controlv2.img", "is_root_device": false, "is_read_only": true}"#,
+        ],
+        pre: V2_PRE,
+        script: Some(V2_SCRIPT),
+        post: V2_POST,
+        ..Scenario::new("snapshot_gicv2")
     },
 ];
 
@@ -510,6 +557,55 @@ fn base_and_two_diffs_merge_to_the_full_snapshot_and_restore() {
             ctx2()
         );
     }
+    assert!(second.has_line("GUEST SCRIPT END rc=0"), "{}", ctx2());
+    assert_eq!(second.exit_code, Some(0), "{}", ctx2());
+}
+
+#[test]
+fn arm64_gicv2_two_vcpus_take_interrupts_after_restore() {
+    let Some(first) = common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_gicv2").pop()
+    else {
+        return;
+    };
+    let ctx = || describe(first);
+    assert_eq!(first.steps_error, None, "{}", ctx());
+    let statuses: Vec<u16> = first.api.iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [204, 204], "{}", ctx());
+    let second = report(first, "RESTORE_JSON");
+    let ctx2 = || format!("{}\npost:\n{}", describe(&second), first.post);
+    assert_eq!(
+        second.api.first().map(|c| c.status),
+        Some(204),
+        "{}",
+        ctx2()
+    );
+    assert!(
+        second.has_line("restored 2 vCPUs and a GICv2"),
+        "{}",
+        ctx2()
+    );
+    // "11:  <cpu0> <cpu1>  GICv2 27 Level arch_timer": both counts grow after the restore.
+    let counts = |key: &str| -> Vec<u64> {
+        second
+            .guest_value(key)
+            .unwrap_or_else(|| panic!("no GUEST {key}; {}", ctx2()))
+            .split_whitespace()
+            .skip(1)
+            .take(2)
+            .map(|n| {
+                n.parse()
+                    .unwrap_or_else(|_| panic!("{key}: {n}; {}", ctx2()))
+            })
+            .collect()
+    };
+    let (t1, t2) = (counts("T1"), counts("T2"));
+    assert_eq!(t1.len(), 2, "{}", ctx2());
+    assert!(
+        t2[0] > t1[0] && t2[1] > t1[1],
+        "{t1:?} -> {t2:?}; {}",
+        ctx2()
+    );
+    assert!(!second.has_line("rcu: INFO"), "{}", ctx2());
     assert!(second.has_line("GUEST SCRIPT END rc=0"), "{}", ctx2());
     assert_eq!(second.exit_code, Some(0), "{}", ctx2());
 }
