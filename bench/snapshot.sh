@@ -1,11 +1,16 @@
 #!/bin/bash
-# Snapshot create and restore times of tern (File and Uffd back-ends) for guests of several
-# sizes, measured by tern-bench in the same run:
-#   create:  PUT /snapshot/create request -> answer (paused VM, state + memory files, fsync'd)
-#   load:    PUT /snapshot/load request -> answer (state checked, memory mapped, VM rebuilt);
-#            Uffd: with `tern-bench uffd-serve` as the page-fault handler
-#   running: load request sent -> the restored guest's next console line (a tick it prints
-#            every 0.2 s, so up to 200 ms of this is the guest's own wait)
+# Snapshot create and restore times of tern (File and Uffd back-ends) beside QEMU (microvm,
+# migration to a file), for guests of several sizes, measured by tern-bench in the same run:
+#   create:  tern: PUT /snapshot/create request -> answer (paused VM, state + memory files,
+#            fsync'd); QEMU: QMP migrate "exec:cat > FILE && sync FILE" sent (VM stopped) ->
+#            query-migrate says completed
+#   load:    tern: PUT /snapshot/load request -> answer (state checked, memory mapped, VM
+#            rebuilt); Uffd: with `tern-bench uffd-serve` as the page-fault handler
+#   running: tern: load request sent -> the restored guest's next console line (a tick it
+#            prints every 0.2 s, so up to 200 ms of this is the guest's own wait); QEMU:
+#            process start with -incoming "exec:cat FILE" -> the guest's next console line
+#            (QEMU has no load request: start-up is in its figure, and it reads all of
+#            memory before the guest runs)
 # The guest touches all its memory first (so the memory file is written in full).
 # Runs directly on hardware KVM, otherwise inside the nest (tools/nest-x86_64.sh).
 #   bench/snapshot.sh [-n RUNS] [-m "MIB MIB ..."]     (default 3 runs, 128 and 2048 MiB)
@@ -39,6 +44,16 @@ JSON
 [{"req": "PUT /snapshot/load", "body": {"snapshot_path": "s-$m.state", "mem_backend": {"backend_type": "File", "backend_path": "s-$m.mem"}, "resume_vm": true}},
  {"sleep_ms": 1500}, {"kill": true}]
 JSON
+    cat > "$D/qemu-$m.sh" <<SH
+#!/bin/sh
+exec ./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m $m -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -initrd initramfs.cpio.gz -drive id=s,file=fill-$m.img,format=raw,if=none,readonly=on -device virtio-blk-device,drive=s -append "console=ttyS0 reboot=k panic=1 pci=off quiet guest.cmd=shell guest.script=/dev/vda" -qmp unix:q.sock,server=on,wait=off "\$@"
+SH
+    cat > "$D/qcreate-$m.steps.json" <<JSON
+[{"wait": "GUEST TICK 3"}, {"qmp": {"execute": "stop"}},
+ {"qmp": {"execute": "migrate", "arguments": {"uri": "exec:cat > q-$m.mig && sync q-$m.mig"}}},
+ {"qmp": {"execute": "query-migrate"}, "until": "\"completed\""},
+ {"kill": true}]
+JSON
     cat > "$D/uffd-$m.steps.json" <<JSON
 [{"req": "PUT /snapshot/load", "body": {"snapshot_path": "s-$m.state", "mem_backend": {"backend_type": "Uffd", "backend_path": "u.sock"}, "resume_vm": true}},
  {"sleep_ms": 1500}, {"kill": true}]
@@ -53,11 +68,14 @@ done
     echo '    echo "@@R uffd $m $(./tern-bench run --timeout 60 --marker "GUEST TICK" --api-sock u2.sock --steps uffd-$m.steps.json -- ./tern --api-sock u2.sock)"'
     echo '    kill $h 2>/dev/null; wait $h 2>/dev/null'
     echo '    rm -f s-$m.state s-$m.mem'
+    echo '    echo "@@R qcreate $m $(./tern-bench run --timeout 300 --api-sock q.sock --steps qcreate-$m.steps.json -- sh qemu-$m.sh)"'
+    echo '    echo "@@R qload $m $(./tern-bench run --timeout 300 --marker "GUEST TICK" --kill-after "GUEST TICK" -- sh qemu-$m.sh -incoming "exec:cat q-$m.mig")"'
+    echo '    rm -f q-$m.mig'
     echo '  done'
     echo 'done'
 } > "$D/run.sh"
-files=("$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/initramfs.cpio.gz")
-for m in $SIZES; do files+=("$D/vm-$m.json" "$D/fill-$m.img" "$D/create-$m.steps.json" "$D/load-$m.steps.json" "$D/uffd-$m.steps.json"); done
+files=("$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/initramfs.cpio.gz" "$D/qemu-system-x86_64" "$D/fw")
+for m in $SIZES; do files+=("$D/vm-$m.json" "$D/fill-$m.img" "$D/create-$m.steps.json" "$D/load-$m.steps.json" "$D/uffd-$m.steps.json" "$D/qemu-$m.sh" "$D/qcreate-$m.steps.json"); done
 if hw_kvm; then
     where="directly on hardware KVM"
     (cd "$D" && sh run.sh) > "$D/out.txt"
@@ -75,8 +93,17 @@ for line in open(sys.argv[1]):
     kind, mib, js = line.split(" ", 2)
     r = json.loads(js)
     calls = {c["request"]: c for c in r.get("api", [])}
-    d = rows.setdefault(int(mib), {"create": [], "load": [], "running": [], "uload": [], "urunning": []})
-    if kind == "create":
+    d = rows.setdefault(int(mib), {"create": [], "load": [], "running": [], "uload": [], "urunning": [], "qcreate": [], "qrunning": []})
+    if kind == "qcreate":
+        m = calls.get("QMP migrate")
+        done = calls.get("QMP query-migrate")
+        if m and done and m["status"] == 200 and '"completed"' in done["body"]:
+            d["qcreate"].append(done["done_ms"] - m["sent_ms"])
+    elif kind == "qload":
+        tick = next((t for t, _, l in r["lines"] if "GUEST TICK" in l), None)
+        if tick is not None:
+            d["qrunning"].append(tick)
+    elif kind == "create":
         c = calls.get("PUT /snapshot/create")
         if c and c["status"] == 204:
             d["create"].append(c["done_ms"] - c["sent_ms"])
@@ -90,9 +117,11 @@ for line in open(sys.argv[1]):
                 d[running].append(tick - c["sent_ms"])
 med = lambda v: f"{statistics.median(v):.0f} (n={len(v)})" if v else "—"
 print(f"Where: {sys.argv[2]}. Milliseconds, median of the runs.\n")
-print("| guest RAM | create (request → answer) | File: load | File: load → guest's next line | Uffd: load | Uffd: load → guest's next line |")
-print("| --- | --- | --- | --- | --- | --- |")
+print("| guest RAM | tern: create | tern File: load | tern File: load → guest's next line | tern Uffd: load | tern Uffd: load → guest's next line | QEMU: create (migrate → completed) | QEMU: start with -incoming → guest's next line |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for mib in sorted(rows):
     d = rows[mib]
-    print(f"| {mib} MiB | {med(d['create'])} | {med(d['load'])} | {med(d['running'])} | {med(d['uload'])} | {med(d['urunning'])} |")
+    print(f"| {mib} MiB | {med(d['create'])} | {med(d['load'])} | {med(d['running'])} | {med(d['uload'])} | {med(d['urunning'])} | {med(d['qcreate'])} | {med(d['qrunning'])} |")
 PY
+echo
+echo "# qemu: $("$QEMU" --version | head -1); kernel: $KERNEL"

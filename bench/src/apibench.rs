@@ -52,13 +52,13 @@ struct Report {
 }
 
 /// One persistent QMP session.
-struct Qmp {
+pub(crate) struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
 
 impl Qmp {
-    fn connect(sock: &Path) -> std::io::Result<Self> {
+    pub(crate) fn connect(sock: &Path) -> std::io::Result<Self> {
         let s = UnixStream::connect(sock)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut q = Qmp {
@@ -78,7 +78,12 @@ impl Qmp {
 
     /// Sends a command and waits for its `return` (skipping asynchronous events).
     fn exec(&mut self, cmd: &str) -> std::io::Result<String> {
-        writeln!(self.writer, "{{\"execute\": \"{cmd}\"}}")?;
+        self.exec_json(&format!("{{\"execute\": \"{cmd}\"}}"))
+    }
+
+    /// Sends a whole command object (one line of JSON) and waits for its `return` or `error`.
+    pub(crate) fn exec_json(&mut self, cmd: &str) -> std::io::Result<String> {
+        writeln!(self.writer, "{cmd}")?;
         loop {
             let l = self.line()?;
             if l.is_empty() {

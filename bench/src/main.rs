@@ -11,7 +11,8 @@
 //!
 //! With `--api-sock SOCK --steps FILE` it also drives the VMM's API while it runs: FILE holds a
 //! JSON array of steps, each `{"wait": "console text"}`, `{"sleep_ms": N}`,
-//! `{"req": "METHOD /path", "body": {...}}`, `{"sh": "host command"}` or `{"kill": true}`
+//! `{"req": "METHOD /path", "body": {...}}`, `{"qmp": {"execute": ...}, "until": "text"}` (QEMU),
+//! `{"sh": "host command"}` or `{"kill": true}`
 //! (SIGKILL), done in order; every request's status, body and times go into the report's `api`
 //! list.
 
@@ -68,6 +69,14 @@ pub(crate) struct Step {
     /// SIGKILL the VMM (after this step's request, if any), as a crash would.
     #[serde(default)]
     pub(crate) kill: bool,
+    /// A QMP command object (`{"execute": ..., "arguments": ...}`) sent to the API socket
+    /// (QEMU's `-qmp unix:...`), recorded as a call named "QMP <execute>" (status 200 for a
+    /// `return`, 500 for an `error`).
+    #[serde(default)]
+    pub(crate) qmp: Option<serde_json::Value>,
+    /// With `qmp`: send it again every 10 ms until the reply contains this text.
+    #[serde(default)]
+    pub(crate) until: Option<String>,
     /// A host shell command (`sh -c`, in the current directory) after this step's request;
     /// one that fails ends the steps with its output as the error.
     #[serde(default)]
@@ -148,6 +157,38 @@ fn run_steps(
                 done_ms: ms(Instant::now()),
                 status: resp.status,
                 body: resp.body,
+            });
+        }
+        if let Some(cmd) = &step.qmp {
+            let name = cmd["execute"].as_str().unwrap_or("?").to_string();
+            let line = cmd.to_string();
+            let sent = Instant::now();
+            let reply = loop {
+                let r = apibench::Qmp::connect(&sock).and_then(|mut q| q.exec_json(&line));
+                match r {
+                    Ok(r) if step.until.as_ref().is_none_or(|u| r.contains(u.as_str())) => {
+                        break r;
+                    }
+                    Ok(r) if r.contains("\"error\"") => break r,
+                    Err(e) if sent.elapsed() > Duration::from_secs(10) => {
+                        return (calls, Some(format!("QMP {name}: {e}")));
+                    }
+                    _ if Instant::now() >= deadline => {
+                        return (calls, Some(format!("timed out on QMP {name}")));
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            calls.push(ApiCall {
+                request: format!("QMP {name}"),
+                sent_ms: ms(sent),
+                done_ms: ms(Instant::now()),
+                status: if reply.contains("\"return\"") {
+                    200
+                } else {
+                    500
+                },
+                body: reply.trim().to_string(),
             });
         }
         if let Some(cmd) = &step.sh {

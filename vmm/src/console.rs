@@ -59,6 +59,18 @@ pub enum ConsoleInput {
     File(File),
 }
 
+impl ConsoleInput {
+    /// A second handle on the same input (a duplicated descriptor), so that a VM that fails
+    /// to build does not take the console input with it.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            Self::None => Self::None,
+            Self::TerminalStdin => Self::TerminalStdin,
+            Self::File(f) => Self::File(f.try_clone()?),
+        })
+    }
+}
+
 /// Feeds a file descriptor's bytes to the guest's UART, as fast as the guest drains its FIFO:
 /// when the FIFO is full the source is taken out of the event loop until the UART signals
 /// `room` (the guest emptied the FIFO).

@@ -526,11 +526,12 @@ impl Controller {
                 let opts = RunOptions {
                     start: self.start,
                     console: None,
-                    console_input: self.console_input.take().unwrap_or(ConsoleInput::None),
+                    console_input: self.lend_console_input()?,
                 };
                 let vm = crate::vm::build(hv.as_ref(), &self.resources, Payload::Linux, opts)
                     .and_then(|built| built.start(em))
                     .map_err(ActionError::Start)?;
+                self.console_input = None;
                 metrics::METRICS
                     .latencies_us
                     .vm_start
@@ -594,7 +595,7 @@ impl Controller {
                 let opts = RunOptions {
                     start: self.start,
                     console: None,
-                    console_input: self.console_input.take().unwrap_or(ConsoleInput::None),
+                    console_input: self.lend_console_input()?,
                 };
                 let memory = if uffd {
                     crate::vm::MemBackend::Uffd(&mem_path)
@@ -608,6 +609,7 @@ impl Controller {
                 let vm = crate::vm::build(hv.as_ref(), &res, payload, opts)
                     .and_then(|built| built.start_with(em, !resume_vm))
                     .map_err(ActionError::Start)?;
+                self.console_input = None;
                 metrics::METRICS
                     .latencies_us
                     .load_snapshot
@@ -712,6 +714,17 @@ impl event_manager::MutEventSubscriber for MetricsTimer {
 
 impl Controller {
     /// Writes one metrics line to the configured sink.
+    /// The console input for a VM being built: a duplicate, so the original stays here for
+    /// a later attempt if this one fails (the caller drops it once the VM runs).
+    fn lend_console_input(&self) -> Result<ConsoleInput, ActionError> {
+        match &self.console_input {
+            None => Ok(ConsoleInput::None),
+            Some(c) => c
+                .try_clone()
+                .map_err(|e| ActionError::Internal(format!("console input: {e}"))),
+        }
+    }
+
     fn flush_metrics(&mut self) -> std::io::Result<()> {
         use std::io::Write;
         if let Some(f) = &mut self.metrics_sink {
