@@ -365,10 +365,12 @@ fn ticks(o: &Outcome) -> Vec<u32> {
 
 #[test]
 fn snapshot_restore_continues_the_guest_and_refuses_damaged_files() {
-    let Some(first) = common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_restore").pop()
-    else {
-        return;
-    };
+    for first in common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_restore") {
+        snapshot_restore_continues_the_guest_and_refuses_damaged_files_on(first);
+    }
+}
+
+fn snapshot_restore_continues_the_guest_and_refuses_damaged_files_on(first: &Outcome) {
     let ctx = || describe(first);
     assert_eq!(first.steps_error, None, "{}", ctx());
     let statuses: Vec<u16> = first.api.iter().map(|c| c.status).collect();
@@ -428,10 +430,12 @@ fn snapshot_restore_continues_the_guest_and_refuses_damaged_files() {
 
 #[test]
 fn snapshot_devices_work_after_restore() {
-    let Some(first) = common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_devices").pop()
-    else {
-        return;
-    };
+    for first in common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_devices") {
+        snapshot_devices_work_after_restore_on(first);
+    }
+}
+
+fn snapshot_devices_work_after_restore_on(first: &Outcome) {
     let ctx = || describe(first);
     assert_eq!(first.steps_error, None, "{}", ctx());
     let statuses: Vec<u16> = first.api.iter().map(|c| c.status).collect();
@@ -479,10 +483,12 @@ fn snapshot_devices_work_after_restore() {
 
 #[test]
 fn one_snapshot_restores_into_three_terns_at_once() {
-    let Some(first) = common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_three").pop()
-    else {
-        return;
-    };
+    for first in common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_three") {
+        one_snapshot_restores_into_three_terns_at_once_on(first);
+    }
+}
+
+fn one_snapshot_restores_into_three_terns_at_once_on(first: &Outcome) {
     let ctx = || describe(first);
     assert_eq!(first.steps_error, None, "{}", ctx());
     for i in 1..=3 {
@@ -498,10 +504,12 @@ fn one_snapshot_restores_into_three_terns_at_once() {
 
 #[test]
 fn base_and_two_diffs_merge_to_the_full_snapshot_and_restore() {
-    let Some(first) = common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_diff").pop()
-    else {
-        return;
-    };
+    for first in common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_diff") {
+        base_and_two_diffs_merge_to_the_full_snapshot_and_restore_on(first);
+    }
+}
+
+fn base_and_two_diffs_merge_to_the_full_snapshot_and_restore_on(first: &Outcome) {
     let ctx = || describe(first);
     assert_eq!(first.steps_error, None, "{}", ctx());
     let statuses: Vec<u16> = first.api.iter().map(|c| c.status).collect();
@@ -563,10 +571,12 @@ fn base_and_two_diffs_merge_to_the_full_snapshot_and_restore() {
 
 #[test]
 fn arm64_gicv2_two_vcpus_take_interrupts_after_restore() {
-    let Some(first) = common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_gicv2").pop()
-    else {
-        return;
-    };
+    for first in common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_gicv2") {
+        arm64_gicv2_two_vcpus_take_interrupts_after_restore_on(first);
+    }
+}
+
+fn arm64_gicv2_two_vcpus_take_interrupts_after_restore_on(first: &Outcome) {
     let ctx = || describe(first);
     assert_eq!(first.steps_error, None, "{}", ctx());
     let statuses: Vec<u16> = first.api.iter().map(|c| c.status).collect();
@@ -579,11 +589,8 @@ fn arm64_gicv2_two_vcpus_take_interrupts_after_restore() {
         "{}",
         ctx2()
     );
-    assert!(
-        second.has_line("restored 2 vCPUs and a GICv2"),
-        "{}",
-        ctx2()
-    );
+    // A GICv2 in the nest's GICv2 L1; on an ARM64 host the host's own GIC.
+    assert!(second.has_line("restored 2 vCPUs and a GICv"), "{}", ctx2());
     // "11:  <cpu0> <cpu1>  GICv2 27 Level arch_timer": both counts grow after the restore.
     let counts = |key: &str| -> Vec<u64> {
         second

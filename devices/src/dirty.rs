@@ -59,10 +59,20 @@ impl DirtyLog {
             }
             let first = (s - r.start) / PAGE_SIZE;
             let last = (e - 1 - r.start) / PAGE_SIZE;
-            for page in first..=last {
+            // One atomic OR per 64 pages.
+            let mut page = first;
+            while page <= last {
+                let bit = page % 64;
+                let n = (64 - bit).min(last - page + 1);
+                let mask = if n == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << n) - 1) << bit
+                };
                 if let Some(w) = r.bits.get((page / 64) as usize) {
-                    w.fetch_or(1 << (page % 64), Ordering::Relaxed);
+                    w.fetch_or(mask, Ordering::Relaxed);
                 }
+                page += n;
             }
         }
     }
@@ -85,16 +95,15 @@ impl DirtyLog {
         })
     }
 
-    /// Clears the bits of `bitmap` in region `index` (the pages a snapshot now holds); pages
-    /// marked since that copy was taken stay marked.
-    pub fn clear(&self, index: usize, bitmap: &[u64]) {
-        if let Some(r) = self.regions.get(index) {
-            for (w, &b) in r.bits.iter().zip(bitmap) {
-                if b != 0 {
-                    w.fetch_and(!b, Ordering::Relaxed);
-                }
-            }
-        }
+    /// Takes region `index`'s bitmap out of the log (the pages a snapshot is about to hold),
+    /// leaving it clear: pages marked from now on are the next snapshot's.
+    pub fn take(&self, index: usize) -> Vec<u64> {
+        self.regions.get(index).map_or_else(Vec::new, |r| {
+            r.bits
+                .iter()
+                .map(|w| w.swap(0, Ordering::Relaxed))
+                .collect()
+        })
     }
 
     /// Marked pages in all regions.
@@ -137,6 +146,8 @@ pub fn mark_chain<M: vm_memory::GuestMemory>(
     let mut indirect = false;
     // At most one pass over the direct table plus one over an indirect table.
     let mut budget = u64::from(queue_size) + 1;
+    let ram: u64 = log.regions.iter().map(|r| r.len).sum();
+    let mut claimed = 0u64;
     while budget > 0 && i < size {
         budget -= 1;
         let Some((addr, len, flags, next)) = read(table, i) else {
@@ -145,12 +156,20 @@ pub fn mark_chain<M: vm_memory::GuestMemory>(
         if flags & F_INDIRECT != 0 && !indirect {
             indirect = true;
             table = addr;
-            size = u64::from(len / 16);
+            // virtio-queue takes indirect tables of at most u16::MAX entries.
+            size = u64::from(len / 16).min(u64::from(u16::MAX));
             budget = size;
             i = 0;
             continue;
         }
         if flags & F_WRITE != 0 {
+            // A chain claiming more writable room than there is RAM marks everything once,
+            // instead of marking all of RAM again per descriptor.
+            claimed = claimed.saturating_add(u64::from(len));
+            if claimed > ram {
+                log.mark_all();
+                return;
+            }
             log.mark(addr, u64::from(len));
         }
         if flags & F_NEXT == 0 {
@@ -180,7 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn marks_pages_clips_to_ram_and_clears_only_what_was_saved() {
+    fn marks_pages_clips_to_ram_and_takes_what_a_snapshot_saves() {
         let log = DirtyLog::new(&[(0, MB), (4 * MB, MB)]);
         log.mark(4095, 2); // straddles pages 0 and 1
         log.mark(MB - 10, 100); // runs past the region's end
@@ -189,13 +208,24 @@ mod tests {
         log.mark(u64::MAX - 5, 100); // overflow saturates
         assert_eq!(pages(&log, 0), vec![0, 1, 255]);
         assert!(pages(&log, 1).is_empty());
-        let saved = log.bitmap(0);
-        log.mark(4096 * 7, 1); // marked after the copy
-        log.clear(0, &saved);
+        let saved = log.take(0);
+        assert_eq!((saved[0], saved[3]), (0b11, 1 << 63), "{saved:x?}");
+        assert!(pages(&log, 0).is_empty());
+        log.mark(4096 * 7, 1); // marked after the take
         assert_eq!(pages(&log, 0), vec![7]);
+        log.merge(0, &saved); // a failed snapshot puts its pages back
+        assert_eq!(pages(&log, 0), vec![0, 1, 7, 255]);
+        log.take(0);
+        log.mark(4096 * 7, 1);
         log.merge(1, &[0b101]);
         assert_eq!(pages(&log, 1), vec![0, 2]);
         assert_eq!(log.count(), 3);
+        // A run across a word boundary, and whole words.
+        let runs = DirtyLog::new(&[(0, MB)]);
+        runs.mark(60 * 4096 + 1, 10 * 4096);
+        assert_eq!(pages(&runs, 0), (60..=70).collect::<Vec<u64>>());
+        runs.mark(64 * 4096, 128 * 4096);
+        assert_eq!(runs.count(), 4 + 128); // 60..=191
         log.mark_all();
         assert_eq!(log.count(), 512);
     }
@@ -238,5 +268,19 @@ mod tests {
         mark_chain(&log, &mem, 0x1000, 8, 9);
         mark_chain(&log, &mem, u64::MAX - 8, 8, 0);
         assert_eq!(log.count(), 2);
+
+        // A looped indirect table of buffers each claiming all of RAM: everything is marked,
+        // once, and the walk ends.
+        let log = DirtyLog::new(&[(0, MB)]);
+        desc(5, 0x5000, 16 * 4, 4, 0);
+        for i in 0..4u64 {
+            let mut d = [0u8; 16];
+            d[8..12].copy_from_slice(&(MB as u32).to_le_bytes());
+            d[12..14].copy_from_slice(&3u16.to_le_bytes()); // NEXT | WRITE
+            d[14..16].copy_from_slice(&(((i + 1) % 4) as u16).to_le_bytes());
+            mem.write_slice(&d, GuestAddress(0x5000 + i * 16)).unwrap();
+        }
+        mark_chain(&log, &mem, 0x1000, 8, 5);
+        assert_eq!(log.count(), 256);
     }
 }

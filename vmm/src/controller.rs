@@ -713,7 +713,6 @@ impl event_manager::MutEventSubscriber for MetricsTimer {
 }
 
 impl Controller {
-    /// Writes one metrics line to the configured sink.
     /// The console input for a VM being built: a duplicate, so the original stays here for
     /// a later attempt if this one fails (the caller drops it once the VM runs).
     fn lend_console_input(&self) -> Result<ConsoleInput, ActionError> {
@@ -725,6 +724,7 @@ impl Controller {
         }
     }
 
+    /// Writes one metrics line to the configured sink.
     fn flush_metrics(&mut self) -> std::io::Result<()> {
         use std::io::Write;
         if let Some(f) = &mut self.metrics_sink {

@@ -206,6 +206,16 @@ pub fn build(
     // Dirty-page tracking (for diff snapshots): KVM logs the guest's writes, the devices'
     // transports mark theirs. A booted VM is in no snapshot yet: every page starts dirty. A
     // restored one starts clean: its pages are those of the snapshot it came from.
+    // SAFETY: sysconf with a constant name.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if res.machine_config.track_dirty_pages && page != devices::dirty::PAGE_SIZE as libc::c_long {
+        return Err(Error::Config(crate::resources::ConfigError::new(
+            "machine-config.track_dirty_pages",
+            format!(
+                "this host's pages are {page} bytes: dirty-page tracking works with 4 KiB pages (KVM logs one bit per host page)"
+            ),
+        )));
+    }
     let dirty = res.machine_config.track_dirty_pages.then(|| {
         let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         let log = Arc::new(devices::dirty::DirtyLog::new(&regions));
@@ -288,7 +298,7 @@ pub fn build(
                         .map_err(|e| {
                             Error::Snapshot(format!("{kind:?} {id}: unreadable state: {e}"))
                         })?;
-                    MmioTransport::restore(dev, mem.clone(), irq, &st)
+                    MmioTransport::restore(dev, mem.clone(), irq, &st, dirty.clone())
                         .map_err(|e| Error::Snapshot(format!("{kind:?} {id}: {e}")))?
                 }
             };

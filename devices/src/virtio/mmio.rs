@@ -556,6 +556,7 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         irq: IrqLine,
         state: &MmioTransportState,
+        dirty: Option<Arc<crate::dirty::DirtyLog>>,
     ) -> Result<Self, RestoreError> {
         let expected = device.device_type();
         if state.device_type != expected {
@@ -605,6 +606,9 @@ impl MmioTransport {
         {
             let mut side = t.lock();
             side.config_generation = state.config_generation;
+            // Before the device starts: activating can already write guest memory (vsock's
+            // transport-reset event).
+            side.dirty = dirty;
             if t.status & STATUS_DRIVER_OK != 0 && t.status & STATUS_NEEDS_RESET == 0 {
                 // What a running driver had to pass to get here (set_status) is checked again:
                 // a forged state must not start a device on rings outside guest memory.
@@ -1051,6 +1055,7 @@ mod tests {
             g.mem.clone(),
             IrqLine(irq.clone()),
             &back,
+            None,
         )
         .unwrap();
         assert_eq!(g.dev.status() & STATUS_DRIVER_OK, STATUS_DRIVER_OK);
@@ -1068,7 +1073,7 @@ mod tests {
         let good = g.dev.save();
         let restore = |s: &MmioTransportState| {
             let irq = IrqLine(Arc::new(CountingInterrupt::default()));
-            MmioTransport::restore(Box::new(Rng::new()), g.mem.clone(), irq, s).err()
+            MmioTransport::restore(Box::new(Rng::new()), g.mem.clone(), irq, s, None).err()
         };
         let mut s = good.clone();
         s.device_type = 2;

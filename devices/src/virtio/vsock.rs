@@ -1125,14 +1125,24 @@ mod tests {
         // A new process: the same socket path (the old listener went with its process).
         drop(d);
         let irq = std::sync::Arc::new(crate::interrupt::CountingInterrupt::default());
+        let log = std::sync::Arc::new(crate::dirty::DirtyLog::new(&[(0, 1 << 32)]));
         let _restored = crate::virtio::mmio::MmioTransport::restore(
             Box::new(Vsock::new(CID, &path).unwrap()),
             mem.clone(),
             crate::interrupt::IrqLine(irq.clone()),
             &saved,
+            Some(log.clone()),
         )
         .unwrap();
         let used_ring = saved.queues[EVQ].0.used_ring;
+        // The event and the used ring it went through are in the next diff snapshot.
+        let marked =
+            |gpa: u64| log.bitmap(0)[(gpa / 4096 / 64) as usize] & (1 << (gpa / 4096 % 64)) != 0;
+        assert!(
+            marked(used_ring) && marked(ev),
+            "{} pages marked",
+            log.count()
+        );
         let idx: u16 = mem
             .read_obj(vm_memory::GuestAddress(used_ring + 2))
             .unwrap();
