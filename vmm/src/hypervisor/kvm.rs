@@ -303,6 +303,7 @@ impl Vm for KvmVm {
                     let sys = gic::v3_cpu_sysregs(mpidr);
                     let ctlr_reg = sys[1];
                     read_all(sys)?;
+                    // ICC_CTLR_EL1 says how many active-priority registers follow.
                     let ctlr = gic_get(fd, ctlr_reg)?;
                     read_all(gic::v3_cpu_apr(mpidr, ctlr))?;
                 }
@@ -363,43 +364,35 @@ fn no_gic() -> HypervisorError {
     }
 }
 
+/// The device attribute for GIC register `r`, its value at `value`. One u64 serves both
+/// widths: KVM reads or writes 32 bits for most groups, which on little-endian ARM64 are the
+/// low half of the u64.
+#[cfg(target_arch = "aarch64")]
+fn gic_attr(r: arch::aarch64::gic::GicReg, value: *const u64) -> kvm_bindings::kvm_device_attr {
+    kvm_bindings::kvm_device_attr {
+        group: r.group,
+        attr: r.attr,
+        addr: value as u64,
+        flags: 0,
+    }
+}
+
 /// Reads one GIC register (32 bits, or 64 for GICv3 CPU interface system registers).
 #[cfg(target_arch = "aarch64")]
 fn gic_get(fd: &kvm_ioctls::DeviceFd, r: arch::aarch64::gic::GicReg) -> HvResult<u64> {
-    let mut wide: u64 = 0;
-    let mut narrow: u32 = 0;
-    let mut a = kvm_bindings::kvm_device_attr {
-        group: r.group,
-        attr: r.attr,
-        addr: if r.wide() {
-            &raw mut wide as u64
-        } else {
-            &raw mut narrow as u64
-        },
-        flags: 0,
-    };
-    // SAFETY: `addr` points to a live local of the width KVM writes for this group.
+    let mut value: u64 = 0;
+    let mut a = gic_attr(r, &raw mut value);
+    // SAFETY: `addr` points to a live u64, at least as wide as what KVM writes for any group.
     unsafe { fd.get_device_attr(&mut a) }
         .map_err(HypervisorError::call("KVM_GET_DEVICE_ATTR (GIC register)"))?;
-    Ok(if r.wide() { wide } else { u64::from(narrow) })
+    Ok(value)
 }
 
 /// Writes one GIC register (see [`gic_get`]).
 #[cfg(target_arch = "aarch64")]
 fn gic_set(fd: &kvm_ioctls::DeviceFd, r: arch::aarch64::gic::GicReg, value: u64) -> HvResult<()> {
-    let wide: u64 = value;
-    let narrow: u32 = value as u32;
-    let a = kvm_bindings::kvm_device_attr {
-        group: r.group,
-        attr: r.attr,
-        addr: if r.wide() {
-            &raw const wide as u64
-        } else {
-            &raw const narrow as u64
-        },
-        flags: 0,
-    };
-    fd.set_device_attr(&a)
+    let value = if r.wide() { value } else { value & 0xffff_ffff };
+    fd.set_device_attr(&gic_attr(r, &raw const value))
         .map_err(HypervisorError::call("KVM_SET_DEVICE_ATTR (GIC register)"))
 }
 
