@@ -53,17 +53,13 @@ struct Cli {
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    logger::flush();
     eprintln!("tern: error: {msg}");
     ExitCode::from(1)
 }
 
-fn open_log(path: &std::path::Path) -> std::io::Result<Box<dyn std::io::Write + Send>> {
-    Ok(Box::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?,
-    ))
+fn open_log(path: &std::path::Path) -> std::io::Result<vmm::sink::Sink> {
+    vmm::sink::Sink::open(path, "log")
 }
 
 fn main() -> ExitCode {
@@ -123,7 +119,9 @@ fn main() -> ExitCode {
             ));
         }
     };
-    logger::init(log_cfg.clone(), sink);
+    if let Err(e) = logger::init(log_cfg.clone(), sink) {
+        return fail(format!("cannot start the logger: {e}"));
+    }
     resources.boot_timer = cli.boot_timer;
 
     let outcome = if cli.no_api {
@@ -131,7 +129,7 @@ fn main() -> ExitCode {
     } else {
         run_with_api(&cli, resources, log_cfg, start)
     };
-    match outcome {
+    let code = match outcome {
         Ok(Outcome::PowerOff) => {
             log::info!("guest powered off");
             ExitCode::SUCCESS
@@ -141,11 +139,14 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Outcome::Panic) => {
+            logger::flush();
             eprintln!("tern: the guest kernel panicked");
             ExitCode::from(EXIT_GUEST_PANIC)
         }
-        Err(e) => fail(e),
-    }
+        Err(e) => return fail(e),
+    };
+    logger::flush();
+    code
 }
 
 /// The API socket path, for the signal handler to remove.

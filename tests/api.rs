@@ -239,7 +239,8 @@ fn logger_and_serial() {
     );
     assert_eq!(t.req("PUT", "/logger", Some(&body)).status, 204);
     t.req("GET", "/", None);
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // The logger's own thread writes the line: wait for it.
+    let text = wait_for_text(&log, ":DEBUG API GET /");
     assert!(text.contains(":DEBUG API GET /"), "{text:?}");
     refused(
         &t,
@@ -288,6 +289,99 @@ fn logger_and_serial() {
         Some(r#"{"path": "x"}"#),
         "unknown field",
     );
+}
+
+/// The file's text once it contains `want`, or what it holds after 30 s.
+fn wait_for_text(path: &Path, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(want) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A new FIFO at `name` under the test directory.
+fn fifo(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("api")
+        .join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&p);
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {p:?}"
+    );
+    p
+}
+
+/// FIFOs nobody reads as the log, the metrics and the serial output, and a log flooded past
+/// what a pipe holds: every request is still answered (wave 1 opened them blocking and wrote
+/// them on the calling thread, so `PUT /logger` never answered).
+#[test]
+fn outputs_nobody_reads_never_stall_the_api() {
+    let t = Tern::start("fifos");
+    let log = fifo("nobody-reads.log");
+    let body = format!(r#"{{"log_path": "{}", "level": "Debug"}}"#, log.display());
+    assert_eq!(t.req("PUT", "/logger", Some(&body)).status, 204);
+    let metrics = fifo("nobody-reads.metrics");
+    let body = format!(r#"{{"metrics_path": "{}"}}"#, metrics.display());
+    assert_eq!(t.req("PUT", "/metrics", Some(&body)).status, 204);
+    let serial = fifo("nobody-reads.serial");
+    let body = format!(r#"{{"serial_out_path": "{}"}}"#, serial.display());
+    assert_eq!(t.req("PUT", "/serial", Some(&body)).status, 204);
+    // Each request logs a debug line: 8000 of them are more than a pipe (64 KiB) and the
+    // sink's queue (256 KiB) hold.
+    for _ in 0..8000 {
+        assert_eq!(t.req("GET", "/", None).status, 200);
+    }
+    for _ in 0..3 {
+        let r = t.req(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "FlushMetrics"}"#),
+        );
+        assert_eq!(r.status, 204, "{r:?}");
+    }
+    let prom = t.req("GET", "/tern/v1/metrics", None);
+    let missed: u64 = prom
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("tern_logger_missed_log_count_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no missed-log counter: {}", prom.body));
+    assert!(missed > 0, "the flooded log dropped nothing");
+}
+
+/// `--log-path` naming a FIFO nobody reads: tern still comes up and serves.
+#[test]
+fn log_path_fifo_on_the_command_line() {
+    let log = fifo("cli-nobody-reads.log");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api");
+    let sock = dir.join("cli-fifo.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["--api-sock", sock.to_str().unwrap(), "--level", "Debug"])
+        .arg("--log-path")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("tern starts");
+    let t = Tern { child, sock };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http::request(&t.sock, "GET", "/", None).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "tern never served with a reader-less FIFO as --log-path"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(t.req("GET", "/machine-config", None).status, 200);
 }
 
 #[test]

@@ -7,15 +7,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use vmm::controller::Request;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::routes::{self, Reply, Route};
 
-/// How long a request may wait for the VMM thread.
-const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request body accepted (Firecracker's default limit).
 pub const MAX_BODY: usize = 51_200;
 
@@ -120,9 +117,12 @@ fn answer(
     if to_vmm.send(Request { action, reply: tx }).is_err() || wake.write(1).is_err() {
         return Reply::fault(500, "the VMM thread is gone");
     }
-    match rx.recv_timeout(VMM_REPLY_TIMEOUT) {
+    // No timeout: the answer says what the VMM thread really did. A long action (a snapshot
+    // of a large guest) is answered when it is done, as in Firecracker; an answer given
+    // before that would be a guess with the work still going on behind it.
+    match rx.recv() {
         Ok(result) => routes::render(result),
-        Err(_) => Reply::fault(500, "the VMM thread did not answer"),
+        Err(_) => Reply::fault(500, "the VMM thread ended without answering"),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod dirty;
 pub mod exit;
 pub mod interrupt;
 pub mod legacy;
+pub mod os;
 pub mod rate_limiter;
 pub mod virtio;
 

@@ -191,6 +191,7 @@ groups! {
         failures: Counter,
     }
     uart: UartMetrics {
+        missed_write_count: Counter,
         write_count: Counter,
         read_count: Counter,
     }
@@ -204,6 +205,11 @@ groups! {
     }
     vmm: VmmMetrics {
         panic_count: Counter,
+    }
+    logger: LoggerMetrics {
+        missed_log_count: Counter,
+        missed_metrics_count: Counter,
+        metrics_fails: Counter,
     }
 }
 

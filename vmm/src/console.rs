@@ -1,7 +1,7 @@
 //! The host side of the serial console: output to stdout or a file, input from stdin when it is
 //! a terminal (in raw mode, restored on exit).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
@@ -12,12 +12,41 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
-/// Opens where console output goes: `path` (created or appended) or stdout.
+use crate::sink::Sink;
+
+/// Opens where console output goes: `path` (created or appended, a FIFO included) or stdout.
+/// A path's output goes through a [`Sink`]: the guest never waits for its reader, and bytes
+/// that do not fit are dropped and counted in `uart.missed_write_count`. stdout is written
+/// directly, as Firecracker does.
 pub fn output(path: Option<&Path>) -> std::io::Result<Box<dyn Write + Send>> {
     Ok(match path {
-        Some(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
+        Some(p) => Box::new(FileOutput(Sink::open(p, "serial-out")?)),
         None => Box::new(std::io::stdout()),
     })
+}
+
+/// Console output to a file, counting what its full queue refused.
+struct FileOutput(Sink);
+
+impl Write for FileOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.0.push(buf) {
+            metrics::METRICS.uart.missed_write_count.inc();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // The UART flushes after every write; waiting here would make the guest wait.
+        Ok(())
+    }
+}
+
+impl Drop for FileOutput {
+    /// The console's last bytes reach the file before tern exits (bounded wait).
+    fn drop(&mut self) {
+        self.0.drain(crate::sink::FLUSH_WAIT);
+    }
 }
 
 /// Puts the terminal on stdin in raw mode for the guest console, and back on drop.

@@ -203,7 +203,7 @@ pub struct Controller {
     hypervisor: HypervisorFactory,
     console_input: Option<ConsoleInput>,
     vm: Option<RunningVm>,
-    metrics_sink: Option<std::fs::File>,
+    metrics_sink: Option<crate::sink::Sink>,
 }
 
 fn pre_boot(vm: &Option<RunningVm>, what: &str) -> Result<(), ActionError> {
@@ -476,19 +476,14 @@ impl Controller {
                 }
                 cfg.show_level = u.show_level.unwrap_or(cfg.show_level);
                 cfg.show_log_origin = u.show_log_origin.unwrap_or(cfg.show_log_origin);
-                let sink: Option<Box<dyn std::io::Write + Send>> = match &u.log_path {
-                    Some(p) => Some(Box::new(
-                        std::fs::OpenOptions::new()
-                            .create(true)
-                            .append(true)
-                            .open(p)
-                            .map_err(|e| {
-                                ConfigError::new("logger.log_path", format!("{}: {e}", p.display()))
-                            })?,
-                    )),
+                let sink = match &u.log_path {
+                    Some(p) => Some(crate::sink::Sink::open(p, "log").map_err(|e| {
+                        ConfigError::new("logger.log_path", format!("{}: {e}", p.display()))
+                    })?),
                     None => None,
                 };
-                crate::logger::init(cfg.clone(), sink);
+                crate::logger::init(cfg.clone(), sink)
+                    .map_err(|e| ActionError::Internal(format!("cannot start the logger: {e}")))?;
                 self.logger = cfg;
                 Ok(VmmData::Empty)
             }
@@ -498,13 +493,9 @@ impl Controller {
                         "metrics are already configured (PUT /metrics works once)".into(),
                     ));
                 }
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| {
-                        ConfigError::new("metrics.metrics_path", format!("{}: {e}", path.display()))
-                    })?;
+                let f = crate::sink::Sink::open(&path, "metrics").map_err(|e| {
+                    ConfigError::new("metrics.metrics_path", format!("{}: {e}", path.display()))
+                })?;
                 self.metrics_sink = Some(f);
                 Ok(VmmData::Empty)
             }
@@ -514,8 +505,12 @@ impl Controller {
                         "metrics are not configured: PUT /metrics with a metrics_path first".into(),
                     ));
                 }
-                self.flush_metrics()
-                    .map_err(|e| ActionError::Internal(format!("writing metrics: {e}")))?;
+                self.flush_metrics();
+                // The line is in the file when the client hears back, unless the reader is
+                // stalled (then the answer waits at most FLUSH_WAIT).
+                if let Some(f) = &self.metrics_sink {
+                    f.drain(crate::sink::FLUSH_WAIT);
+                }
                 Ok(VmmData::Empty)
             }
             VmmAction::InstanceStart => {
@@ -724,15 +719,16 @@ impl Controller {
         }
     }
 
-    /// Writes one metrics line to the configured sink.
-    fn flush_metrics(&mut self) -> std::io::Result<()> {
-        use std::io::Write;
-        if let Some(f) = &mut self.metrics_sink {
+    /// Queues one metrics line for the configured sink; a line its full queue cannot take is
+    /// counted in `logger.missed_metrics_count`. Never waits for the reader.
+    fn flush_metrics(&mut self) {
+        if let Some(f) = &self.metrics_sink {
             let mut line = metrics::METRICS.json_line();
             line.push('\n');
-            f.write_all(line.as_bytes())?;
+            if !f.push(line.as_bytes()) {
+                metrics::METRICS.logger.missed_metrics_count.inc();
+            }
         }
-        Ok(())
     }
 
     /// Applies `first` (if any; its failure ends serving), then serves requests until the VM,
@@ -768,13 +764,14 @@ impl Controller {
                 let _ = req.reply.send(result);
             }
             if metrics_due.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                if let Err(e) = self.flush_metrics() {
-                    log::warn!("writing metrics: {e}");
-                }
+                self.flush_metrics();
             }
             if let Some(report) = self.finished() {
                 // A last line, so that the end of the run is in the metrics too.
-                let _ = self.flush_metrics();
+                self.flush_metrics();
+                if let Some(f) = &self.metrics_sink {
+                    f.drain(crate::sink::FLUSH_WAIT);
+                }
                 return report.map_err(ActionError::Start);
             }
             em.run()

@@ -10,6 +10,7 @@ pub mod hypervisor;
 pub mod logger;
 pub mod platform;
 pub mod resources;
+pub mod sink;
 pub mod snapshot;
 pub mod snapshot_file;
 pub mod vcpu;

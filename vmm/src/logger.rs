@@ -1,7 +1,10 @@
 //! tern's logger: Firecracker-style options (level, path, show_level, show_log_origin).
+//! Lines go through a [`Sink`]: no thread (a vCPU included) ever waits for the log's reader; a
+//! line that does not fit is dropped and counted in `logger.missed_log_count`.
 
-use std::io::Write;
 use std::sync::{Mutex, OnceLock};
+
+use crate::sink::Sink;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -45,7 +48,7 @@ pub fn parse_level(s: &str) -> Option<LevelFilter> {
 
 struct TernLogger {
     config: Mutex<LoggerConfig>,
-    sink: Mutex<Box<dyn Write + Send>>,
+    sink: Mutex<Sink>,
 }
 
 static LOGGER: OnceLock<TernLogger> = OnceLock::new();
@@ -102,26 +105,42 @@ impl Log for TernLogger {
         let unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let line = match self.config.lock() {
+        let mut line = match self.config.lock() {
             Ok(c) => format_line(&c, record, unix),
             Err(_) => return,
         };
-        if let Ok(mut s) = self.sink.lock() {
-            let _ = writeln!(s, "{line}");
-            let _ = s.flush();
+        line.push('\n');
+        let sink = match self.sink.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => return,
+        };
+        if !sink.push(line.as_bytes()) {
+            metrics::METRICS.logger.missed_log_count.inc();
         }
     }
 
+    /// Waits, at most [`crate::sink::FLUSH_WAIT`], for the queued lines to be written.
     fn flush(&self) {
-        if let Ok(mut s) = self.sink.lock() {
-            let _ = s.flush();
-        }
+        let sink = match self.sink.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => return,
+        };
+        sink.drain(crate::sink::FLUSH_WAIT);
     }
 }
 
-/// Installs (first call) or reconfigures the logger. `sink` of `None` means stderr.
-pub fn init(config: LoggerConfig, sink: Option<Box<dyn Write + Send>>) {
-    let sink = sink.unwrap_or_else(|| Box::new(std::io::stderr()));
+/// Where log lines go by default: stderr, through a sink of its own.
+pub fn stderr_sink() -> std::io::Result<Sink> {
+    Sink::new(Box::new(std::io::stderr()), "log-stderr")
+}
+
+/// Installs (first call) or reconfigures the logger. `sink` of `None` means stderr. Fails only
+/// when no thread can be started for the sink.
+pub fn init(config: LoggerConfig, sink: Option<Sink>) -> std::io::Result<()> {
+    let sink = match sink {
+        Some(s) => s,
+        None => stderr_sink()?,
+    };
     let level = config.level;
     match LOGGER.get() {
         Some(l) => {
@@ -141,6 +160,12 @@ pub fn init(config: LoggerConfig, sink: Option<Box<dyn Write + Send>>) {
         }
     }
     log::set_max_level(level);
+    Ok(())
+}
+
+/// Writes out the queued log lines (bounded wait); called before tern exits.
+pub fn flush() {
+    log::logger().flush();
 }
 
 #[cfg(test)]

@@ -265,43 +265,50 @@ impl RunningVm {
                 saved_pages.push(log.take(slot));
             }
         }
-        let mem_file = match kind {
-            SnapshotType::Full => write_memory(&self._mem, mem_path),
-            SnapshotType::Diff => write_memory_diff(&self._mem, mem_path, &saved_pages),
+        // The state file is written first: a state path that cannot be written fails before
+        // the (much longer) memory write, not after it.
+        let uart = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        let res = &self.resources;
+        let state = VmState {
+            machine: res.machine_config.clone(),
+            drives: res.ordered_drives().into_iter().cloned().collect(),
+            net: res.net.clone(),
+            vsock: res.vsock.clone(),
+            balloon: res.balloon.clone(),
+            entropy: res.entropy,
+            entropy_rate_limiter: res.entropy_rate_limiter,
+            memory,
+            uart,
+            virtio,
+            #[cfg(target_arch = "x86_64")]
+            vm: vm_state,
+            #[cfg(target_arch = "aarch64")]
+            gic: vm_state,
+            vcpus: vcpu_states,
         };
+        let io = |source| {
+            SnapshotError::File(SnapshotFileError::Io {
+                path: snapshot_path.to_path_buf(),
+                source,
+            })
+        };
+        let state_file = snapshot_file::encode(&state, SnapshotArch::native())
+            .map_err(SnapshotError::from)
+            .and_then(|bytes| {
+                snapshot_file::write_pending(snapshot_path, |f| f.write_all(&bytes)).map_err(io)
+            });
+        let files = state_file.and_then(|state_file| {
+            let mem_file = match kind {
+                SnapshotType::Full => write_memory(&self._mem, mem_path),
+                SnapshotType::Diff => write_memory_diff(&self._mem, mem_path, &saved_pages),
+            }?;
+            Ok((state_file, mem_file))
+        });
         drop(guards);
         drop(transports);
-        let outcome = mem_file.and_then(|mem_file| {
-            let uart = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
-            let res = &self.resources;
-            let state = VmState {
-                machine: res.machine_config.clone(),
-                drives: res.ordered_drives().into_iter().cloned().collect(),
-                net: res.net.clone(),
-                vsock: res.vsock.clone(),
-                balloon: res.balloon.clone(),
-                entropy: res.entropy,
-                entropy_rate_limiter: res.entropy_rate_limiter,
-                memory,
-                uart,
-                virtio,
-                #[cfg(target_arch = "x86_64")]
-                vm: vm_state,
-                #[cfg(target_arch = "aarch64")]
-                gic: vm_state,
-                vcpus: vcpu_states,
-            };
-            let bytes = snapshot_file::encode(&state, SnapshotArch::native())?;
-            let io = |source| {
-                SnapshotError::File(SnapshotFileError::Io {
-                    path: snapshot_path.to_path_buf(),
-                    source,
-                })
-            };
-            // Both files are complete on disk before either gets its name: a failure leaves
-            // neither, and never a new memory file beside an old state file.
-            let state_file =
-                snapshot_file::write_pending(snapshot_path, |f| f.write_all(&bytes)).map_err(io)?;
+        // Both files are complete on disk before either gets its name: a failure leaves
+        // neither, and never a new memory file beside an old state file.
+        let outcome = files.and_then(|(state_file, mem_file)| {
             mem_file.commit().map_err(|e| SnapshotError::Memory {
                 path: mem_path.to_path_buf(),
                 reason: e.to_string(),
@@ -382,17 +389,18 @@ fn write_pages(
                     f.write_all_at(&buf, offset + start)?;
                     continue;
                 }
-                // Runs of pages with data, written one run at a time.
-                let is_zero = |pg: &[u8]| pg.iter().fold(0u8, |a, &b| a | b) == 0;
-                let pages_here: Vec<&[u8]> = buf.chunks(PAGE as usize).collect();
+                // Runs of pages with data, written one run at a time. Each page is compared
+                // with a zero page once (memcmp: a byte loop here took 1.6 s per 256 MiB in a
+                // debug build, tens of seconds under TCG).
+                let data: Vec<bool> = buf.chunks(PAGE as usize).map(|pg| !is_zero(pg)).collect();
                 let mut i = 0;
-                while i < pages_here.len() {
-                    if is_zero(pages_here[i]) {
+                while i < data.len() {
+                    if !data[i] {
                         i += 1;
                         continue;
                     }
                     let run = i;
-                    while i < pages_here.len() && !is_zero(pages_here[i]) {
+                    while i < data.len() && data[i] {
                         i += 1;
                     }
                     let from = run * PAGE as usize;
@@ -408,6 +416,12 @@ fn write_pages(
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// True when `page` (at most one page long) is all zeros.
+fn is_zero(page: &[u8]) -> bool {
+    static ZERO: [u8; devices::dirty::PAGE_SIZE as usize] = [0; devices::dirty::PAGE_SIZE as usize];
+    page.len() <= ZERO.len() && page == &ZERO[..page.len()]
 }
 
 /// Copies the pages a diff memory file holds (its data ranges: the file is sparse) onto its

@@ -618,27 +618,49 @@ impl RunningVm {
         let h = self
             .virtio_device(VirtioKind::Block, id)
             .ok_or_else(|| format!("there is no drive {id:?}"))?;
+        let read_only = {
+            let t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
+            t.with_device(|dev, _| {
+                dev.as_any_mut()
+                    .downcast_mut::<Block>()
+                    .map(|b| b.read_only())
+                    .ok_or("not a block device")
+            })?
+        };
+        // The new file is opened with nothing locked: a slow open stalls neither the device
+        // worker nor a vCPU touching the device's registers.
+        let new = path
+            .map(|p| Block::open_backing(id, p, read_only))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
         let active = t.is_active();
-        t.with_device(|dev, poller| {
+        let old = t.with_device(|dev, poller| {
             let blk = dev
                 .as_any_mut()
                 .downcast_mut::<Block>()
                 .ok_or("not a block device")?;
-            if let Some(p) = path {
-                blk.set_backing(p).map_err(|e| e.to_string())?;
-            }
             if let Some(l) = limiter {
                 blk.set_rate_limiter(l, poller, active)
                     .map_err(|e| e.to_string())?;
             }
-            Ok::<(), String>(())
+            Ok::<_, String>(new.map(|b| blk.swap_backing(b)))
         })?;
         if path.is_some() {
             t.config_changed();
         }
         // Requests a swapped-out limiter was holding back: look at the queue again.
         t.kick_queues();
+        drop(t);
+        // What went to the old file reaches the disk before it is let go.
+        if let Some(old) = old {
+            if let Err(e) = old.flush() {
+                log::warn!(
+                    "drive {id}: flushing the old backing file {}: {e}",
+                    old.path().display()
+                );
+            }
+        }
         Ok(())
     }
 

@@ -1,12 +1,13 @@
 //! virtio-balloon (type 5): the guest gives pages back on request (inflate), tern drops them
-//! from its memory with `madvise(MADV_DONTNEED)`; deflating lets the guest use them again (they
-//! fault back in as zeros). Optional statistics queue polled every `stats_polling_interval_s`,
+//! from its memory (`madvise(MADV_DONTNEED)`, or fresh anonymous pages over a snapshot's
+//! memory file: see `discard`); deflating lets the guest use them again (they fault back in
+//! as zeros). Optional statistics queue polled every `stats_polling_interval_s`,
 //! and free page reporting (the guest reports free ranges, tern drops them too).
 
 use std::time::Duration;
 
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -272,30 +273,58 @@ fn mib_to_pages(mib: u32) -> u32 {
 }
 
 /// Drops `len` bytes of guest memory at `addr` from the host (they read back as zeros).
-/// Ranges outside guest memory or crossing a region are skipped.
+/// Ranges outside guest memory or crossing a region are skipped; a partial last page is kept.
+///
+/// Anonymous memory (a booted VM, a Uffd restore) is dropped with `MADV_DONTNEED`. Memory
+/// mapped privately from a snapshot's memory file (a File restore) is not: there
+/// `MADV_DONTNEED` only drops tern's private copy and the page reads back with the file's
+/// contents. Such a range is replaced by fresh anonymous memory instead (`mmap` with
+/// `MAP_FIXED` over it), which reads as zeros and frees the copy.
 fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
+    let page = PAGE_SIZE as usize;
+    let len = (len as usize) & !(page - 1);
     if len == 0 {
         return;
     }
-    let Ok(slice) = mem.get_slice(addr, len as usize) else {
+    let Ok(slice) = mem.get_slice(addr, len) else {
         log::debug!("balloon: range {:#x}+{len:#x} is not guest memory", addr.0);
         return;
     };
+    let file_backed = mem
+        .find_region(addr)
+        .is_some_and(|r| r.file_offset().is_some());
     let guard = slice.ptr_guard_mut();
     let ptr = guard.as_ptr();
-    let page = PAGE_SIZE as usize;
-    // madvise wants page-aligned starts; guest pages are 4 KiB-aligned in host memory because
-    // every region is mapped page-aligned.
+    // madvise and mmap want page-aligned starts; guest pages are 4 KiB-aligned in host memory
+    // because every region is mapped page-aligned.
     if (ptr as usize) % page != 0 {
         return;
     }
-    // SAFETY: the range lies inside one mapped guest memory region (get_slice checked it);
-    // MADV_DONTNEED on private anonymous memory only replaces contents with zero pages, which
-    // is what the guest agreed to by giving the pages up.
-    let rc = unsafe { libc::madvise(ptr.cast(), len as usize, libc::MADV_DONTNEED) };
-    if rc != 0 {
+    let failed = if file_backed {
+        // SAFETY: the range (page-aligned start, whole pages) lies inside one mapped guest
+        // memory region (get_slice checked it), so MAP_FIXED replaces only guest RAM that the
+        // guest gave up, with the same protection; nothing in tern keeps a reference into
+        // those pages' contents. KVM follows the new mapping through its MMU notifier.
+        let p = unsafe {
+            libc::mmap(
+                ptr.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        p == libc::MAP_FAILED
+    } else {
+        // SAFETY: the range lies inside one mapped guest memory region (get_slice checked
+        // it); MADV_DONTNEED on private anonymous memory only replaces contents with zero
+        // pages, which is what the guest agreed to by giving the pages up.
+        unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) != 0 }
+    };
+    if failed {
         log::warn!(
-            "balloon: madvise {:#x}+{len:#x}: {}",
+            "balloon: dropping {:#x}+{len:#x}: {}",
             addr.0,
             std::io::Error::last_os_error()
         );
@@ -402,6 +431,68 @@ mod tests {
     use super::*;
     use crate::bus::BusDevice;
     use crate::virtio::testutil::*;
+
+    /// Guest memory mapped privately from a file full of 0xAB, as a File restore maps it.
+    fn file_backed_memory(bytes: usize) -> (GuestMemoryMmap, vmm_sys_util::tempfile::TempFile) {
+        use std::io::Write;
+        use vm_memory::mmap::MmapRegionBuilder;
+        use vm_memory::{FileOffset, GuestRegionMmap};
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        f.as_file().write_all(&vec![0xAB; bytes]).unwrap();
+        let file = f.as_file().try_clone().unwrap();
+        let mapping = MmapRegionBuilder::new(bytes)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::new(file, 0))
+            .build()
+            .unwrap();
+        let region = GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap();
+        (GuestMemoryMmap::from_regions(vec![region]).unwrap(), f)
+    }
+
+    /// Wave 1 used MADV_DONTNEED here too: the pages read back as the file's 0xAB.
+    #[test]
+    fn dropped_pages_of_a_restored_vm_read_back_as_zeros() {
+        let (mem, f) = file_backed_memory(16 * PAGE_SIZE as usize);
+        // The guest wrote to one page (tern's private copy), then gave up pages 2..6.
+        mem.write_slice(&[0x11; 16], GuestAddress(3 * PAGE_SIZE))
+            .unwrap();
+        discard(&mem, GuestAddress(2 * PAGE_SIZE), 4 * PAGE_SIZE);
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for p in 0..16 {
+            mem.read_slice(&mut page, GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+            let want = if (2..6).contains(&p) { 0 } else { 0xAB };
+            assert!(page.iter().all(|&b| b == want), "page {p}: {:#x}", page[0]);
+        }
+        // The memory file itself is untouched.
+        let on_disk = std::fs::read(f.as_path()).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0xAB));
+        // The new pages are ordinary guest memory again.
+        mem.write_slice(&[7; 8], GuestAddress(2 * PAGE_SIZE))
+            .unwrap();
+        let mut b = [0u8; 8];
+        mem.read_slice(&mut b, GuestAddress(2 * PAGE_SIZE)).unwrap();
+        assert_eq!(b, [7; 8]);
+    }
+
+    #[test]
+    fn dropped_anonymous_pages_read_back_as_zeros_and_a_partial_page_is_kept() {
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * PAGE_SIZE as usize)]).unwrap();
+        mem.write_slice(&vec![0xCD; 8 * PAGE_SIZE as usize], GuestAddress(0))
+            .unwrap();
+        discard(&mem, GuestAddress(PAGE_SIZE), PAGE_SIZE + 100);
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        mem.read_slice(&mut page, GuestAddress(PAGE_SIZE)).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        mem.read_slice(&mut page, GuestAddress(2 * PAGE_SIZE))
+            .unwrap();
+        assert!(
+            page.iter().all(|&b| b == 0xCD),
+            "a partial page was dropped"
+        );
+    }
 
     fn balloon(stats: u16, reporting: bool) -> Driver {
         Driver::new(Box::new(

@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use virtio_queue::QueueT;
@@ -119,11 +119,24 @@ pub struct BlockStats {
     pub throttled: u64,
 }
 
-struct Backing {
+/// A drive's backing file, opened and sized.
+pub struct Backing {
     file: File,
     path: PathBuf,
     sectors: u64,
     is_file: bool,
+}
+
+impl Backing {
+    /// Flushes what went to this file to disk (an old backing file, before it is let go).
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 fn open_backing(id: &str, path: &Path, read_only: bool) -> Result<Backing, BlockError> {
@@ -132,12 +145,18 @@ fn open_backing(id: &str, path: &Path, read_only: bool) -> Result<Backing, Block
         path: path.to_path_buf(),
         source,
     };
+    // Non-blocking, so that a FIFO (refused below) cannot hold the open; the descriptor is
+    // made blocking again for the I/O paths.
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(err)?;
     let meta = file.metadata().map_err(err)?;
+    if meta.is_file() || meta.file_type().is_block_device() {
+        crate::os::set_blocking(&file).map_err(err)?;
+    }
     let bytes = if meta.file_type().is_block_device() {
         use std::io::{Seek, SeekFrom};
         (&file).seek(SeekFrom::End(0)).map_err(err)?
@@ -237,16 +256,24 @@ impl Block {
         &self.backing.path
     }
 
-    /// Switches to another backing file (PATCH /drives): the caller then tells the driver the
-    /// configuration (capacity) changed.
-    pub fn set_backing(&mut self, path: &Path) -> Result<(), BlockError> {
-        let b = open_backing(&self.id, path, self.read_only)?;
-        // Flush what went to the old file before letting it go.
-        if let Err(e) = self.backing.file.sync_data() {
-            log::warn!("drive {}: flushing the old backing file: {e}", self.id);
-        }
-        self.backing = b;
-        Ok(())
+    /// Whether the drive is read-only (what [`Block::open_backing`] needs to know).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Opens and sizes a new backing file for drive `id` (PATCH /drives), without touching the
+    /// device: done before the device is locked, so that a slow open stalls neither the worker
+    /// nor the vCPUs. A FIFO or anything else that is not a regular file or block device is
+    /// refused without blocking.
+    pub fn open_backing(id: &str, path: &Path, read_only: bool) -> Result<Backing, BlockError> {
+        open_backing(id, path, read_only)
+    }
+
+    /// Switches to `new` (from [`Block::open_backing`]) and returns the old backing file, which
+    /// the caller flushes (see [`Backing::flush`]) once the device is unlocked. The caller
+    /// then tells the driver the configuration (capacity) changed.
+    pub fn swap_backing(&mut self, new: Backing) -> Backing {
+        std::mem::replace(&mut self.backing, new)
     }
 
     /// Replaces the rate limiter (PATCH /drives), moving its timer in the worker's epoll set
@@ -1054,6 +1081,22 @@ mod tests {
         assert_eq!(d.take_used(0).len(), 1);
     }
 
+    /// A FIFO as a new backing file is refused at once: wave 1's blocking open of a read-only
+    /// drive waited for a writer that never came, holding the device.
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = TempFile::new().unwrap();
+        let p = dir.as_path().with_extension("fifo");
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for read_only in [true, false] {
+            let e = Block::open_backing("blk", &p, read_only).err().unwrap();
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        let _ = std::fs::remove_file(&p);
+    }
+
     #[test]
     fn backing_file_can_change_and_state_is_checked() {
         let (mut d, _f) = drive(1 << 20, false, None);
@@ -1062,9 +1105,10 @@ mod tests {
         let state = d.dev.save();
         d.dev.with_device(|dev, _| {
             let blk = dev.as_any_mut().downcast_mut::<Block>().unwrap();
-            blk.set_backing(other.as_path()).unwrap();
+            let new = Block::open_backing("blk", other.as_path(), false).unwrap();
+            blk.swap_backing(new).flush().unwrap();
             assert_eq!(blk.sectors(), 4096);
-            assert!(blk.set_backing(Path::new("/nonexistent/x")).is_err());
+            assert!(Block::open_backing("blk", Path::new("/nonexistent/x"), false).is_err());
         });
         d.dev.config_changed();
         let mut gen_ = [0u8; 4];
