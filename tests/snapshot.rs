@@ -80,8 +80,7 @@ cat > dev-restore.steps.json <<'STEPS'
     {"req": "PUT /snapshot/load", "body": {"snapshot_path": "dev.state", "mem_backend": {"backend_type": "File", "backend_path": "dev.mem"}, "resume_vm": true}},
     {"wait": "GUEST BLK_MD5_AFTER"},
     {"req": "PATCH /balloon", "body": {"amount_mib": 64}},
-    {"sleep_ms": 4000},
-    {"req": "GET /balloon/statistics"}
+    {"req": "GET /balloon/statistics", "until": "\"actual_mib\":64,"}
 ]
 STEPS
 "#;

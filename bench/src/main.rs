@@ -11,7 +11,9 @@
 //!
 //! With `--api-sock SOCK --steps FILE` it also drives the VMM's API while it runs: FILE holds a
 //! JSON array of steps, each `{"wait": "console text"}`, `{"sleep_ms": N}`,
-//! `{"req": "METHOD /path", "body": {...}}`, `{"qmp": {"execute": ...}, "until": "text"}` (QEMU),
+//! `{"req": "METHOD /path", "body": {...}}` (with `"until": "text"`: sent again every 20 ms until
+//! the answer contains the text; with `"until_changed": true`: until the answer differs from the
+//! previous answer to the same request), `{"qmp": {"execute": ...}, "until": "text"}` (QEMU),
 //! `{"sh": "host command"}` or `{"kill": true}`
 //! (SIGKILL), done in order; every request's status, body and times go into the report's `api`
 //! list.
@@ -74,9 +76,14 @@ pub(crate) struct Step {
     /// `return`, 500 for an `error`).
     #[serde(default)]
     pub(crate) qmp: Option<serde_json::Value>,
-    /// With `qmp`: send it again every 10 ms until the reply contains this text.
+    /// With `qmp` or `req`: send it again (every 10 or 20 ms) until the reply contains this
+    /// text, or the run's deadline passes (then the steps end with an error).
     #[serde(default)]
     pub(crate) until: Option<String>,
+    /// With `req`: send it again every 20 ms until the answer's body differs from the previous
+    /// answer to the same request (a device state that was refreshed).
+    #[serde(default)]
+    pub(crate) until_changed: bool,
     /// A host shell command (`sh -c`, in the current directory) after this step's request;
     /// one that fails ends the steps with its output as the error.
     #[serde(default)]
@@ -136,20 +143,45 @@ fn run_steps(
                 );
             };
             let body = step.body.as_ref().map(|b| b.to_string());
+            let previous = calls
+                .iter()
+                .rev()
+                .find(|c: &&ApiCall| &c.request == req)
+                .map(|c| c.body.clone());
             // The socket appears a little after the process starts.
             let sent = Instant::now();
             let resp = loop {
-                match http::request(&sock, method, path, body.as_deref()) {
-                    Ok(r) => break r,
-                    Err(e)
-                        if Instant::now() < deadline
-                            && sent.elapsed() < Duration::from_secs(10) =>
-                    {
-                        let _ = e;
-                        std::thread::sleep(Duration::from_millis(2));
+                let resp = loop {
+                    match http::request(&sock, method, path, body.as_deref()) {
+                        Ok(r) => break r,
+                        Err(e)
+                            if Instant::now() < deadline
+                                && sent.elapsed() < Duration::from_secs(10) =>
+                        {
+                            let _ = e;
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(e) => return (calls, Some(format!("{req}: {e}"))),
                     }
-                    Err(e) => return (calls, Some(format!("{req}: {e}"))),
+                };
+                let wanted = step
+                    .until
+                    .as_ref()
+                    .is_none_or(|u| resp.body.contains(u.as_str()));
+                let changed = !step.until_changed || previous.as_ref() != Some(&resp.body);
+                if wanted && changed {
+                    break resp;
                 }
+                if Instant::now() >= deadline {
+                    return (
+                        calls,
+                        Some(format!(
+                            "timed out repeating {req} (until {:?}, until_changed {}); last answer: {}",
+                            step.until, step.until_changed, resp.body
+                        )),
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
             };
             calls.push(ApiCall {
                 request: req.clone(),
