@@ -4,6 +4,9 @@
 # nest_write_init FILE: L1's /init. It mounts the usual file systems, loads the modules named
 # in /etc/nest-modules (if any), says whether /dev/kvm is there, runs /nest-cmd.sh in /nest,
 # prints "NEST EXIT rc=<N>" and powers L1 off.
+# With nest.stuck=S on L1's command line (nest_append), a process named tern or qemu-* that has
+# run longer than S seconds is reported once, as evidence of where it hangs: every thread's
+# state, wait channel, CPU time and kernel stack, and the kernel log's tail ("NEST STUCK" lines).
 nest_write_init() {
     cat > "$1" <<'EOF'
 #!/bin/sh
@@ -18,6 +21,34 @@ if [ -f /etc/nest-modules ]; then
 fi
 ip link set lo up
 if [ -c /dev/kvm ]; then echo "NEST KVM ok"; else echo "NEST KVM MISSING"; fi
+stuck=$(sed -n 's/.*nest\.stuck=\([0-9][0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$stuck" ]; then
+    (
+        reported=" "
+        while sleep 10; do
+            read -r up _ < /proc/uptime
+            for d in /proc/[0-9]*; do
+                p=${d#/proc/}
+                read -r comm < "$d/comm" 2>/dev/null || continue
+                case $comm in tern|qemu-system-*) ;; *) continue ;; esac
+                case $reported in *" $p "*) continue ;; esac
+                # field 22 of stat: start time in clock ticks (100 a second)
+                age=$(awk -v up="$up" '{sub(/^.*\) /, ""); printf "%d", up - $20 / 100}' "$d/stat" 2>/dev/null) || continue
+                [ "${age:-0}" -gt "$stuck" ] || continue
+                reported="$reported$p "
+                echo "NEST STUCK pid $p ($comm) running ${age} s (> ${stuck} s): its threads"
+                for t in "$d"/task/*; do
+                    read -r tc < "$t/comm"
+                    st=$(awk '{sub(/^.*\) /, ""); print "state " $1 " utime " $12 " stime " $13}' "$t/stat")
+                    echo "NEST STUCK  thread ${t##*/} ($tc) $st wchan $(cat "$t/wchan" 2>/dev/null)"
+                    sed 's/^/NEST STUCK    /' "$t/stack" 2>/dev/null
+                done
+                echo "NEST STUCK kernel log tail:"
+                dmesg | tail -n 40 | sed 's/^/NEST STUCK    /'
+            done
+        done
+    ) &
+fi
 cd /nest
 echo "NEST CMD START"
 sh /nest-cmd.sh </dev/null
@@ -25,6 +56,14 @@ echo "NEST EXIT rc=$?"
 poweroff -f
 EOF
     chmod 755 "$1"
+}
+
+# nest_append: what L1's command line gets besides the console: nest.stuck (NEST_IDLE less a
+# minute, so that a hung tern is reported before the watchdog ends L1) and L1_APPEND.
+nest_append() {
+    local a=${L1_APPEND:-}
+    if [ -n "${NEST_IDLE:-}" ] && [ "$NEST_IDLE" -gt 90 ]; then a="nest.stuck=$((NEST_IDLE - 60)) $a"; fi
+    echo "$a"
 }
 
 # nest_watchdog: with NEST_IDLE=S, an L1 that prints nothing for S seconds is taken for hung

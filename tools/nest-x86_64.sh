@@ -129,7 +129,7 @@ set +e
 timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu max,+svm \
     -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
     -serial stdio -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 ${L1_APPEND:-}" </dev/null 2>&1 |
+    -append "console=ttyS0 panic=-1 quiet loglevel=4 $(nest_append)" </dev/null 2>&1 |
     # no \r, and no terminal resets/escapes (SeaBIOS, kernel) before markers
     sed -u 's/\r//g; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g' | tee -a "$LOG"
 qrc=${PIPESTATUS[0]}

@@ -30,8 +30,8 @@ echo "== integration scenarios =="
 if [ -f target/scenario-summary.txt ]; then
     cat target/scenario-summary.txt
     awk '{n[$6]+=$2} END {printf "total: %d nested, %d direct\n", n["nested"], n["direct"]}' target/scenario-summary.txt
-    reruns=$(grep -c 'rerun' target/scenario-summary.txt || true)
-    echo "reruns: $reruns"
+    reruns=$(sed -n 's/.*(\([0-9][0-9]*\) rerun.*/\1/p' target/scenario-summary.txt | awk '{s += $1} END {print s + 0}')
+    echo "scenarios rerun: $reruns"
 else
     echo "no integration scenario ran"
 fi
