@@ -346,3 +346,131 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert_eq!(report.outcome, Outcome::PowerOff);
     assert_eq!(len(), DOTS as usize, "every dot exactly once");
 }
+
+/// The snapshot fixture under tests/fixtures/x86_64: a payload VM with an entropy device and a
+/// balloon, snapshotted while it polls the UART for a byte. The state and memory files are
+/// committed; every later build must load them and run the VM to its end (or bump the format
+/// version and say so: docs/snapshot-format.md).
+/// `cargo test --test payload -- --ignored fixture::make` makes them again.
+mod fixture {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// The smallest guest: its memory file is 1 MiB (git stores its zeros in a few KiB).
+    const MEM_MIB: u64 = 1;
+    /// Low memory, above the boot structures and below the EBDA (arch::x86_64::layout).
+    const FIXTURE_LOAD_ADDR: u64 = 0x3_0000;
+
+    fn dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/x86_64")
+    }
+
+    /// Prints "before\n", waits for a byte on COM1, prints "after <byte>\n" and powers off.
+    fn code() -> Asm {
+        Asm::default()
+            .print(b"before\n")
+            .mov_dx(0x3fd)
+            // poll: in al, dx; test al, 1 (data ready); jz poll
+            .raw(&[0xec, 0xa8, 0x01, 0x74, 0xfb])
+            .mov_dx(0x3f8)
+            .in_al_dx()
+            .raw(&[0x88, 0xc3]) // mov bl, al
+            .print(b"after ")
+            .raw(&[0x88, 0xd8]) // mov al, bl
+            .print_al()
+            .print(b"\n")
+            .poweroff()
+    }
+
+    fn resources() -> VmResources {
+        let mut res = VmResources::default();
+        res.machine_config.mem_size_mib = MEM_MIB;
+        res.entropy = true;
+        res.balloon = Some(vmm::resources::BalloonConfig {
+            amount_mib: 0,
+            deflate_on_oom: false,
+            stats_polling_interval_s: 1,
+            free_page_reporting: false,
+        });
+        res
+    }
+
+    /// Makes the fixture again (after a format change).
+    #[test]
+    #[ignore = "makes the snapshot fixture: cargo test --test payload -- --ignored fixture::make"]
+    fn make() {
+        let hv = kvm().expect("making the fixture needs KVM");
+        let console = SharedBuf::default();
+        let opts = RunOptions {
+            start: Instant::now(),
+            console: Some(Box::new(console.clone())),
+            console_input: ConsoleInput::None,
+        };
+        let code = code();
+        let payload = Payload::Flat32 {
+            code: &code.0,
+            load_addr: FIXTURE_LOAD_ADDR,
+        };
+        let mut em = vmm::vm::EventLoop::new().unwrap();
+        let mut vm = vmm::vm::build(&hv, &resources(), payload, opts)
+            .and_then(|b| b.start(&mut em))
+            .expect("payload VM starts");
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while console.contents() != b"before\n" {
+            assert!(Instant::now() < deadline, "{:?}", console.contents());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        vm.pause().expect("pauses");
+        std::fs::create_dir_all(dir()).unwrap();
+        vm.snapshot(
+            vmm::snapshot::SnapshotType::Full,
+            &dir().join("payload.state"),
+            &dir().join("payload.mem"),
+        )
+        .expect("snapshot");
+        eprintln!("made {}", dir().display());
+    }
+
+    /// Wave 2's first snapshot format, loaded by this build: the VM continues where it was
+    /// (the UART, the vCPU in its polling loop, the devices' typed state all restored).
+    #[test]
+    fn an_earlier_builds_snapshot_loads_and_runs_to_its_end() {
+        let Some(hv) = kvm() else {
+            return;
+        };
+        let state = vmm::snapshot::load_state(&dir().join("payload.state"))
+            .and_then(|s| s.check().map(|()| s))
+            .unwrap_or_else(|e| {
+                panic!("the committed fixture no longer loads: {e}. If the format changed on purpose, bump FORMAT_VERSION, note it in docs/snapshot-format.md and make the fixture again (cargo test --test payload -- --ignored fixture::make)")
+            });
+        let kinds: Vec<_> = state
+            .virtio
+            .iter()
+            .map(|v| v.transport.device.kind())
+            .collect();
+        assert_eq!(kinds, ["virtio-balloon", "virtio-rng"]);
+        let res = state.resources(&VmResources::default());
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        std::io::Write::write_all(&mut writer, b"x").unwrap();
+        drop(writer);
+        let console = SharedBuf::default();
+        let opts = RunOptions {
+            start: Instant::now(),
+            console: Some(Box::new(console.clone())),
+            console_input: ConsoleInput::File(std::fs::File::from(std::os::fd::OwnedFd::from(
+                reader,
+            ))),
+        };
+        let mem = dir().join("payload.mem");
+        let payload = Payload::Snapshot {
+            state: &state,
+            memory: vmm::vm::MemBackend::File(&mem),
+        };
+        let report = vmm::vm::build(&hv, &res, payload, opts)
+            .and_then(|vm| vm.run())
+            .expect("the restored VM runs");
+        // Only what the guest printed after the restore: "before" went out before the snapshot.
+        assert_eq!(String::from_utf8_lossy(&console.contents()), "after x\n");
+        assert_eq!(report.outcome, Outcome::PowerOff);
+    }
+}

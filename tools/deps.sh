@@ -42,11 +42,42 @@ if [ "$(uname -m)" = x86_64 ] && command -v dpkg >/dev/null; then
     need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
     need qemu-aarch64-static qemu-user-static
     [ -f /usr/aarch64-linux-gnu/lib/libc.a ] || missing+=(libc6-dev-arm64-cross)
-    # The arm64 std must match rustc-web's version: install them together.
+    # The arm64 std must match rustc-web's version: install them together. rust-web-src lets
+    # cargo build std for macOS (aarch64-apple-darwin) to type-check the devices crate.
     if [ ! -d /usr/lib/rustlib/aarch64-unknown-linux-gnu ] || [ ! -x /usr/bin/cargo ] ||
-       [ ! -x /usr/bin/cargo-clippy ]; then
-        missing+=(rustc-web cargo-web libstd-rust-web-dev:arm64 rust-web-clippy)
+       [ ! -x /usr/bin/cargo-clippy ] || [ ! -d /usr/lib/rustlib/src/rust/library ]; then
+        missing+=(rustc-web cargo-web libstd-rust-web-dev:arm64 rust-web-clippy rust-web-src)
     fi
+fi
+# The nest's QEMU: 10 from bookworm-backports on Debian 12 (QEMU 7.2's TCG-emulated SVM hung
+# L1 in about half the x86 suites; docs/testing.md has the measurements). The source line uses
+# the same mirror as bookworm itself.
+backports=
+if command -v dpkg >/dev/null && [ "$(. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-}")" = bookworm ]; then
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        uri=$(awk '/^URIs:/ {u = $2} /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == "bookworm") {print u; exit}}' \
+            /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+        [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+        if [ -n "$uri" ]; then
+            echo "deb $uri bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/tern-bookworm-backports.list >/dev/null
+            update=1
+        fi
+    fi
+    grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/ && backports=1
+fi
+qemu_major() { "$1" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+nest_qemu=(qemu-system-x86)
+[ "$(uname -m)" = x86_64 ] && nest_qemu+=(qemu-system-arm)
+# TERN_NEST_QEMU=distro keeps the distribution's QEMU (to compare the two).
+new_qemu=
+if [ -n "$backports" ] && [ "${TERN_NEST_QEMU:-}" != distro ]; then
+    for q in qemu-system-x86_64 qemu-system-aarch64; do
+        [ "$q" = qemu-system-aarch64 ] && [ "$(uname -m)" != x86_64 ] && continue
+        v=$(qemu_major "$q"); [ "${v:-0}" -ge 10 ] || new_qemu=1
+    done
+    # installed below, from bookworm-backports
+    rest=(); for m in "${missing[@]}"; do case $m in qemu-system-x86|qemu-system-arm) ;; *) rest+=("$m") ;; esac; done
+    missing=("${rest[@]}")
 fi
 if [ ${#missing[@]} -gt 0 ] || [ -n "$update" ]; then
     echo "tools/deps.sh: installing ${missing[*]}" >&2
@@ -54,6 +85,12 @@ if [ ${#missing[@]} -gt 0 ] || [ -n "$update" ]; then
     if [ ${#missing[@]} -gt 0 ]; then
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
+fi
+if [ -n "$new_qemu" ]; then
+    echo "tools/deps.sh: installing QEMU 10 from bookworm-backports for the nest" >&2
+    [ ${#missing[@]} -gt 0 ] || [ -n "$update" ] || $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        -t bookworm-backports "${nest_qemu[@]}" >/dev/null
 fi
 rust_ok || { echo "tools/deps.sh: no Rust >= 1.85 after installing; install one (rustup) and retry" >&2; exit 1; }
 

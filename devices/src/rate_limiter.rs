@@ -9,20 +9,8 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::os::{TimerFd, nonblocking_timer};
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::timerfd::TimerFd;
-
-/// A timerfd whose read never blocks: a worker that saw it ready may find it re-armed (a
-/// limiter swapped through the API) and must not sleep on it holding the device lock.
-pub fn nonblocking_timer() -> std::io::Result<TimerFd> {
-    let t = TimerFd::new()?;
-    // SAFETY: fcntl on a descriptor `t` owns; F_SETFL with O_NONBLOCK only changes its flags.
-    let rc = unsafe { libc::fcntl(t.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(t)
-}
 
 /// One token bucket, in Firecracker's JSON shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

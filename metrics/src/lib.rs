@@ -206,6 +206,10 @@ groups! {
     vmm: VmmMetrics {
         panic_count: Counter,
     }
+    virtio: VirtioMetrics {
+        recovered_interrupts: Counter,
+        recovered_notifications: Counter,
+    }
     logger: LoggerMetrics {
         missed_log_count: Counter,
         missed_metrics_count: Counter,

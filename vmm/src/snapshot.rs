@@ -18,6 +18,17 @@ use crate::vm::{RunningVm, VirtioKind};
 /// How long a paused vCPU thread may take to hand over its state.
 const VCPU_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// One virtio device in a state file: which it is, and its transport's and its own state.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioSnapshot {
+    /// The kind of device (checked against the configuration on restore).
+    pub kind: VirtioKind,
+    /// Its API id (drive_id, iface_id) or kind name.
+    pub id: String,
+    /// Registers, queues and the device's own typed state.
+    pub transport: devices::virtio::mmio::MmioTransportState,
+}
+
 /// Everything in a state file.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmState {
@@ -39,9 +50,8 @@ pub struct VmState {
     pub memory: Vec<(u64, u64)>,
     /// The console UART.
     pub uart: UartState,
-    /// Each virtio transport, in the order the VM has them: kind, id and state (JSON: the
-    /// devices' own state is free-form).
-    pub virtio: Vec<(String, String, String)>,
+    /// Each virtio transport, in the order the VM has them.
+    pub virtio: Vec<VirtioSnapshot>,
     /// KVM's VM-wide state.
     #[cfg(target_arch = "x86_64")]
     pub vm: crate::hypervisor::X86VmState,
@@ -166,16 +176,6 @@ impl std::str::FromStr for SnapshotType {
     }
 }
 
-fn kind_name(k: VirtioKind) -> &'static str {
-    match k {
-        VirtioKind::Block => "block",
-        VirtioKind::Net => "net",
-        VirtioKind::Vsock => "vsock",
-        VirtioKind::Balloon => "balloon",
-        VirtioKind::Rng => "rng",
-    }
-}
-
 impl RunningVm {
     /// Writes a full snapshot of the paused VM: the state to `snapshot_path`, guest memory to
     /// `mem_path`, each atomically. On failure the VM stays paused and intact, and neither
@@ -232,10 +232,11 @@ impl RunningVm {
             .collect();
         let mut virtio = Vec::with_capacity(transports.len());
         for ((h, t), side) in self.virtio.iter().zip(&transports).zip(&guards) {
-            let st = t.save_with(side);
-            let json = serde_json::to_string(&st)
-                .map_err(|e| SnapshotError::Device(format!("{}: {e}", h.id)))?;
-            virtio.push((kind_name(h.kind).to_string(), h.id.clone(), json));
+            virtio.push(VirtioSnapshot {
+                kind: h.kind,
+                id: h.id.clone(),
+                transport: t.save_with(side),
+            });
         }
         let memory: Vec<(u64, u64)> = self
             ._mem
@@ -660,7 +661,24 @@ mod tests {
                 regs: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
                 rx: b"in".to_vec(),
             },
-            virtio: vec![("rng".into(), "rng".into(), "{}".into())],
+            virtio: vec![VirtioSnapshot {
+                kind: VirtioKind::Rng,
+                id: "rng".into(),
+                transport: devices::virtio::mmio::MmioTransportState {
+                    device_type: 4,
+                    queue_sel: 0,
+                    device_features_sel: 0,
+                    config_generation: 0,
+                    driver_features_sel: 0,
+                    driver_features: 0,
+                    status: 0,
+                    interrupt_status: 0,
+                    queues: Vec::new(),
+                    device: devices::virtio::DeviceState::Rng(devices::virtio::rng::RngState {
+                        bytes_served: 7,
+                    }),
+                },
+            }],
             #[cfg(target_arch = "x86_64")]
             vm: crate::hypervisor::X86VmState {
                 clock: Default::default(),

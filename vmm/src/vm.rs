@@ -99,7 +99,7 @@ pub struct BuiltVm {
 }
 
 /// Which virtio device a handle is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VirtioKind {
     /// virtio-blk.
     Block,
@@ -285,20 +285,18 @@ pub fn build(
                 None => MmioTransport::new(dev, mem.clone(), irq)
                     .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?,
                 Some(state) => {
-                    let (_, saved_id, json) = state.virtio.get(virtio.len()).ok_or_else(|| {
+                    let saved = state.virtio.get(virtio.len()).ok_or_else(|| {
                         Error::Snapshot(format!("the snapshot has no state for {kind:?} {id}"))
                     })?;
-                    if *saved_id != id {
+                    if saved.kind != kind || saved.id != id {
                         return Err(Error::Snapshot(format!(
-                            "device {} of the snapshot is {saved_id}, not {id}",
-                            virtio.len()
+                            "device {} of the snapshot is {:?} {}, not {kind:?} {id}",
+                            virtio.len(),
+                            saved.kind,
+                            saved.id
                         )));
                     }
-                    let st: devices::virtio::mmio::MmioTransportState = serde_json::from_str(json)
-                        .map_err(|e| {
-                            Error::Snapshot(format!("{kind:?} {id}: unreadable state: {e}"))
-                        })?;
-                    MmioTransport::restore(dev, mem.clone(), irq, &st, dirty.clone())
+                    MmioTransport::restore(dev, mem.clone(), irq, &saved.transport, dirty.clone())
                         .map_err(|e| Error::Snapshot(format!("{kind:?} {id}: {e}")))?
                 }
             };

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use vmm_sys_util::eventfd::EventFd;
+use crate::os::EventFd;
 
 use super::serial::ConsoleOutput;
 use crate::bus::BusDevice;
@@ -366,7 +366,7 @@ mod tests {
 
     #[test]
     fn input_fills_the_fifo_and_interrupts_until_drained() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let evt = EventFd::new(crate::os::EFD_NONBLOCK).unwrap();
         let (mut d, _, irq, _) = uart();
         d.input_room = Some(evt.try_clone().unwrap());
         w(&mut d, IMSC, INT_RX | INT_RT);

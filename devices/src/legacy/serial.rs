@@ -5,9 +5,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::os::EventFd;
 use vm_superio::Serial;
 use vm_superio::serial::SerialEvents;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::interrupt::IrqLine;
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn draining_the_fifo_signals_room() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let evt = EventFd::new(crate::os::EFD_NONBLOCK).unwrap();
         let mut dev = SerialDevice::new(
             IrqLine(Arc::new(CountingInterrupt::default())),
             ConsoleOutput::new(

@@ -6,13 +6,14 @@
 
 use std::time::Duration;
 
+use crate::os::EventSet;
+use crate::os::TimerFd;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
-    DEVICE_TOKEN_BASE, Poller, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
+    DEVICE_TOKEN_BASE, DeviceState, DeviceStateError, Poller, QueueCtx, VIRTIO_F_VERSION_1,
+    VirtioDevice, read_config_bytes,
 };
 use std::os::fd::AsRawFd;
 
@@ -79,6 +80,17 @@ pub struct BalloonSnapshot {
     pub reported_bytes: u64,
 }
 
+/// What the balloon keeps across a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BalloonState {
+    /// Sizes and the last statistics.
+    pub sizes: BalloonSnapshot,
+    /// The statistics buffer the driver left with the device.
+    pub held_stats: Option<u16>,
+    /// The statistics interval then.
+    pub stats_polling_interval_s: u16,
+}
+
 /// The balloon device.
 pub struct Balloon {
     opts: BalloonOptions,
@@ -114,7 +126,7 @@ impl Balloon {
                 target_pages: mib_to_pages(opts.amount_mib),
                 ..Default::default()
             },
-            timer: crate::rate_limiter::nonblocking_timer()?,
+            timer: crate::os::nonblocking_timer()?,
             held_stats: None,
         })
     }
@@ -405,19 +417,29 @@ impl VirtioDevice for Balloon {
         }
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::json!({
-            "state": self.state,
-            "held_stats": self.held_stats,
-            "stats_polling_interval_s": self.opts.stats_polling_interval_s,
+    fn save(&self) -> DeviceState {
+        DeviceState::Balloon(BalloonState {
+            sizes: self.state.clone(),
+            held_stats: self.held_stats,
+            stats_polling_interval_s: self.opts.stats_polling_interval_s,
         })
     }
 
-    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        self.state = serde_json::from_value(state["state"].clone())
-            .map_err(|e| format!("balloon state: {e}"))?;
-        self.held_stats = serde_json::from_value(state["held_stats"].clone())
-            .map_err(|e| format!("balloon held_stats: {e}"))?;
+    fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Balloon(s) = state else {
+            return Err(DeviceStateError::kind("virtio-balloon", state));
+        };
+        let queues = self.queue_sizes.len();
+        if s.held_stats.is_some() && self.stats_q.is_none() {
+            return Err(DeviceStateError::differs(
+                "balloon",
+                "statistics queue",
+                "held buffer",
+                format!("{queues} queues, no statistics"),
+            ));
+        }
+        self.state = s.sizes.clone();
+        self.held_stats = s.held_stats;
         Ok(())
     }
 

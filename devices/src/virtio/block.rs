@@ -8,12 +8,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::os::EventSet;
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    DEVICE_TOKEN_BASE, Poller, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
+    DEVICE_TOKEN_BASE, DeviceState, DeviceStateError, Poller, QueueCtx, VIRTIO_F_VERSION_1,
+    VirtioDevice, read_config_bytes,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 
@@ -97,10 +98,44 @@ pub enum IoEngine {
     Uring,
 }
 
+/// The io_uring engine's ring (Linux only; elsewhere it cannot be made, and `Async` is refused).
+#[cfg(target_os = "linux")]
+type Ring = io_uring::IoUring;
+#[cfg(not(target_os = "linux"))]
+type Ring = std::convert::Infallible;
+
+#[cfg(target_os = "linux")]
+fn new_ring() -> std::io::Result<Ring> {
+    io_uring::IoUring::new(URING_DEPTH)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn new_ring() -> std::io::Result<Ring> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "io_uring exists on Linux only",
+    ))
+}
+
 /// Most requests in flight in one io_uring batch.
+#[cfg(target_os = "linux")]
 const URING_DEPTH: u32 = 128;
 
-/// Counters of one drive (exported as metrics).
+/// What a drive keeps across a snapshot (its backing file is opened again from the
+/// configuration, and must have as many sectors).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    /// The drive's id.
+    pub id: String,
+    /// Whether it was read-only.
+    pub read_only: bool,
+    /// Its size in 512-byte sectors.
+    pub sectors: u64,
+    /// Its counters.
+    pub stats: BlockStats,
+}
+
+/// Counters of one drive.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockStats {
     /// Read requests.
@@ -188,7 +223,8 @@ pub struct Block {
     id: String,
     read_only: bool,
     backing: Backing,
-    uring: Option<io_uring::IoUring>,
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    uring: Option<Ring>,
     limiter: Option<RateLimiter>,
     features: u64,
     /// Counters.
@@ -219,10 +255,7 @@ impl Block {
         };
         let uring = match cfg.engine {
             IoEngine::Sync => None,
-            IoEngine::Uring => Some(
-                io_uring::IoUring::new(URING_DEPTH)
-                    .map_err(|e| BlockError::Uring(e, cfg.id.clone()))?,
-            ),
+            IoEngine::Uring => Some(new_ring().map_err(|e| BlockError::Uring(e, cfg.id.clone()))?),
         };
         let mut features = VIRTIO_F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
         if cfg.read_only {
@@ -460,10 +493,10 @@ impl Block {
         Ok(())
     }
 
-    fn zero_range(&mut self, off: u64, len: u64, unmap: bool) -> Result<(), u8> {
-        if len == 0 {
-            return Ok(());
-        }
+    /// Punches a hole (`unmap`) or zeroes a range in place; false where the file system (or
+    /// the OS: fallocate is Linux's) cannot.
+    #[cfg(target_os = "linux")]
+    fn fallocate_zero(&self, off: u64, len: u64, unmap: bool) -> bool {
         let mode = if unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
@@ -478,7 +511,19 @@ impl Block {
                 len as libc::off_t,
             )
         };
-        if rc == 0 {
+        rc == 0
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn fallocate_zero(&self, _off: u64, _len: u64, _unmap: bool) -> bool {
+        false
+    }
+
+    fn zero_range(&mut self, off: u64, len: u64, unmap: bool) -> Result<(), u8> {
+        if len == 0 {
+            return Ok(());
+        }
+        if self.fallocate_zero(off, len, unmap) {
             return Ok(());
         }
         // No fallocate support: write zeros (discard may simply do nothing).
@@ -611,6 +656,7 @@ impl Block {
     /// The io_uring engine: reads and writes of all queued requests go to the kernel as one
     /// batch; anything else (flush, GET_ID, discard, bad requests) runs after the batch
     /// completes, so a flush covers every write completed before it.
+    #[cfg(target_os = "linux")]
     fn process_queue_uring(&mut self, ctx: &mut QueueCtx<'_>) {
         loop {
             let mut batch: Vec<(Request, Vec<libc::iovec>, u64)> = Vec::new();
@@ -648,6 +694,7 @@ impl Block {
     }
 
     /// The iovecs of a valid read or write (None for anything else, which `execute` handles).
+    #[cfg(target_os = "linux")]
     fn iovecs(&self, r: &Request, mem: &GuestMemoryMmap) -> Option<(Vec<libc::iovec>, u64)> {
         if !r.directions_ok || !matches!(r.kind, T_IN | T_OUT) {
             return None;
@@ -677,6 +724,7 @@ impl Block {
     }
 
     /// Submits one read/write per request and waits for all; false when the used ring broke.
+    #[cfg(target_os = "linux")]
     fn run_batch(
         &mut self,
         batch: &mut [(Request, Vec<libc::iovec>, u64)],
@@ -814,39 +862,49 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, _index: u16, ctx: &mut QueueCtx<'_>) {
+        #[cfg(target_os = "linux")]
         if self.uring.is_some() {
             self.process_queue_uring(ctx);
-        } else {
-            self.process_queue_sync(ctx);
+            return;
         }
+        self.process_queue_sync(ctx);
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id,
-            "path": self.backing.path,
-            "read_only": self.read_only,
-            "sectors": self.backing.sectors,
-            "stats": self.stats,
+    fn save(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            id: self.id.clone(),
+            read_only: self.read_only,
+            sectors: self.backing.sectors,
+            stats: self.stats,
         })
     }
 
-    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        if state["id"].as_str() != Some(self.id.as_str()) {
-            return Err(format!(
-                "virtio-blk state is for drive {}, not {}",
-                state["id"], self.id
+    fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Block(s) = state else {
+            return Err(DeviceStateError::kind("virtio-blk", state));
+        };
+        if s.id != self.id {
+            return Err(DeviceStateError::differs(
+                &self.id, "drive id", &s.id, &self.id,
             ));
         }
-        if state["sectors"].as_u64() != Some(self.backing.sectors) {
-            return Err(format!(
-                "drive {}: the snapshot saw {} sectors, the backing file has {}",
-                self.id, state["sectors"], self.backing.sectors
+        if s.sectors != self.backing.sectors {
+            return Err(DeviceStateError::differs(
+                &self.id,
+                "size in sectors",
+                s.sectors,
+                self.backing.sectors,
             ));
         }
-        if let Ok(s) = serde_json::from_value::<BlockStats>(state["stats"].clone()) {
-            self.stats = s;
+        if s.read_only != self.read_only {
+            return Err(DeviceStateError::differs(
+                &self.id,
+                "read-only setting",
+                s.read_only,
+                self.read_only,
+            ));
         }
+        self.stats = s.stats;
         Ok(())
     }
 
@@ -943,6 +1001,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn io_uring_engine_does_the_same() {
         // Kernels without io_uring, and qemu-user (the aarch64 unit tests), refuse its setup.
         if let Err(e) = io_uring::IoUring::new(8) {
@@ -1116,7 +1175,17 @@ mod tests {
         assert_eq!(u32::from_le_bytes(gen_), 1);
         // The old state no longer fits the resized drive.
         d.dev.with_device(|dev, _| {
-            assert!(dev.restore(&state.device).unwrap_err().contains("sectors"));
+            let e = dev.restore(&state.device).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DeviceStateError::Differs {
+                        what: "size in sectors",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
         });
     }
 }

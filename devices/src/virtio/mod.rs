@@ -5,7 +5,7 @@
 //! the used-buffer interrupt. Guest-controlled input — registers, descriptors, buffers — is
 //! untrusted: errors become the device's failure status or a short used length, never a panic.
 //!
-//! Each transport has a [`Poller`] (an epoll set) holding one eventfd per queue — registered
+//! Each transport has a [`Poller`] (an epoll set on Linux, a kqueue on macOS: [`crate::os`]) holding one eventfd per queue — registered
 //! with the hypervisor as an ioeventfd on the QueueNotify register, so a notification never
 //! leaves the kernel — and whatever back-end descriptors the device adds (a TAP, sockets, rate
 //! limiter timers). [`worker::spawn`] runs that set on a thread of the device's own, so neither
@@ -17,6 +17,8 @@ pub mod mmio;
 pub mod net;
 
 pub mod rng;
+#[cfg(target_os = "linux")]
+pub mod tap;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod vsock;
@@ -24,11 +26,10 @@ pub mod vsock;
 pub mod worker;
 
 use std::any::Any;
-use std::os::fd::RawFd;
 
+use crate::os::EventSet;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// `VIRTIO_F_VERSION_1`: the device speaks virtio 1.x (required over MMIO version 2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -37,49 +38,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// queue index.
 pub const DEVICE_TOKEN_BASE: u64 = 64;
 
-/// An epoll set a device adds its back-end descriptors to.
-pub struct Poller(std::sync::Arc<Epoll>);
-
-impl Poller {
-    /// A new, empty set.
-    pub fn new() -> std::io::Result<Self> {
-        Ok(Self(std::sync::Arc::new(Epoll::new()?)))
-    }
-
-    /// Watches `fd` for `events`, reported as `token`.
-    pub fn add(&self, fd: RawFd, events: EventSet, token: u64) -> std::io::Result<()> {
-        self.0
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
-    }
-
-    /// Changes what `fd` is watched for.
-    pub fn modify(&self, fd: RawFd, events: EventSet, token: u64) -> std::io::Result<()> {
-        self.0
-            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
-    }
-
-    /// Stops watching `fd` (no error if it was not watched).
-    pub fn remove(&self, fd: RawFd) {
-        let _ = self
-            .0
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-    }
-
-    /// Waits up to `timeout_ms` (-1: forever) for events.
-    pub fn wait(&self, timeout_ms: i32, out: &mut [EpollEvent]) -> std::io::Result<usize> {
-        loop {
-            match self.0.wait(timeout_ms, out) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                r => return r,
-            }
-        }
-    }
-
-    /// A second handle on the same set (for the worker thread).
-    pub fn try_clone(&self) -> std::io::Result<Self> {
-        Ok(Self(self.0.clone()))
-    }
-}
+/// The set a device adds its back-end descriptors to (see [`crate::os::Poller`]).
+pub use crate::os::Poller;
 
 /// The VM is paused (one VM per process): the workers' idle checks stand down, since a paused
 /// guest acknowledges nothing. Set by the VMM when it pauses and resumes the vCPUs.
@@ -167,15 +127,98 @@ pub trait VirtioDevice: Send {
     /// Forgets everything the driver set up and removes back-end descriptors from `poller`.
     fn reset(&mut self, _poller: &Poller) {}
     /// The device's own state for a snapshot (its queues are saved by the transport).
-    fn save(&self) -> serde_json::Value;
-    /// Restores what [`VirtioDevice::save`] returned.
-    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
+    fn save(&self) -> DeviceState;
+    /// Restores what [`VirtioDevice::save`] returned; a state of another kind of device, or
+    /// one that contradicts the device's configuration, is refused.
+    fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceStateError>;
     /// A short summary of the device's internal state, for diagnostics in logs.
     fn describe(&self) -> String {
         String::new()
     }
     /// The device as `Any`, for updates through the API (a drive's new backing file).
     fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// A device's own state in a snapshot: one typed struct per kind of device, each defined
+/// beside its device. It travels inside the snapshot's versioned payload
+/// (docs/snapshot-format.md): changing any of these structs is a format change.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceState {
+    /// virtio-blk.
+    Block(block::BlockState),
+    /// virtio-net.
+    Net(net::NetState),
+    /// virtio-rng.
+    Rng(rng::RngState),
+    /// virtio-balloon.
+    Balloon(balloon::BalloonState),
+    /// virtio-vsock.
+    Vsock(vsock::VsockState),
+}
+
+impl DeviceState {
+    /// The kind of device, in words.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Block(_) => "virtio-blk",
+            Self::Net(_) => "virtio-net",
+            Self::Rng(_) => "virtio-rng",
+            Self::Balloon(_) => "virtio-balloon",
+            Self::Vsock(_) => "virtio-vsock",
+        }
+    }
+}
+
+/// Why a device refused the state it was asked to restore.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceStateError {
+    /// The state is another kind of device's.
+    #[error("the snapshot holds {found} state for a {expected} device")]
+    Kind {
+        /// The device's kind.
+        expected: &'static str,
+        /// The state's kind.
+        found: &'static str,
+    },
+    /// The state contradicts how the device is configured now.
+    #[error(
+        "{device}: the snapshot's {what} is {saved}, the configured device's is {configured}; restore with the configuration the snapshot was taken with"
+    )]
+    Differs {
+        /// Which device (its id).
+        device: String,
+        /// Which value.
+        what: &'static str,
+        /// The snapshot's value.
+        saved: String,
+        /// The device's value.
+        configured: String,
+    },
+}
+
+impl DeviceStateError {
+    /// The state is `found`'s, not `expected`'s.
+    pub fn kind(expected: &'static str, found: &DeviceState) -> Self {
+        Self::Kind {
+            expected,
+            found: found.kind(),
+        }
+    }
+
+    /// Refuses a `what` of device `device` that differs between snapshot and configuration.
+    pub fn differs(
+        device: &str,
+        what: &'static str,
+        saved: impl std::fmt::Debug,
+        configured: impl std::fmt::Debug,
+    ) -> Self {
+        Self::Differs {
+            device: device.to_string(),
+            what,
+            saved: format!("{saved:?}"),
+            configured: format!("{configured:?}"),
+        }
+    }
 }
 
 /// Reads a little-endian configuration space `cfg` at `offset` into `data` (zeros beyond it).

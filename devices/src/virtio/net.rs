@@ -3,16 +3,18 @@
 //! negotiated with the guest are handed to the host kernel (TUNSETOFFLOAD), as Firecracker
 //! does. Receive and transmit have their own Firecracker rate limiters.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 
+use crate::os::EventSet;
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
-use vmm_sys_util::epoll::EventSet;
 
+#[cfg(target_os = "linux")]
+pub use super::tap::Tap;
 use super::{
-    DEVICE_TOKEN_BASE, Poller, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes, unpop,
+    DEVICE_TOKEN_BASE, DeviceState, DeviceStateError, Poller, QueueCtx, VIRTIO_F_VERSION_1,
+    VirtioDevice, read_config_bytes, unpop,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 
@@ -41,99 +43,9 @@ const TOKEN_TAP: u64 = DEVICE_TOKEN_BASE;
 const TOKEN_RX_LIMITER: u64 = DEVICE_TOKEN_BASE + 1;
 const TOKEN_TX_LIMITER: u64 = DEVICE_TOKEN_BASE + 2;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: i16 = 0x0002;
-const IFF_NO_PI: i16 = 0x1000;
-const IFF_VNET_HDR: i16 = 0x4000;
 const TUN_F_CSUM: u32 = 0x01;
 const TUN_F_TSO4: u32 = 0x02;
 const TUN_F_TSO6: u32 = 0x04;
-
-/// A TAP device.
-pub struct Tap {
-    file: File,
-    name: String,
-}
-
-impl Tap {
-    /// Opens (creating if needed) the TAP `name`, non-blocking, with virtio-net headers.
-    pub fn open(name: &str) -> std::io::Result<Self> {
-        if name.is_empty() || name.len() >= 16 || name.contains('\0') {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "a TAP name is 1 to 15 bytes",
-            ));
-        }
-        // SAFETY: open(2) with a NUL-terminated constant path; the result is checked.
-        let fd = unsafe {
-            libc::open(
-                c"/dev/net/tun".as_ptr(),
-                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        let mut ifr = [0u8; 40];
-        ifr[..name.len()].copy_from_slice(name.as_bytes());
-        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
-        // SAFETY: TUNSETIFF reads and writes a 40-byte `struct ifreq`, which `ifr` is.
-        if unsafe { libc::ioctl(fd, TUNSETIFF as _, ifr.as_mut_ptr()) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let hdr = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-        if unsafe { libc::ioctl(fd, TUNSETVNETHDRSZ as _, &hdr) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let end = ifr[..16].iter().position(|&b| b == 0).unwrap_or(16);
-        Ok(Self {
-            file,
-            name: String::from_utf8_lossy(&ifr[..end]).into_owned(),
-        })
-    }
-
-    /// Makes the TAP outlive this process (for tests and tools: `ip tuntap add`).
-    pub fn persist(&self) -> std::io::Result<()> {
-        // SAFETY: TUNSETPERSIST takes an integer argument by value.
-        if unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                TUNSETPERSIST as _,
-                1 as libc::c_ulong,
-            )
-        } < 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// The interface's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn set_offload(&self, flags: u32) -> std::io::Result<()> {
-        // SAFETY: TUNSETOFFLOAD takes the flags by value.
-        if unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                TUNSETOFFLOAD as _,
-                flags as libc::c_ulong,
-            )
-        } < 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-}
 
 /// Where the device's frames go: a TAP, or (in tests) anything that reads and writes frames.
 pub trait NetBackend: Read + Write + Send {
@@ -142,30 +54,6 @@ pub trait NetBackend: Read + Write + Send {
     /// Hands the negotiated offloads to the host side.
     fn set_offload(&self, _tun_flags: u32) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-impl Read for Tap {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.file.read(buf)
-    }
-}
-
-impl Write for Tap {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.file.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl NetBackend for Tap {
-    fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.file.as_raw_fd()
-    }
-    fn set_offload(&self, flags: u32) -> std::io::Result<()> {
-        Tap::set_offload(self, flags)
     }
 }
 
@@ -192,6 +80,17 @@ impl NetBackend for DatagramBackend {
     fn raw_fd(&self) -> std::os::fd::RawFd {
         self.0.as_raw_fd()
     }
+}
+
+/// What an interface keeps across a snapshot (its TAP is opened again from the configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    /// The interface's id.
+    pub id: String,
+    /// The MAC it offered the guest, if any.
+    pub mac: Option<[u8; 6]>,
+    /// Its counters.
+    pub stats: NetStats,
 }
 
 /// Counters of one interface.
@@ -535,28 +434,30 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::json!({ "id": self.id, "mac": self.mac, "stats": self.stats })
+    fn save(&self) -> DeviceState {
+        DeviceState::Net(NetState {
+            id: self.id.clone(),
+            mac: self.mac,
+            stats: self.stats,
+        })
     }
 
-    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        if state["id"].as_str() != Some(self.id.as_str()) {
-            return Err(format!(
-                "virtio-net state is for {}, not {}",
-                state["id"], self.id
+    fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Net(s) = state else {
+            return Err(DeviceStateError::kind("virtio-net", state));
+        };
+        if s.id != self.id {
+            return Err(DeviceStateError::differs(
+                &self.id,
+                "interface id",
+                &s.id,
+                &self.id,
             ));
         }
-        let mac: Option<[u8; 6]> = serde_json::from_value(state["mac"].clone())
-            .map_err(|e| format!("virtio-net {}: mac: {e}", self.id))?;
-        if mac != self.mac {
-            return Err(format!(
-                "virtio-net {}: the snapshot's MAC differs from the configured one",
-                self.id
-            ));
+        if s.mac != self.mac {
+            return Err(DeviceStateError::differs(&self.id, "MAC", s.mac, self.mac));
         }
-        if let Ok(s) = serde_json::from_value(state["stats"].clone()) {
-            self.stats = s;
-        }
+        self.stats = s.stats;
         Ok(())
     }
 
@@ -576,6 +477,13 @@ mod tests {
     use crate::bus::BusDevice;
     use crate::virtio::testutil::*;
     use std::os::unix::net::UnixDatagram;
+
+    fn net_stats(d: &Driver) -> NetStats {
+        match d.dev.save().device {
+            DeviceState::Net(n) => n.stats,
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn net(rx: Option<RateLimiterConfig>) -> (Driver, UnixDatagram) {
         let (a, b) = UnixDatagram::pair().unwrap();
@@ -661,7 +569,7 @@ mod tests {
     }
 
     /// A TAP that claims a frame longer than the buffer (what a TAP reports on truncation).
-    struct Liar(vmm_sys_util::eventfd::EventFd, bool);
+    struct Liar(crate::os::EventFd, bool);
     impl Read for Liar {
         fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
             if std::mem::replace(&mut self.1, false) {
@@ -687,7 +595,7 @@ mod tests {
 
     #[test]
     fn an_overlong_frame_from_the_tap_is_dropped() {
-        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let evt = crate::os::EventFd::new(crate::os::EFD_NONBLOCK).unwrap();
         evt.write(1).unwrap();
         let dev = Net::new("eth0", Box::new(Liar(evt, true)), None, None, None).unwrap();
         let mut d = Driver::new(Box::new(dev));
@@ -698,7 +606,7 @@ mod tests {
         );
         d.offer(RX, 0);
         assert!(d.take_used(RX).is_empty(), "nothing delivered");
-        assert_eq!(d.dev.save().device["stats"]["dropped"], 1);
+        assert_eq!(net_stats(&d).dropped, 1);
     }
 
     #[test]
@@ -731,6 +639,6 @@ mod tests {
             }
         }
         assert_eq!(got, 2);
-        assert_eq!(d.dev.save().device["stats"]["rx_packets"], 3);
+        assert_eq!(net_stats(&d).rx_packets, 3);
     }
 }

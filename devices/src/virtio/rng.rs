@@ -1,11 +1,14 @@
 //! virtio-rng (entropy device, type 4): fills the driver's write-only buffers with bytes from the
 //! host's `getrandom(2)`.
 
+use crate::os::EventSet;
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
-use vmm_sys_util::epoll::EventSet;
 
-use super::{DEVICE_TOKEN_BASE, Poller, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{
+    DEVICE_TOKEN_BASE, DeviceState, DeviceStateError, Poller, QueueCtx, VIRTIO_F_VERSION_1,
+    VirtioDevice,
+};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 
 const TOKEN_LIMITER: u64 = DEVICE_TOKEN_BASE;
@@ -16,6 +19,13 @@ pub const VIRTIO_ID_RNG: u32 = 4;
 pub const QUEUE_SIZE: u16 = 256;
 /// Most bytes given for one request, whatever the driver asks.
 pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
+
+/// What the entropy device keeps across a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RngState {
+    /// Random bytes handed to the guest so far.
+    pub bytes_served: u64,
+}
 
 /// The entropy device.
 pub struct Rng {
@@ -53,24 +63,6 @@ impl Rng {
     }
 }
 
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of `buf`, which is valid
-        // for writes; getrandom writes at most that many bytes.
-        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        } else {
-            done += n as usize;
-        }
-    }
-    Ok(())
-}
-
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
@@ -90,14 +82,17 @@ impl VirtioDevice for Rng {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::json!({ "bytes_served": self.bytes_served })
+    fn save(&self) -> DeviceState {
+        DeviceState::Rng(RngState {
+            bytes_served: self.bytes_served,
+        })
     }
 
-    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        self.bytes_served = state["bytes_served"].as_u64().ok_or_else(|| {
-            format!("virtio-rng state {state}: bytes_served is missing or not a number")
-        })?;
+    fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Rng(s) = state else {
+            return Err(DeviceStateError::kind("virtio-rng", state));
+        };
+        self.bytes_served = s.bytes_served;
         Ok(())
     }
 
@@ -163,7 +158,7 @@ impl VirtioDevice for Rng {
                     break;
                 }
                 let mut bytes = vec![0u8; len as usize];
-                if let Err(e) = fill_random(&mut bytes) {
+                if let Err(e) = crate::os::fill_random(&mut bytes) {
                     log::warn!("virtio-rng: getrandom: {e}");
                     break;
                 }

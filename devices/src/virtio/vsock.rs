@@ -17,12 +17,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use crate::os::EventSet;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    DEVICE_TOKEN_BASE, Poller, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
+    DEVICE_TOKEN_BASE, DeviceState, DeviceStateError, Poller, QueueCtx, VIRTIO_F_VERSION_1,
+    VirtioDevice, read_config_bytes,
 };
 
 /// The virtio device ID of a socket device.
@@ -213,6 +214,16 @@ impl Conn {
         }
         true
     }
+}
+
+/// What the vsock device keeps across a snapshot: its connections are gone (the guest is told
+/// with a transport reset event).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// Its counters.
+    pub stats: VsockStats,
 }
 
 /// Counters.
@@ -679,19 +690,24 @@ impl Vsock {
 /// an error (the guest gets RST), not a stalled device.
 fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
     use std::os::fd::FromRawFd;
+    // Linux sets both flags with the socket; elsewhere they are set right after.
+    #[cfg(target_os = "linux")]
+    let kind = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    #[cfg(not(target_os = "linux"))]
+    let kind = libc::SOCK_STREAM;
     // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, kind, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh socket that nothing else owns.
     let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    #[cfg(not(target_os = "linux"))]
+    {
+        crate::os::set_nonblocking(&stream)?;
+        // SAFETY: F_SETFD on the socket just made; no memory is passed.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -885,21 +901,27 @@ impl VirtioDevice for Vsock {
         self.deliver_rx(ctx);
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::json!({ "guest_cid": self.guest_cid, "stats": self.stats })
+    fn save(&self) -> DeviceState {
+        DeviceState::Vsock(VsockState {
+            guest_cid: self.guest_cid,
+            stats: self.stats,
+        })
     }
 
-    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        self.restored = true;
-        if state["guest_cid"].as_u64() != Some(self.guest_cid) {
-            return Err(format!(
-                "vsock state is for CID {}, not {}",
-                state["guest_cid"], self.guest_cid
+    fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Vsock(s) = state else {
+            return Err(DeviceStateError::kind("virtio-vsock", state));
+        };
+        if s.guest_cid != self.guest_cid {
+            return Err(DeviceStateError::differs(
+                "vsock",
+                "guest CID",
+                s.guest_cid,
+                self.guest_cid,
             ));
         }
-        if let Ok(s) = serde_json::from_value(state["stats"].clone()) {
-            self.stats = s;
-        }
+        self.restored = true;
+        self.stats = s.stats;
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vmm_sys_util::epoll::EpollEvent;
+use crate::os::Ready;
 
 use super::mmio::{DeviceSide, IDLE_CHECK_MS};
 
@@ -18,7 +18,7 @@ pub fn spawn(transport: Arc<Mutex<DeviceSide>>, name: String) -> std::io::Result
         .unwrap_or_else(|p| p.into_inner())
         .poller()?;
     std::thread::Builder::new().name(name).spawn(move || {
-        let mut events = [EpollEvent::default(); 32];
+        let mut events = [Ready::default(); 32];
         loop {
             let n = match poller.wait(IDLE_CHECK_MS, &mut events) {
                 Ok(n) => n,
