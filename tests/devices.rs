@@ -430,5 +430,6 @@ fn vsock_echoes_10000_messages_each_way_in_order_on(o: &'static Outcome) {
     for l in o.post.lines().filter(|l| l.starts_with("HOST VSOCK")) {
         eprintln!("vsock_echo ({:?}): {l}", o.arch);
     }
-    // A recovery by the virtio worker's idle check fails every scenario (common::outcomes).
+    // Recoveries by the virtio worker's idle check are listed for every scenario
+    // (common::check_recoveries).
 }

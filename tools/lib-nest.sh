@@ -15,10 +15,17 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts
 for d in /tmp /run /dev/shm; do mount -t tmpfs tmpfs $d; done
-read -r up _ < /proc/uptime; echo "NEST L1 UP uptime=$up"
 if [ -f /etc/nest-modules ]; then
     while read -r m; do insmod /lib/modules/nest/$m.ko || echo "NEST insmod $m failed"; done < /etc/nest-modules
 fi
+# nest.console=hvc0: everything from here on goes to that console (a virtio console), not the
+# boot console the kernel keeps (docs/testing.md: L1's 16550 output stalled for minutes).
+con=$(sed -n 's/.*nest\.console=\([a-z0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$con" ]; then
+    i=0; while [ ! -c "/dev/$con" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ -c "/dev/$con" ]; then exec > "/dev/$con" 2>&1; else echo "NEST console $con missing: staying on the boot console"; fi
+fi
+read -r up _ < /proc/uptime; echo "NEST L1 UP uptime=$up"
 ip link set lo up
 if [ -c /dev/kvm ]; then echo "NEST KVM ok"; else echo "NEST KVM MISSING"; fi
 stuck=$(sed -n 's/.*nest\.stuck=\([0-9][0-9]*\).*/\1/p' /proc/cmdline)
@@ -90,6 +97,10 @@ nest_watchdog() {
 # status L1's command reported (255 when L1 never reported one).
 nest_finish() {
     local qrc=$1 saved=$2 rc
+    # The kernel's own console, when the command's output had a console of its own.
+    if [ -s "$RUN/kernel.log" ]; then
+        { echo "--- L1 kernel console ---"; sed 's/\r//g; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g' "$RUN/kernel.log"; } | tee -a "$LOG"
+    fi
     cp "$LOG" "$saved" 2>/dev/null || echo "$ME: cannot save the console log to $saved" >&2
     rc=$(sed -n 's/.*NEST EXIT rc=\([0-9][0-9]*\).*/\1/p' "$LOG" | tail -n1)
     if [ -z "$rc" ]; then

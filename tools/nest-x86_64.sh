@@ -63,7 +63,7 @@ if [ "${NEST_REBUILD:-0}" = 1 ] || [ ! -f "$BASE" ] || [ "$0" -nt "$BASE" ] || [
     # modprobe resolves modules.dep: dependencies first, each printed once
     # per request ("insmod PATH" lines; "builtin NAME" for built-ins).
     seen=" "
-    for m in kvm kvm_amd tun vhost_net vhost_vsock; do
+    for m in kvm kvm_amd tun vhost_net vhost_vsock virtio_pci virtio_console; do
         deps=$(modprobe -C /dev/null -d "$KROOT" -S "$KVER" --show-depends "$m" 2>/dev/null) ||
             { echo "$ME: warning: module $m not in $KVER" >&2; continue; }
         for p in $(printf '%s\n' "$deps" | sed -n 's/^insmod \([^ ]*\).*/\1/p'); do
@@ -128,8 +128,10 @@ nest_watchdog
 set +e
 timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu max,+svm \
     -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
-    -serial stdio -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 $(nest_append)" </dev/null 2>&1 |
+    -serial "file:$RUN/kernel.log" \
+    -device virtio-serial-pci -chardev stdio,id=nestcon -device virtconsole,chardev=nestcon \
+    -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
+    -append "console=ttyS0 panic=-1 quiet loglevel=4 nest.console=hvc0 $(nest_append)" </dev/null 2>&1 |
     # no \r, and no terminal resets/escapes (SeaBIOS, kernel) before markers
     sed -u 's/\r//g; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g' | tee -a "$LOG"
 qrc=${PIPESTATUS[0]}

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 bash tools/deps.sh
 mkdir -p target
-rm -f target/scenario-summary.txt
+rm -f target/scenario-summary.txt target/virtio-recoveries.txt
 log=target/test-output.log
 : > "$log"
 status=0
@@ -32,6 +32,10 @@ if [ -f target/scenario-summary.txt ]; then
     awk '{n[$6]+=$2} END {printf "total: %d nested, %d direct\n", n["nested"], n["direct"]}' target/scenario-summary.txt
     reruns=$(sed -n 's/.*(\([0-9][0-9]*\) rerun.*/\1/p' target/scenario-summary.txt | awk '{s += $1} END {print s + 0}')
     echo "scenarios rerun: $reruns"
+    recoveries=0
+    [ -f target/virtio-recoveries.txt ] && recoveries=$(wc -l < target/virtio-recoveries.txt)
+    echo "virtio recoveries (lost wake-ups tern's worker made up for): $recoveries"
+    [ "$recoveries" = 0 ] || sed 's/^/  /' target/virtio-recoveries.txt
 else
     echo "no integration scenario ran"
 fi

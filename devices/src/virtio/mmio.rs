@@ -1,16 +1,24 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x, section 4.2): one 4 KiB window per device.
+//! Only the register file is here; the device's worker half is [`super::device_side`], and the
+//! interrupt is a [`SharedLine`] with the status register the driver reads and acknowledges.
 
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::os::{EFD_NONBLOCK, EventFd, EventSet, Ready};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Poller, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::device_side::queue_events;
+pub use super::device_side::{DeviceSide, IDLE_CHECK_MS, RECOVERY_LOG};
+use super::driver_state::DriverState;
+pub use super::driver_state::{
+    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
+};
+use super::interrupt::{SharedLine, VirtioInterrupt};
+use super::{Poller, VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::interrupt::IrqLine;
+use crate::os::EventFd;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -41,28 +49,9 @@ const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG_SPACE: u64 = 0x100;
 
-/// Device status bits.
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-/// The driver knows how to drive the device.
-pub const STATUS_DRIVER: u32 = 2;
-/// The driver is ready; queues may be used.
-pub const STATUS_DRIVER_OK: u32 = 4;
-/// Feature negotiation is complete.
-pub const STATUS_FEATURES_OK: u32 = 8;
-/// The device hit an error the driver must reset.
-pub const STATUS_NEEDS_RESET: u32 = 0x40;
-/// The driver gave up.
-pub const STATUS_FAILED: u32 = 0x80;
-
-/// Interrupt status: the device used buffers.
-pub const INT_USED_BUFFER: u32 = 1;
-/// Interrupt status: the configuration space changed.
-pub const INT_CONFIG: u32 = 2;
+pub use super::interrupt::{INT_CONFIG, INT_USED_BUFFER};
 /// Offset of the QueueNotify register (for ioeventfds).
 pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
-
-/// How every warning of a recovered lost wake-up begins (see [`DeviceSide::idle_check`]).
-pub const RECOVERY_LOG: &str = "virtio recovery";
 
 /// Size of one device's window.
 pub const WINDOW_SIZE: u64 = 0x1000;
@@ -153,266 +142,13 @@ pub enum RestoreError {
     Features(u64),
 }
 
-/// The part of a transport the device's worker thread works on: the device, its queues and
-/// its epoll set. The vCPU side ([`MmioTransport`]) takes this lock only for queue setup,
-/// configuration space and status changes, never for interrupt status or notifications, so a
-/// device busy with I/O does not stall a vCPU handling its interrupt.
-pub struct DeviceSide {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    irq: IrqLine,
-    queues: Vec<Queue>,
-    poller: Poller,
-    queue_evts: Vec<EventFd>,
-    /// DRIVER_OK was set (and not NEEDS_RESET) and the device was activated.
-    activated: bool,
-    interrupt_status: Arc<AtomicU32>,
-    config_generation: u32,
-    /// Interrupts raised so far, and what [`DeviceSide::idle_check`] saw last time.
-    triggers: u64,
-    idle_seen: Option<(u32, u64)>,
-    /// Where written guest pages are marked, when the VM tracks dirty pages.
-    dirty: Option<Arc<crate::dirty::DirtyLog>>,
-}
-
-/// How long the worker waits without events before [`DeviceSide::idle_check`].
-pub const IDLE_CHECK_MS: i32 = 1000;
-
-fn queue_events(n: usize, poller: &Poller) -> std::io::Result<Vec<EventFd>> {
-    (0..n)
-        .map(|i| {
-            let evt = EventFd::new(EFD_NONBLOCK)?;
-            poller.add(evt.as_raw_fd(), EventSet::IN, i as u64)?;
-            Ok(evt)
-        })
-        .collect()
-}
-
-impl DeviceSide {
-    fn trigger(&mut self, bit: u32) {
-        self.triggers = self.triggers.wrapping_add(1);
-        self.interrupt_status.fetch_or(bit, Ordering::SeqCst);
-        if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
-            log::warn!("virtio-mmio: interrupt: {e}");
-        }
-    }
-
-    /// The device, for updates through the API.
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
-    }
-
-    /// Runs `f` on the device and the epoll set (to swap a back-end descriptor).
-    pub fn with_device<R>(&mut self, f: impl FnOnce(&mut dyn VirtioDevice, &Poller) -> R) -> R {
-        f(self.device.as_mut(), &self.poller)
-    }
-
-    /// True once the driver started the device (DRIVER_OK) and until it resets it.
-    pub fn is_active(&self) -> bool {
-        self.activated
-    }
-
-    /// Tells the driver the configuration space changed (a resized drive, a balloon target).
-    pub fn config_changed(&mut self) {
-        self.config_generation = self.config_generation.wrapping_add(1);
-        if self.activated {
-            self.trigger(INT_CONFIG);
-        }
-    }
-
-    /// Handles one event of the epoll set: a queue notification (`token` below the queue
-    /// count) or a device back-end descriptor. Called by the worker thread.
-    pub fn handle_event(&mut self, token: u64, events: EventSet) {
-        let mut ctx = QueueCtx {
-            queues: &mut self.queues,
-            mem: &self.mem,
-            poller: &self.poller,
-            used: 0,
-            dirty: self.dirty.as_deref(),
-        };
-        if let Some(evt) = usize::try_from(token)
-            .ok()
-            .and_then(|i| self.queue_evts.get(i))
-        {
-            let _ = evt.read();
-            match ctx.queues.get(token as usize) {
-                Some(q) if self.activated && q.ready() => {}
-                _ => return,
-            }
-            self.device.process_queue(token as u16, &mut ctx);
-        } else if self.activated {
-            self.device.process_backend(token, events, &mut ctx);
-        } else {
-            return;
-        }
-        let used = ctx.used;
-        self.signal_used(used);
-    }
-
-    fn signal_used(&mut self, used: u64) {
-        if used == 0 {
-            return;
-        }
-        let mem = &self.mem;
-        let needs = self
-            .queues
-            .iter_mut()
-            .enumerate()
-            .any(|(i, q)| used & (1 << i) != 0 && q.needs_notification(mem).unwrap_or(true));
-        if needs {
-            self.trigger(INT_USED_BUFFER);
-        }
-    }
-
-    /// Handles whatever events are ready within `timeout_ms` (the worker's loop body; tests
-    /// call it directly). Returns how many were handled.
-    pub fn run_ready(&mut self, timeout_ms: i32) -> usize {
-        let mut events = [Ready::default(); 16];
-        let n = match self.poller.wait(timeout_ms, &mut events) {
-            Ok(n) => n,
-            Err(e) => {
-                log::warn!("virtio-mmio: epoll: {e}");
-                return 0;
-            }
-        };
-        for ev in &events[..n] {
-            self.handle_event(ev.data(), ev.event_set());
-        }
-        n
-    }
-
-    /// Where each queue stands and the device's own summary, for diagnostics.
-    pub fn describe(&self) -> String {
-        let mut out = format!(
-            "interrupt status {:#x}; ",
-            self.interrupt_status.load(Ordering::SeqCst)
-        );
-        for (i, q) in self.queues.iter().enumerate() {
-            let avail = q.avail_idx(&self.mem, Ordering::Acquire).map(|w| w.0);
-            let used = q.used_idx(&self.mem, Ordering::Acquire).map(|w| w.0);
-            out += &format!(
-                "queue {i}: avail {avail:?} taken {} used {used:?}; ",
-                q.next_avail()
-            );
-        }
-        out + &self.device.describe()
-    }
-
-    /// The worker calls this after [`IDLE_CHECK_MS`] without events. It recovers from a lost
-    /// wake-up, and says so: an interrupt the driver never acknowledged is raised again, and
-    /// buffers made available without a notification are processed. Neither happens with a
-    /// correct driver and hypervisor; both would stall a lock-step protocol (vsock) for good.
-    /// Each recovery is a warning starting with [`RECOVERY_LOG`] and is counted in
-    /// `virtio.recovered_interrupts` or `virtio.recovered_notifications`: a safety net that the
-    /// tests fail on, not a way things normally work.
-    pub fn idle_check(&mut self) {
-        // A paused guest acknowledges nothing: nothing is lost then.
-        if !self.activated || super::VM_PAUSED.load(Ordering::SeqCst) {
-            self.idle_seen = None;
-            return;
-        }
-        let status = self.interrupt_status.load(Ordering::SeqCst);
-        let seen = (status, self.triggers);
-        if status != 0 && self.idle_seen == Some(seen) {
-            log::warn!(
-                "{RECOVERY_LOG} (virtio-mmio type {}): interrupt status {status:#x} not acknowledged for {IDLE_CHECK_MS} ms; raising the interrupt again ({})",
-                self.device.device_type(),
-                self.describe()
-            );
-            metrics::METRICS.virtio.recovered_interrupts.inc();
-            self.trigger(0);
-        }
-        self.idle_seen = Some((self.interrupt_status.load(Ordering::SeqCst), self.triggers));
-        let mut ctx = QueueCtx {
-            queues: &mut self.queues,
-            mem: &self.mem,
-            poller: &self.poller,
-            used: 0,
-            dirty: self.dirty.as_deref(),
-        };
-        let found = self.device.idle(&mut ctx);
-        let used = ctx.used;
-        if let Some(what) = found {
-            log::warn!(
-                "{RECOVERY_LOG} (virtio-mmio type {}): {what} with no event announcing it; done now ({})",
-                self.device.device_type(),
-                self.describe()
-            );
-            metrics::METRICS.virtio.recovered_notifications.inc();
-        }
-        self.signal_used(used);
-        for i in 0..self.queues.len() {
-            let q = &self.queues[i];
-            let pending = q.ready()
-                && q.avail_idx(&self.mem, Ordering::Acquire)
-                    .is_ok_and(|a| a.0 != q.next_avail());
-            if !pending {
-                continue;
-            }
-            let mut ctx = QueueCtx {
-                queues: &mut self.queues,
-                mem: &self.mem,
-                poller: &self.poller,
-                used: 0,
-                dirty: self.dirty.as_deref(),
-            };
-            self.device.process_queue(i as u16, &mut ctx);
-            let used = ctx.used;
-            if used != 0 {
-                log::warn!(
-                    "{RECOVERY_LOG} (virtio-mmio type {}): queue {i} had work no notification announced; done now ({})",
-                    self.device.device_type(),
-                    self.describe()
-                );
-                metrics::METRICS.virtio.recovered_notifications.inc();
-                self.signal_used(used);
-            }
-        }
-    }
-
-    /// A handle on the epoll set, for [`super::worker::spawn`].
-    pub fn poller(&self) -> std::io::Result<Poller> {
-        self.poller.try_clone()
-    }
-
-    fn activate(&mut self, driver_features: u64) {
-        let mut ctx = QueueCtx {
-            queues: &mut self.queues,
-            mem: &self.mem,
-            poller: &self.poller,
-            used: 0,
-            dirty: self.dirty.as_deref(),
-        };
-        self.device.activate(driver_features, &mut ctx);
-        let used = ctx.used;
-        self.activated = true;
-        self.signal_used(used);
-    }
-
-    fn reset(&mut self) {
-        for q in &mut self.queues {
-            q.reset();
-        }
-        self.device.reset(&self.poller);
-        self.activated = false;
-        self.interrupt_status.store(0, Ordering::SeqCst);
-    }
-}
-
 /// A virtio device on the MMIO bus: the registers the driver programs, and the
 /// [`DeviceSide`] its worker thread runs.
 pub struct MmioTransport {
     side: Arc<Mutex<DeviceSide>>,
-    interrupt_status: Arc<AtomicU32>,
-    device_type: u32,
-    device_features: u64,
-    queue_max: Vec<u16>,
+    line: Arc<SharedLine>,
+    driver: DriverState,
     queue_evts: Vec<EventFd>,
-    queue_sel: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    status: u32,
 }
 
 impl MmioTransport {
@@ -440,36 +176,27 @@ impl MmioTransport {
         poller: Poller,
         queue_evts: Vec<EventFd>,
     ) -> std::io::Result<Self> {
-        let interrupt_status = Arc::new(AtomicU32::new(0));
+        let line = Arc::new(SharedLine::new(irq));
         let vcpu_evts = queue_evts
             .iter()
             .map(|e| e.try_clone())
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
-            device_type: device.device_type(),
-            device_features: device.features(),
-            queue_max: queues.iter().map(|q| q.max_size()).collect(),
-            side: Arc::new(Mutex::new(DeviceSide {
+            driver: DriverState::new(
+                device.device_type(),
+                device.features(),
+                queues.iter().map(|q| q.max_size()).collect(),
+            ),
+            side: Arc::new(Mutex::new(DeviceSide::new(
                 device,
                 mem,
-                irq,
+                line.clone(),
                 queues,
                 poller,
                 queue_evts,
-                activated: false,
-                interrupt_status: interrupt_status.clone(),
-                config_generation: 0,
-                triggers: 0,
-                idle_seen: None,
-                dirty: None,
-            })),
-            interrupt_status,
+            ))),
+            line,
             queue_evts: vcpu_evts,
-            queue_sel: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            status: 0,
         })
     }
 
@@ -515,12 +242,7 @@ impl MmioTransport {
     /// interrupt controllers hold their saved state (a pulse sent while they were being
     /// rebuilt is lost, and the driver would wait for it forever).
     pub fn raise_pending(&self) {
-        if self.interrupt_status.load(Ordering::SeqCst) != 0 {
-            let side = self.lock();
-            if let Err(e) = vm_superio::Trigger::trigger(&side.irq) {
-                log::warn!("virtio-mmio: interrupt: {e}");
-            }
-        }
+        self.line.raise_pending();
     }
 
     /// Tells the driver the configuration space changed.
@@ -542,14 +264,14 @@ impl MmioTransport {
     /// every device's lock so that no worker writes guest memory while it is saved).
     pub fn save_with(&self, side: &DeviceSide) -> MmioTransportState {
         MmioTransportState {
-            device_type: self.device_type,
-            queue_sel: self.queue_sel,
-            device_features_sel: self.device_features_sel,
+            device_type: self.driver.device_type,
+            queue_sel: self.driver.queue_sel,
+            device_features_sel: self.driver.device_features_sel,
             config_generation: side.config_generation,
-            driver_features_sel: self.driver_features_sel,
-            driver_features: self.driver_features,
-            status: self.status,
-            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+            driver_features_sel: self.driver.driver_features_sel,
+            driver_features: self.driver.driver_features,
+            status: self.driver.status,
+            interrupt_status: self.line.status(),
             queues: side
                 .queues
                 .iter()
@@ -604,23 +326,24 @@ impl MmioTransport {
         let poller = Poller::new().map_err(io)?;
         let queue_evts = queue_events(queues.len(), &poller).map_err(io)?;
         let mut t = Self::assemble(device, mem, irq, queues, poller, queue_evts).map_err(io)?;
-        t.queue_sel = state.queue_sel;
-        t.device_features_sel = state.device_features_sel;
-        t.driver_features_sel = state.driver_features_sel;
-        t.driver_features = state.driver_features;
-        t.status = state.status;
-        t.interrupt_status
-            .store(state.interrupt_status, Ordering::SeqCst);
+        t.driver.queue_sel = state.queue_sel;
+        t.driver.device_features_sel = state.device_features_sel;
+        t.driver.driver_features_sel = state.driver_features_sel;
+        t.driver.driver_features = state.driver_features;
+        t.driver.status = state.status;
+        t.line.set_status(state.interrupt_status);
         {
             let mut side = t.lock();
             side.config_generation = state.config_generation;
             // Before the device starts: activating can already write guest memory (vsock's
             // transport-reset event).
             side.dirty = dirty;
-            if t.status & STATUS_DRIVER_OK != 0 && t.status & STATUS_NEEDS_RESET == 0 {
+            if t.driver.status & STATUS_DRIVER_OK != 0 && t.driver.status & STATUS_NEEDS_RESET == 0
+            {
                 // What a running driver had to pass to get here (set_status) is checked again:
                 // a forged state must not start a device on rings outside guest memory.
-                if t.status & STATUS_FEATURES_OK == 0 || t.driver_features & VIRTIO_F_VERSION_1 == 0
+                if t.driver.status & STATUS_FEATURES_OK == 0
+                    || t.driver.driver_features & VIRTIO_F_VERSION_1 == 0
                 {
                     return Err(RestoreError::Device(
                         "DRIVER_OK without FEATURES_OK and VERSION_1".into(),
@@ -636,7 +359,7 @@ impl MmioTransport {
                         reason: "ready, but its rings are not in guest memory".into(),
                     });
                 }
-                side.activate(t.driver_features);
+                side.activate(t.driver.driver_features);
             }
         }
         // Buffers the driver made available just before the snapshot: the worker looks at
@@ -647,68 +370,7 @@ impl MmioTransport {
 
     /// The device status register (driver progress).
     pub fn status(&self) -> u32 {
-        self.status
-    }
-
-    /// Runs `f` on the selected queue, only before DRIVER_OK (queue registers mean nothing
-    /// after it).
-    fn with_selected_queue(&self, f: impl FnOnce(&mut Queue)) {
-        if self.status & STATUS_DRIVER_OK != 0 {
-            return;
-        }
-        if let Some(q) = self.lock().queues.get_mut(self.queue_sel as usize) {
-            f(q);
-        }
-    }
-
-    fn reset(&mut self) {
-        self.lock().reset();
-        self.queue_sel = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.status = 0;
-    }
-
-    fn set_status(&mut self, v: u32) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        // Taking DRIVER_OK back without a reset is a driver error: the device needs a reset.
-        if self.status & STATUS_DRIVER_OK != 0 && v & STATUS_DRIVER_OK == 0 {
-            log::warn!("virtio-mmio: the driver cleared DRIVER_OK without a reset");
-            self.status |= STATUS_NEEDS_RESET;
-            return;
-        }
-        // FEATURES_OK only sticks when the driver accepted VERSION_1 and nothing we did not offer.
-        let mut v = v;
-        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
-            let bad = self.driver_features & !self.device_features != 0
-                || self.driver_features & VIRTIO_F_VERSION_1 == 0;
-            if bad {
-                v &= !STATUS_FEATURES_OK;
-            }
-        }
-        if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
-            let side = self.lock();
-            let valid = side
-                .queues
-                .iter()
-                .all(|q| !q.ready() || q.is_valid(&side.mem));
-            drop(side);
-            if v & STATUS_FEATURES_OK == 0 || !valid {
-                log::warn!("virtio-mmio: DRIVER_OK without valid features or queues");
-                v |= STATUS_NEEDS_RESET;
-            }
-        }
-        let start = v & STATUS_DRIVER_OK != 0
-            && v & STATUS_NEEDS_RESET == 0
-            && self.status & STATUS_DRIVER_OK == 0;
-        self.status = v;
-        if start {
-            self.lock().activate(self.driver_features);
-        }
+        self.driver.status
     }
 
     fn notify(&mut self, index: u32) {
@@ -724,24 +386,17 @@ impl MmioTransport {
         match offset {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,
-            REG_DEVICE_ID => self.device_type,
+            REG_DEVICE_ID => self.driver.device_type,
             REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features as u32,
-                1 => (self.device_features >> 32) as u32,
-                _ => 0,
-            },
-            REG_QUEUE_NUM_MAX => self
-                .queue_max
-                .get(self.queue_sel as usize)
-                .map_or(0, |&m| u32::from(m)),
+            REG_DEVICE_FEATURES => self.driver.device_features_word(),
+            REG_QUEUE_NUM_MAX => u32::from(self.driver.selected_queue_max()),
             REG_QUEUE_READY => self
                 .lock()
                 .queues
-                .get(self.queue_sel as usize)
+                .get(self.driver.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
-            REG_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
-            REG_STATUS => self.status,
+            REG_INTERRUPT_STATUS => self.line.status(),
+            REG_STATUS => self.driver.status,
             REG_CONFIG_GENERATION => self.lock().config_generation,
             _ => 0,
         }
@@ -749,26 +404,19 @@ impl MmioTransport {
 
     fn write_reg(&mut self, offset: u64, v: u32) {
         match offset {
-            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            REG_DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => match self
-                .driver_features_sel
-            {
-                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                1 => {
-                    self.driver_features =
-                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                }
-                _ => {}
-            },
-            REG_QUEUE_SEL => self.queue_sel = v,
-            REG_QUEUE_NUM => self.with_selected_queue(|q| q.set_size(v as u16)),
-            REG_QUEUE_READY => self.with_selected_queue(|q| q.set_ready(v == 1)),
+            REG_DEVICE_FEATURES_SEL => self.driver.device_features_sel = v,
+            REG_DRIVER_FEATURES_SEL => self.driver.driver_features_sel = v,
+            REG_DRIVER_FEATURES => self.driver.set_driver_features_word(v),
+            REG_QUEUE_SEL => self.driver.queue_sel = v,
+            REG_QUEUE_NUM => self
+                .driver
+                .with_selected_queue(&self.side, |q| q.set_size(v as u16)),
+            REG_QUEUE_READY => self
+                .driver
+                .with_selected_queue(&self.side, |q| q.set_ready(v == 1)),
             REG_QUEUE_NOTIFY => self.notify(v),
-            REG_INTERRUPT_ACK => {
-                self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
-            }
-            REG_STATUS => self.set_status(v),
+            REG_INTERRUPT_ACK => self.line.acknowledge(v),
+            REG_STATUS => self.driver.set_status(v, &self.side),
             REG_QUEUE_DESC_LOW
             | REG_QUEUE_DESC_HIGH
             | REG_QUEUE_DRIVER_LOW
@@ -780,11 +428,12 @@ impl MmioTransport {
                 } else {
                     (None, Some(v))
                 };
-                self.with_selected_queue(|q| match offset & !4 {
-                    REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
-                    REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
-                    _ => q.set_used_ring_address(low, high),
-                });
+                self.driver
+                    .with_selected_queue(&self.side, |q| match offset & !4 {
+                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
+                        REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    });
             }
             _ => log::debug!("virtio-mmio: ignored write {v:#x} at {offset:#x}"),
         }

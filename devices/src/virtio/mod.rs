@@ -1,8 +1,10 @@
-//! Virtio 1.x devices and their MMIO transport.
+//! Virtio 1.x devices and their transports.
 //!
-//! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on the MMIO bus with the
-//! virtio-mmio (version 2) register layout, owns its queues (the virtio-queue crate) and raises
-//! the used-buffer interrupt. Guest-controlled input — registers, descriptors, buffers — is
+//! A device implements [`VirtioDevice`]. Its worker half, the same for every transport, is
+//! [`device_side::DeviceSide`]: the device, its queues (the virtio-queue crate) and its
+//! interrupts ([`interrupt::VirtioInterrupt`]: a shared line with a status register, or per-queue
+//! vectors). A transport is a register file beside it: [`mmio::MmioTransport`] (virtio-mmio
+//! version 2) today. Guest-controlled input — registers, descriptors, buffers — is
 //! untrusted: errors become the device's failure status or a short used length, never a panic.
 //!
 //! Each transport has a [`Poller`] (an epoll set on Linux, a kqueue on macOS: [`crate::os`]) holding one eventfd per queue — registered
@@ -13,6 +15,9 @@
 
 pub mod balloon;
 pub mod block;
+pub mod device_side;
+pub mod driver_state;
+pub mod interrupt;
 pub mod mmio;
 pub mod net;
 

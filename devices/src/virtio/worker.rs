@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use crate::os::Ready;
 
-use super::mmio::{DeviceSide, IDLE_CHECK_MS};
+use super::device_side::{DeviceSide, IDLE_CHECK_MS};
 
 /// Starts the worker thread `name` for a transport's device side
 /// ([`super::mmio::MmioTransport::device_side`]). It runs until the process exits.
