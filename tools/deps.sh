@@ -80,7 +80,7 @@ if [ -n "$backports" ] && [ "${TERN_NEST_QEMU:-}" != distro ]; then
     missing=("${rest[@]}")
 fi
 if [ ${#missing[@]} -gt 0 ] || [ -n "$update" ]; then
-    echo "tools/deps.sh: installing ${missing[*]}" >&2
+    [ ${#missing[@]} -eq 0 ] || echo "tools/deps.sh: installing ${missing[*]}" >&2
     $SUDO apt-get update -qq
     if [ ${#missing[@]} -gt 0 ]; then
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -125,7 +125,7 @@ impl Bucket {
         let missing = (need - self.budget) as u128;
         let ns = missing * u128::from(self.refill_ns) / u128::from(self.size.max(1));
         Err(Duration::from_nanos(
-            ns.min(u128::from(u64::MAX)) as u64 + 1,
+            u64::try_from(ns).unwrap_or(u64::MAX).saturating_add(1),
         ))
     }
 
@@ -245,6 +245,17 @@ mod tests {
             one_time_burst: burst,
             refill_time: refill_ms,
         }
+    }
+
+    /// A refill time the API accepts (any u64 of milliseconds) cannot overflow the wait: wave
+    /// 1's `as u64 + 1` panicked here in a debug build.
+    #[test]
+    fn the_longest_refill_time_waits_without_overflow() {
+        let now = Instant::now();
+        let mut b = Bucket::new(&bucket(1, u64::MAX, 0), now);
+        assert!(b.take(1, now).is_ok());
+        let wait = b.take(1, now).unwrap_err();
+        assert_eq!(wait, Duration::from_nanos(u64::MAX));
     }
 
     #[test]

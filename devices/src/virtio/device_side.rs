@@ -221,12 +221,7 @@ impl DeviceSide {
         let found = self.device.idle(&mut ctx);
         let used = ctx.used;
         if let Some(what) = found {
-            log::warn!(
-                "{RECOVERY_LOG} (virtio type {}): {what} with no event announcing it; done now ({})",
-                self.device.device_type(),
-                self.describe()
-            );
-            metrics::METRICS.virtio.recovered_notifications.inc();
+            self.recovered(&format!("{what} with no event announcing it"));
         }
         self.signal_used(used);
         for i in 0..self.queues.len() {
@@ -247,15 +242,20 @@ impl DeviceSide {
             self.device.process_queue(i as u16, &mut ctx);
             let used = ctx.used;
             if used != 0 {
-                log::warn!(
-                    "{RECOVERY_LOG} (virtio type {}): queue {i} had work no notification announced; done now ({})",
-                    self.device.device_type(),
-                    self.describe()
-                );
-                metrics::METRICS.virtio.recovered_notifications.inc();
+                self.recovered(&format!("queue {i} had work no notification announced"));
                 self.signal_used(used);
             }
         }
+    }
+
+    /// Logs and counts a lost notification the idle check made up for.
+    fn recovered(&self, what: &str) {
+        log::warn!(
+            "{RECOVERY_LOG} (virtio type {}): {what}; done now ({})",
+            self.device.device_type(),
+            self.describe()
+        );
+        metrics::METRICS.virtio.recovered_notifications.inc();
     }
 
     /// A handle on the epoll set, for [`super::worker::spawn`].

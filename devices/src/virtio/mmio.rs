@@ -408,9 +408,10 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver.driver_features_sel = v,
             REG_DRIVER_FEATURES => self.driver.set_driver_features_word(v),
             REG_QUEUE_SEL => self.driver.queue_sel = v,
+            // A size beyond 16 bits is no size at all: virtio-queue refuses 0 as invalid.
             REG_QUEUE_NUM => self
                 .driver
-                .with_selected_queue(&self.side, |q| q.set_size(v as u16)),
+                .with_selected_queue(&self.side, |q| q.set_size(u16::try_from(v).unwrap_or(0))),
             REG_QUEUE_READY => self
                 .driver
                 .with_selected_queue(&self.side, |q| q.set_ready(v == 1)),
