@@ -213,7 +213,6 @@ groups! {
     logger: LoggerMetrics {
         missed_log_count: Counter,
         missed_metrics_count: Counter,
-        metrics_fails: Counter,
     }
 }
 
