@@ -21,19 +21,28 @@ struct Tern {
 
 impl Tern {
     fn start(name: &str) -> Self {
+        Self::start_args(name, &["--level".as_ref(), "Off".as_ref()])
+    }
+
+    /// tern serving on `<name>.sock` with `args`, once its socket answers.
+    fn start_args(name: &str, args: &[&std::ffi::OsStr]) -> Self {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api");
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join(format!("{name}.sock"));
         let _ = std::fs::remove_file(&sock);
         let child = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(["--api-sock", sock.to_str().unwrap(), "--level", "Off"])
+            .args(["--api-sock", sock.to_str().unwrap()])
+            .args(args)
             .stdin(Stdio::null())
             .spawn()
             .expect("tern starts");
         let t = Tern { child, sock };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while http::request(&t.sock, "GET", "/", None).is_err() {
-            assert!(Instant::now() < deadline, "API socket never answered");
+            assert!(
+                Instant::now() < deadline,
+                "API socket never answered (tern {args:?})"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         t
@@ -362,25 +371,15 @@ fn outputs_nobody_reads_never_stall_the_api() {
 #[test]
 fn log_path_fifo_on_the_command_line() {
     let log = fifo("cli-nobody-reads.log");
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api");
-    let sock = dir.join("cli-fifo.sock");
-    let _ = std::fs::remove_file(&sock);
-    let child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["--api-sock", sock.to_str().unwrap(), "--level", "Debug"])
-        .arg("--log-path")
-        .arg(&log)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("tern starts");
-    let t = Tern { child, sock };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http::request(&t.sock, "GET", "/", None).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "tern never served with a reader-less FIFO as --log-path"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let t = Tern::start_args(
+        "cli-fifo",
+        &[
+            "--level".as_ref(),
+            "Debug".as_ref(),
+            "--log-path".as_ref(),
+            log.as_os_str(),
+        ],
+    );
     assert_eq!(t.req("GET", "/machine-config", None).status, 200);
 }
 

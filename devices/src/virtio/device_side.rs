@@ -106,13 +106,12 @@ impl DeviceSide {
     /// Handles one event of the epoll set: a queue notification (`token` below the queue
     /// count) or a device back-end descriptor. Called by the worker thread.
     pub fn handle_event(&mut self, token: u64, events: EventSet) {
-        let mut ctx = QueueCtx {
-            queues: &mut self.queues,
-            mem: &self.mem,
-            poller: &self.poller,
-            used: 0,
-            dirty: self.dirty.as_deref(),
-        };
+        let mut ctx = QueueCtx::new(
+            &mut self.queues,
+            &self.mem,
+            &self.poller,
+            self.dirty.as_deref(),
+        );
         if let Some(evt) = usize::try_from(token)
             .ok()
             .and_then(|i| self.queue_evts.get(i))
@@ -211,13 +210,12 @@ impl DeviceSide {
             }
             self.idle_seen = self.interrupt.pending().map(|s| (s, self.triggers));
         }
-        let mut ctx = QueueCtx {
-            queues: &mut self.queues,
-            mem: &self.mem,
-            poller: &self.poller,
-            used: 0,
-            dirty: self.dirty.as_deref(),
-        };
+        let mut ctx = QueueCtx::new(
+            &mut self.queues,
+            &self.mem,
+            &self.poller,
+            self.dirty.as_deref(),
+        );
         let found = self.device.idle(&mut ctx);
         let used = ctx.used;
         if let Some(what) = found {
@@ -232,13 +230,12 @@ impl DeviceSide {
             if !pending {
                 continue;
             }
-            let mut ctx = QueueCtx {
-                queues: &mut self.queues,
-                mem: &self.mem,
-                poller: &self.poller,
-                used: 0,
-                dirty: self.dirty.as_deref(),
-            };
+            let mut ctx = QueueCtx::new(
+                &mut self.queues,
+                &self.mem,
+                &self.poller,
+                self.dirty.as_deref(),
+            );
             self.device.process_queue(i as u16, &mut ctx);
             let used = ctx.used;
             if used != 0 {
@@ -265,13 +262,12 @@ impl DeviceSide {
 
     /// Starts the device with the features the driver accepted (DRIVER_OK).
     pub(super) fn activate(&mut self, driver_features: u64) {
-        let mut ctx = QueueCtx {
-            queues: &mut self.queues,
-            mem: &self.mem,
-            poller: &self.poller,
-            used: 0,
-            dirty: self.dirty.as_deref(),
-        };
+        let mut ctx = QueueCtx::new(
+            &mut self.queues,
+            &self.mem,
+            &self.poller,
+            self.dirty.as_deref(),
+        );
         self.device.activate(driver_features, &mut ctx);
         let used = ctx.used;
         self.activated = true;

@@ -70,7 +70,23 @@ pub struct QueueCtx<'a> {
     pub dirty: Option<&'a crate::dirty::DirtyLog>,
 }
 
-impl QueueCtx<'_> {
+impl<'a> QueueCtx<'a> {
+    /// A context over `queues` with no used buffers yet.
+    pub fn new(
+        queues: &'a mut [Queue],
+        mem: &'a GuestMemoryMmap,
+        poller: &'a Poller,
+        dirty: Option<&'a crate::dirty::DirtyLog>,
+    ) -> Self {
+        Self {
+            queues,
+            mem,
+            poller,
+            used: 0,
+            dirty,
+        }
+    }
+
     /// Marks guest memory the device changed outside a used chain (a balloon's discarded
     /// pages), when the VM tracks dirty pages.
     pub fn mark_dirty(&self, gpa: u64, len: u64) {
