@@ -73,7 +73,7 @@ new_qemu=
 if [ -n "$backports" ] && [ "${TERN_NEST_QEMU:-}" != distro ]; then
     for q in qemu-system-x86_64 qemu-system-aarch64; do
         [ "$q" = qemu-system-aarch64 ] && [ "$(uname -m)" != x86_64 ] && continue
-        v=$(qemu_major "$q"); [ "${v:-0}" -ge 10 ] || new_qemu=1
+        v=$(qemu_major "$q" || true); [ "${v:-0}" -ge 10 ] || new_qemu=1
     done
     # installed below, from bookworm-backports
     rest=(); for m in "${missing[@]}"; do case $m in qemu-system-x86|qemu-system-arm) ;; *) rest+=("$m") ;; esac; done

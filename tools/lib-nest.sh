@@ -56,6 +56,36 @@ if [ -n "$stuck" ]; then
         done
     ) &
 fi
+# nest.kvmtrace=1: L1's KVM traces every exit, injected exception and guest page fault into
+# ftrace's ring buffer, which stops at the first shutdown exit (an L2 triple fault: SVM exit
+# 0x7f, VMX reason 2); the last lines before it are printed ("NEST KVMTRACE"), as evidence of
+# what the L2 guest was doing when it died.
+if grep -q 'nest\.kvmtrace=1' /proc/cmdline; then
+    T=/sys/kernel/tracing
+    mount -t tracefs nodev $T 2>/dev/null
+    if [ -w $T/events/kvm/kvm_exit/enable ]; then
+        echo 8192 > $T/buffer_size_kb
+        for e in kvm_exit kvm_inj_exception kvm_page_fault kvm_inj_virq kvm_userspace_exit; do
+            echo 1 > $T/events/kvm/$e/enable 2>/dev/null || echo "NEST KVMTRACE no event $e"
+        done
+        if grep -q svm /proc/cpuinfo; then sd=127; else sd=2; fi
+        echo "traceoff if exit_reason==$sd" > $T/events/kvm/kvm_exit/trigger ||
+            echo "NEST KVMTRACE cannot set the shutdown trigger"
+        echo 1 > $T/tracing_on
+        echo "NEST KVMTRACE on (stops at exit reason $sd)"
+        (
+            while sleep 2; do
+                [ "$(cat $T/tracing_on)" = 0 ] || continue
+                echo "NEST KVMTRACE stopped at a shutdown exit; the last 600 events:"
+                tail -n 600 $T/trace | sed 's/^/NEST KVMTRACE /'
+                echo "NEST KVMTRACE end"
+                break
+            done
+        ) &
+    else
+        echo "NEST KVMTRACE unavailable (no tracefs or no kvm events)"
+    fi
+fi
 cd /nest
 echo "NEST CMD START"
 sh /nest-cmd.sh </dev/null
