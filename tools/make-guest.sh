@@ -17,9 +17,12 @@
 # The cloud kernel has virtio (blk/net/mmio/...) as modules: use initramfs-virtio
 # with it for devices (and to boot rootfs.ext4: root=/dev/vda with that initramfs).
 #
-# --arch aarch64 builds only $OUT/initramfs.cpio.gz for arm64 guests: Debian's
-# busybox-static:arm64 (downloaded, not installed) with guest/init. The arm64 kernel itself
-# comes from $TERN_GUEST_DIR/aarch64 (tern does not build one yet).
+# --arch aarch64 builds the arm64 guest the same way into OUT (default
+# $TERN_CACHE/guest/aarch64): Debian's linux-image-<kver>-cloud-arm64 (ARM64_KVER pins it)
+# as $OUT/Image (an uncompressed arm64 Image; KVM is built in, so the arm64 nest boots it
+# as L1 too), busybox-static:arm64 (downloaded, not installed), the same initramfs,
+# initramfs-virtio and rootfs.ext4, and $OUT/nest-modules/ (tun and its dependencies,
+# for L1: tools/nest-aarch64.sh's L1_MODULES).
 # Needs: busybox-static, cpio, gzip, kmod (modprobe), e2fsprogs (mke2fs), apt-get, python3, binutils
 # (readelf), and zstd or lz4 if the kernel is compressed that way; root only
 # for mknod (without it /init takes its console from devtmpfs).
@@ -31,7 +34,13 @@ INIT=$HERE/../guest/init
 BUSYBOX=/bin/busybox
 # shellcheck source=SCRIPTDIR/lib-debian-kernel.sh
 . "$HERE/lib-debian-kernel.sh"
-OUT=${OUT:-$TERN_CACHE/guest}
+ARCH=x86_64
+if [ "${1:-}" = --arch ]; then ARCH=${2:-}; fi
+case $ARCH in
+    x86_64) OUT=${OUT:-$TERN_CACHE/guest} ;;
+    aarch64) OUT=${OUT:-$TERN_CACHE/guest/aarch64} ;;
+    *) echo "$ME: unknown architecture '$ARCH' (x86_64 or aarch64)" >&2; exit 2 ;;
+esac
 EPOCH=${SOURCE_DATE_EPOCH:-1704067200}      # fixed timestamps: same bytes each build
 
 [ -f "$INIT" ] || { echo "$ME: missing $INIT" >&2; exit 1; }
@@ -46,33 +55,14 @@ pack_tree() {
     mv "$2.tmp" "$2"
 }
 
-if [ "${1:-}" = --arch ] && [ "${2:-}" = aarch64 ]; then
+GUEST_BUSYBOX=$BUSYBOX
+if [ "$ARCH" = aarch64 ]; then
     # shellcheck source=SCRIPTDIR/lib-arm64-busybox.sh
     . "$HERE/lib-arm64-busybox.sh"
-    BB=$(arm64_busybox "$OUT/busybox")
-    if [ -e "$OUT/initramfs.cpio.gz" ] && [ "$OUT/initramfs.cpio.gz" -nt "$INIT" ] &&
-       [ "$OUT/initramfs.cpio.gz" -nt "$0" ] && [ "$OUT/initramfs.cpio.gz" -nt "$BB" ]; then
-        echo "$ME: aarch64 initramfs.cpio.gz is up to date"
-    else
-        R=$(mktemp -d "${TMPDIR:-/tmp}/tern-guest-arm64.XXXXXX")
-        trap 'rm -rf "$R"' EXIT
-        mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,root,etc}
-        cp "$BB" "$R/bin/busybox"
-        # Applet links from the host's busybox of the same Debian release: the arm64 binary
-        # cannot run here to list its own.
-        for a in $("$BUSYBOX" --list-full); do
-            [ -e "$R/$a" ] || ln -s /bin/busybox "$R/$a"
-        done
-        install -m 755 "$INIT" "$R/init"
-        mknod -m 600 "$R/dev/console" c 5 1 2>/dev/null && mknod -m 666 "$R/dev/null" c 1 3 ||
-            echo "$ME: warning: mknod failed (not root?): init falls back to devtmpfs's console" >&2
-        pack_tree "$R" "$OUT/initramfs.cpio.gz"
-    fi
-    echo "$OUT/initramfs.cpio.gz"
-    exit 0
+    GUEST_BUSYBOX=$(arm64_busybox "$OUT/busybox")
 fi
 
-KVER=$(debk_kver)
+KVER=$(debk_kver "$ARCH")
 KROOT=$(debk_fetch "$KVER")
 
 # newer OUTPUT INPUT...: true if OUTPUT exists and is newer than every INPUT
@@ -83,25 +73,55 @@ newer() {
 }
 
 # (dpkg -x keeps the package's old mtimes: compare the version as well)
-if newer "$OUT/bzImage" "$KROOT/boot/vmlinuz-$KVER" &&
+# Debian's arm64 vmlinuz is an uncompressed Image (older releases gzip it: unpacked here).
+KIMAGE=bzImage; [ "$ARCH" = aarch64 ] && KIMAGE=Image
+if newer "$OUT/$KIMAGE" "$KROOT/boot/vmlinuz-$KVER" &&
    [ "$(cat "$OUT/kernel-version" 2>/dev/null)" = "$KVER" ]; then
-    echo "$ME: bzImage is up to date"
+    echo "$ME: $KIMAGE is up to date"
 else
-    cp "$KROOT/boot/vmlinuz-$KVER" "$OUT/bzImage.tmp" && mv "$OUT/bzImage.tmp" "$OUT/bzImage"
+    if [ "$ARCH" = aarch64 ] && gzip -t "$KROOT/boot/vmlinuz-$KVER" 2>/dev/null; then
+        gzip -dc "$KROOT/boot/vmlinuz-$KVER" > "$OUT/$KIMAGE.tmp"
+    else
+        cp "$KROOT/boot/vmlinuz-$KVER" "$OUT/$KIMAGE.tmp"
+    fi
+    mv "$OUT/$KIMAGE.tmp" "$OUT/$KIMAGE"
     echo "$KVER" > "$OUT/kernel-version"
 fi
 
+# copy_modules KROOT KVER DIR LIST MODULE...: each module and its dependencies (modprobe
+# resolves modules.dep), dependencies first, as plain .ko files in DIR (busybox insmod wants
+# them uncompressed), their names in load order appended to LIST.
+copy_modules() {
+    local kroot=$1 kver=$2 dir=$3 list=$4 m deps p b; shift 4
+    mkdir -p "$dir"; touch "$list"
+    for m in "$@"; do
+        deps=$(modprobe -C /dev/null -d "$kroot" -S "$kver" --show-depends "$m") ||
+            { echo "$ME: module $m is not in $kver" >&2; return 1; }
+        for p in $(printf '%s\n' "$deps" | sed -n 's/^insmod \([^ ]*\).*/\1/p'); do
+            b=${p##*/}; b=${b%%.ko*}
+            grep -qx "$b" "$list" && continue
+            case $p in
+                *.ko.xz)  xz -dc "$p" ;;
+                *.ko.zst) zstd -qdc "$p" ;;
+                *)        cat "$p" ;;
+            esac > "$dir/$b.ko"
+            echo "$b" >> "$list"
+        done
+    done
+}
+
 VIRTIO_MODULES="virtio_mmio virtio_blk virtio_net virtio-rng virtio_balloon vmw_vsock_virtio_transport"
-if newer "$OUT/initramfs.cpio.gz" "$INIT" "$BUSYBOX" "$0" &&
-   newer "$OUT/initramfs-virtio.cpio.gz" "$INIT" "$BUSYBOX" "$0" "$OUT/kernel-version" &&
-   newer "$OUT/rootfs.ext4" "$INIT" "$BUSYBOX" "$0" "$OUT/kernel-version"; then
+if newer "$OUT/initramfs.cpio.gz" "$INIT" "$GUEST_BUSYBOX" "$0" &&
+   newer "$OUT/initramfs-virtio.cpio.gz" "$INIT" "$GUEST_BUSYBOX" "$0" "$OUT/kernel-version" &&
+   newer "$OUT/rootfs.ext4" "$INIT" "$GUEST_BUSYBOX" "$0" "$OUT/kernel-version"; then
     echo "$ME: initramfs.cpio.gz, initramfs-virtio.cpio.gz and rootfs.ext4 are up to date"
 else
     R=$(mktemp -d "${TMPDIR:-/tmp}/tern-guest.XXXXXX")
     trap 'rm -rf "$R"' EXIT
     mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,root,etc}
-    cp "$BUSYBOX" "$R/bin/busybox"
-    # Applet links at build time (bin/sh, sbin/init, usr/bin/tr, ...).
+    cp "$GUEST_BUSYBOX" "$R/bin/busybox"
+    # Applet links at build time (bin/sh, sbin/init, usr/bin/tr, ...), listed by the host's
+    # busybox of the same Debian release (an arm64 one cannot run here to list its own).
     for a in $("$BUSYBOX" --list-full); do
         [ -e "$R/$a" ] || ln -s /bin/busybox "$R/$a"
     done
@@ -115,22 +135,9 @@ else
     pack "$OUT/initramfs.cpio.gz"
     # The virtio modules, dependencies first (modprobe resolves modules.dep); busybox insmod
     # wants plain .ko files.
-    mkdir -p "$R/lib/modules/tern"
     : > "$R/etc/tern-modules"
-    for m in $VIRTIO_MODULES; do
-        deps=$(modprobe -C /dev/null -d "$KROOT" -S "$KVER" --show-depends "$m") ||
-            { echo "$ME: module $m is not in $KVER" >&2; exit 1; }
-        for p in $(printf '%s\n' "$deps" | sed -n 's/^insmod \([^ ]*\).*/\1/p'); do
-            b=${p##*/}; b=${b%%.ko*}
-            grep -qx "$b" "$R/etc/tern-modules" && continue
-            case $p in
-                *.ko.xz)  xz -dc "$p" ;;
-                *.ko.zst) zstd -qdc "$p" ;;
-                *)        cat "$p" ;;
-            esac > "$R/lib/modules/tern/$b.ko"
-            echo "$b" >> "$R/etc/tern-modules"
-        done
-    done
+    # shellcheck disable=SC2086
+    copy_modules "$KROOT" "$KVER" "$R/lib/modules/tern" "$R/etc/tern-modules" $VIRTIO_MODULES
     pack "$OUT/initramfs-virtio.cpio.gz"
     # The root filesystem: the same tree, guest/init as /sbin/init.
     rm -f "$R/init" "$R/sbin/init"
@@ -141,6 +148,20 @@ else
     E2FSPROGS_FAKE_TIME=$EPOCH mke2fs -q -t ext4 -L ternroot -U 6b1e2d1c-7e2a-4f4e-9d55-0d9f3c1f7a01 \
         -E root_owner=0:0 -d "$R" "$OUT/rootfs.ext4.tmp"
     mv "$OUT/rootfs.ext4.tmp" "$OUT/rootfs.ext4"
+fi
+
+if [ "$ARCH" = aarch64 ]; then
+    # L1 of the arm64 nest boots the same kernel: it needs tun for the TAP scenarios.
+    if ! newer "$OUT/nest-modules/order" "$OUT/kernel-version" "$0"; then
+        rm -rf "$OUT/nest-modules"
+        copy_modules "$KROOT" "$KVER" "$OUT/nest-modules" "$OUT/nest-modules/order.tmp" tun
+        mv "$OUT/nest-modules/order.tmp" "$OUT/nest-modules/order"
+    fi
+    echo "console=ttyAMA0 panic=1 quiet" > "$OUT/cmdline"
+    for f in Image initramfs.cpio.gz initramfs-virtio.cpio.gz rootfs.ext4 nest-modules cmdline; do
+        echo "$OUT/$f"
+    done
+    exit 0
 fi
 
 # The same kernel as an ELF vmlinux (it has the PVH note), for PVH and 64-bit ELF boots.

@@ -14,7 +14,10 @@
 # Exit status: N, or 255 if L1 never printed NEST EXIT (panic, timeout, ...).
 #
 # Environment: L1_KERNEL (an arm64 Image with KVM built in, required: the arm64
-# test kernel of ../shared/guest/aarch64 is one), TERN_CACHE (default ~/.cache/tern),
+# test kernel of ../shared/guest/aarch64 is one, and so is Debian's cloud-arm64 kernel
+# that tools/make-guest.sh --arch aarch64 unpacks), L1_MODULES (a directory of .ko files
+# and an `order` file naming them in load order, which L1 loads: make-guest.sh's
+# nest-modules/ for Debian's kernel, whose tun is a module), TERN_CACHE (default ~/.cache/tern),
 # L1_MEM (MiB, default 2048; must exceed what an L2 guest maps), L1_SMP (2),
 # L1_APPEND, L1_GIC (3, or 2 to give L1 a GICv2 and so test tern's GICv2 fallback),
 # NEST_TIMEOUT (s, default 1200), NEST_IDLE (s: kill an L1 silent that
@@ -71,6 +74,12 @@ RUN=$(mktemp -d "${TMPDIR:-/tmp}/tern-nest-arm64.XXXXXX")
 trap 'rm -rf "$RUN"' EXIT
 mkdir -p "$RUN/root/nest"
 for f in "$@"; do cp -a "$f" "$RUN/root/nest/"; done
+if [ -n "${L1_MODULES:-}" ]; then
+    [ -f "$L1_MODULES/order" ] || die "L1_MODULES=$L1_MODULES has no order file"
+    mkdir -p "$RUN/root/lib/modules/nest" "$RUN/root/etc"
+    while read -r m; do cp "$L1_MODULES/$m.ko" "$RUN/root/lib/modules/nest/"; done < "$L1_MODULES/order"
+    cp "$L1_MODULES/order" "$RUN/root/etc/nest-modules"
+fi
 cp "$SCRIPT" "$RUN/root/nest-cmd.sh"
 (cd "$RUN/root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$RUN/run.cpio"
 cat "$BASE" "$RUN/run.cpio" > "$RUN/initramfs.cpio"

@@ -386,6 +386,9 @@ pub struct GuestFiles {
     pub arch: Arch,
     /// The nest's L1 gets a GICv2 (aarch64).
     pub l1_gic2: bool,
+    /// Modules the nest's L1 loads (aarch64 with tern's own kernel, which is L1's as well:
+    /// `tools/nest-aarch64.sh`'s `L1_MODULES`).
+    pub l1_modules: Option<PathBuf>,
 }
 
 pub fn guest_files(arch: Arch) -> Result<GuestFiles, String> {
@@ -428,6 +431,7 @@ pub fn guest_files(arch: Arch) -> Result<GuestFiles, String> {
         own_kernel,
         arch,
         l1_gic2: false,
+        l1_modules: None,
     };
     for f in [
         &files.vmlinux,
@@ -443,15 +447,11 @@ pub fn guest_files(arch: Arch) -> Result<GuestFiles, String> {
 }
 
 /// The arm64 guest: the kernel `Image` (and `rootfs.ext4`) from `$TERN_GUEST_DIR/aarch64` or
-/// `../shared/guest/aarch64`, the initramfs with tern's `guest/init` from
-/// `tools/make-guest.sh --arch aarch64`.
+/// `../shared/guest/aarch64` when there is one, otherwise tern's own from
+/// `tools/make-guest.sh --arch aarch64` (Debian's cloud-arm64 kernel, virtio as modules in
+/// the initramfs, tun for L1 in `nest-modules/`); the initramfs with tern's `guest/init`
+/// always comes from make-guest.sh.
 fn aarch64_guest_files(own: &Path) -> Result<GuestFiles, String> {
-    let kdir = std::env::var("TERN_GUEST_DIR")
-        .map(|d| PathBuf::from(d).join("aarch64"))
-        .ok()
-        .or_else(|| Some(workspace().join("../shared/guest/aarch64")))
-        .filter(|p| p.join("Image").exists())
-        .ok_or("SKIP: no arm64 guest kernel: set TERN_GUEST_DIR to a directory with aarch64/Image (../shared/guest has one); tern does not build its own arm64 kernel yet")?;
     let status = Command::new("bash")
         .arg(workspace().join("tools/make-guest.sh"))
         .args(["--arch", "aarch64"])
@@ -463,16 +463,34 @@ fn aarch64_guest_files(own: &Path) -> Result<GuestFiles, String> {
             "tools/make-guest.sh --arch aarch64 failed ({status})"
         ));
     }
-    Ok(GuestFiles {
+    let shared = std::env::var("TERN_GUEST_DIR")
+        .map(|d| PathBuf::from(d).join("aarch64"))
+        .ok()
+        .or_else(|| Some(workspace().join("../shared/guest/aarch64")))
+        .filter(|p| p.join("Image").exists());
+    let kdir = shared.unwrap_or_else(|| own.to_path_buf());
+    let own_kernel = kdir == own;
+    let files = GuestFiles {
         vmlinux: kdir.join("Image"),
         bzimage: kdir.join("Image"),
-        initramfs: own.join("initramfs.cpio.gz"),
+        initramfs: own.join(if own_kernel {
+            "initramfs-virtio.cpio.gz"
+        } else {
+            "initramfs.cpio.gz"
+        }),
         own_bzimage: PathBuf::new(),
+        l1_modules: own_kernel.then(|| own.join("nest-modules")),
         dir: kdir,
-        own_kernel: false,
+        own_kernel,
         arch: Arch::Aarch64,
         l1_gic2: false,
-    })
+    };
+    for f in [&files.vmlinux, &files.initramfs] {
+        if !f.exists() {
+            return Err(format!("guest file {} is missing", f.display()));
+        }
+    }
+    Ok(files)
 }
 
 fn config_json(s: &Scenario, own_kernel: bool, arch: Arch) -> String {
@@ -817,28 +835,31 @@ fn execute(
             let max_mem = scenarios.iter().map(|s| s.mem_mib).max().unwrap_or(256);
             // L1 must hold the largest guest's mapping plus its own ~1 GiB.
             let l1_mem = (max_mem + 2048).max(3072);
-            Command::new("bash")
-                .arg(
-                    workspace()
-                        .join("tools")
-                        .join(format!("nest-{}.sh", guest.arch.name())),
-                )
-                // The arm64 test kernel has KVM built in: it is L1's kernel as well.
-                .env("L1_KERNEL", &guest.vmlinux)
-                .env("L1_GIC", if guest.l1_gic2 { "2" } else { "3" })
-                .arg("-s")
-                .arg(dir.join("run.sh"))
-                // Everything staged goes into L1's /nest.
-                .args(staged_files(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?)
-                .env("L1_MEM", l1_mem.to_string())
-                .env("NEST_TIMEOUT", (total + 300).to_string())
-                // A hung L1 (it happens under TCG) is killed after the longest scenario's
-                // time plus margin, instead of waiting for NEST_TIMEOUT.
-                .env(
-                    "NEST_IDLE",
-                    (scenarios.iter().map(|s| s.timeout_s).max().unwrap_or(120) + 180).to_string(),
-                )
-                .output()
+            let mut nest = Command::new("bash");
+            if let Some(m) = &guest.l1_modules {
+                nest.env("L1_MODULES", m);
+            }
+            nest.arg(
+                workspace()
+                    .join("tools")
+                    .join(format!("nest-{}.sh", guest.arch.name())),
+            )
+            // The arm64 guest kernels have KVM built in: each is L1's kernel as well.
+            .env("L1_KERNEL", &guest.vmlinux)
+            .env("L1_GIC", if guest.l1_gic2 { "2" } else { "3" })
+            .arg("-s")
+            .arg(dir.join("run.sh"))
+            // Everything staged goes into L1's /nest.
+            .args(staged_files(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?)
+            .env("L1_MEM", l1_mem.to_string())
+            .env("NEST_TIMEOUT", (total + 300).to_string())
+            // A hung L1 (it happens under TCG) is killed after the longest scenario's
+            // time plus margin, instead of waiting for NEST_TIMEOUT.
+            .env(
+                "NEST_IDLE",
+                (scenarios.iter().map(|s| s.timeout_s).max().unwrap_or(120) + 180).to_string(),
+            )
+            .output()
         }
     }
     .map_err(|e| format!("running the scenarios: {e}"))?;
