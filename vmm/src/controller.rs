@@ -323,7 +323,8 @@ impl Controller {
                     l.check("drive.rate_limiter")
                         .map_err(|m| ConfigError::new("drive.rate_limiter", m))?;
                 }
-                vm.patch_drive(&drive_id, path_on_host.as_deref(), rate_limiter)
+                vm.devices()
+                    .patch_drive(&drive_id, path_on_host.as_deref(), rate_limiter)
                     .map_err(|m| ConfigError::new(format!("drives[{drive_id}]"), m))?;
                 if let Some(d) = self
                     .resources
@@ -356,7 +357,8 @@ impl Controller {
                         l.check(name).map_err(|m| ConfigError::new(name, m))?;
                     }
                 }
-                vm.patch_net(&iface_id, rx, tx)
+                vm.devices()
+                    .patch_net(&iface_id, rx, tx)
                     .map_err(|m| ConfigError::new(format!("network-interfaces[{iface_id}]"), m))?;
                 if let Some(n) = self
                     .resources
@@ -391,7 +393,7 @@ impl Controller {
                 Some(b) => {
                     let mut b = b.clone();
                     if let Some(vm) = &self.vm {
-                        if let Some(s) = vm.balloon_stats() {
+                        if let Some(s) = vm.devices().balloon_stats() {
                             b.amount_mib = s.target_pages / 256;
                         }
                     }
@@ -414,7 +416,8 @@ impl Controller {
                     )
                     .into());
                 }
-                vm.set_balloon_target(mib)
+                vm.devices()
+                    .set_balloon_target(mib)
                     .map_err(ActionError::InvalidState)?;
                 if let Some(b) = &mut self.resources.balloon {
                     b.amount_mib = mib;
@@ -425,7 +428,7 @@ impl Controller {
                 let vm = self.vm.as_ref().ok_or_else(|| {
                     ActionError::InvalidState("the VM has not started: no statistics yet".into())
                 })?;
-                match (&self.resources.balloon, vm.balloon_stats()) {
+                match (&self.resources.balloon, vm.devices().balloon_stats()) {
                     (Some(b), Some(s)) if b.stats_polling_interval_s > 0 => {
                         Ok(VmmData::BalloonStats(s))
                     }
@@ -452,7 +455,8 @@ impl Controller {
                         "statistics can be retimed but not switched on or off after boot".into(),
                     ));
                 }
-                vm.set_balloon_stats_interval(secs)
+                vm.devices()
+                    .set_balloon_stats_interval(secs)
                     .map_err(ActionError::InvalidState)?;
                 b.stats_polling_interval_s = secs;
                 Ok(VmmData::Empty)

@@ -5,6 +5,7 @@
 
 pub mod console;
 pub mod controller;
+pub mod device_manager;
 pub mod exit;
 pub mod hypervisor;
 pub mod logger;

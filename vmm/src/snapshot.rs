@@ -218,26 +218,6 @@ impl RunningVm {
             self._vm.save_arm_gic(&mpidrs)
         };
         let vm_state = vm_state.map_err(|e| SnapshotError::Hypervisor(e.to_string()))?;
-        // Every device worker is held while its state and guest memory are read, so none
-        // writes guest memory in between.
-        let transports: Vec<_> = self
-            .virtio
-            .iter()
-            .map(|h| h.transport.lock().unwrap_or_else(|p| p.into_inner()))
-            .collect();
-        let sides: Vec<_> = transports.iter().map(|t| t.device_side()).collect();
-        let guards: Vec<_> = sides
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
-            .collect();
-        let mut virtio = Vec::with_capacity(transports.len());
-        for ((h, t), side) in self.virtio.iter().zip(&transports).zip(&guards) {
-            virtio.push(VirtioSnapshot {
-                kind: h.kind,
-                id: h.id.clone(),
-                transport: t.save_with(side),
-            });
-        }
         let memory: Vec<(u64, u64)> = self
             ._mem
             .iter()
@@ -254,59 +234,61 @@ impl RunningVm {
                 }
             }
         };
-        if let Some(log) = &self.dirty {
-            for (slot, r) in self._mem.iter().enumerate() {
-                match self._vm.dirty_log(slot as u32, r.len()) {
-                    Ok(bits) => log.merge(slot, &bits),
-                    Err(e) => {
-                        put_back(&saved_pages);
-                        return Err(SnapshotError::Hypervisor(e.to_string()));
-                    }
-                }
-                saved_pages.push(log.take(slot));
-            }
-        }
-        // The state file is written first: a state path that cannot be written fails before
-        // the (much longer) memory write, not after it.
         let uart = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
-        let res = &self.resources;
-        let state = VmState {
-            machine: res.machine_config.clone(),
-            drives: res.ordered_drives().into_iter().cloned().collect(),
-            net: res.net.clone(),
-            vsock: res.vsock.clone(),
-            balloon: res.balloon.clone(),
-            entropy: res.entropy,
-            entropy_rate_limiter: res.entropy_rate_limiter,
-            memory,
-            uart,
-            virtio,
-            #[cfg(target_arch = "x86_64")]
-            vm: vm_state,
-            #[cfg(target_arch = "aarch64")]
-            gic: vm_state,
-            vcpus: vcpu_states,
-        };
         let io = |source| {
             SnapshotError::File(SnapshotFileError::Io {
                 path: snapshot_path.to_path_buf(),
                 source,
             })
         };
-        let state_file = snapshot_file::encode(&state, SnapshotArch::native())
-            .map_err(SnapshotError::from)
-            .and_then(|bytes| {
-                snapshot_file::write_pending(snapshot_path, |f| f.write_all(&bytes)).map_err(io)
-            });
-        let files = state_file.and_then(|state_file| {
-            let mem_file = match kind {
-                SnapshotType::Full => write_memory(&self._mem, mem_path),
-                SnapshotType::Diff => write_memory_diff(&self._mem, mem_path, &saved_pages),
-            }?;
-            Ok((state_file, mem_file))
+        // Every device and its worker are held while their state and guest memory are read,
+        // so none writes guest memory in between.
+        let files = self.devices.with_saved(|virtio| {
+            if let Some(log) = &self.dirty {
+                for (slot, r) in self._mem.iter().enumerate() {
+                    match self._vm.dirty_log(slot as u32, r.len()) {
+                        Ok(bits) => log.merge(slot, &bits),
+                        Err(e) => {
+                            put_back(&saved_pages);
+                            return Err(SnapshotError::Hypervisor(e.to_string()));
+                        }
+                    }
+                    saved_pages.push(log.take(slot));
+                }
+            }
+            // The state file is written first: a state path that cannot be written fails before
+            // the (much longer) memory write, not after it.
+            let res = &self.resources;
+            let state = VmState {
+                machine: res.machine_config.clone(),
+                drives: res.ordered_drives().into_iter().cloned().collect(),
+                net: res.net.clone(),
+                vsock: res.vsock.clone(),
+                balloon: res.balloon.clone(),
+                entropy: res.entropy,
+                entropy_rate_limiter: res.entropy_rate_limiter,
+                memory,
+                uart,
+                virtio,
+                #[cfg(target_arch = "x86_64")]
+                vm: vm_state,
+                #[cfg(target_arch = "aarch64")]
+                gic: vm_state,
+                vcpus: vcpu_states,
+            };
+            let state_file = snapshot_file::encode(&state, SnapshotArch::native())
+                .map_err(SnapshotError::from)
+                .and_then(|bytes| {
+                    snapshot_file::write_pending(snapshot_path, |f| f.write_all(&bytes)).map_err(io)
+                });
+            state_file.and_then(|state_file| {
+                let mem_file = match kind {
+                    SnapshotType::Full => write_memory(&self._mem, mem_path),
+                    SnapshotType::Diff => write_memory_diff(&self._mem, mem_path, &saved_pages),
+                }?;
+                Ok((state_file, mem_file))
+            })
         });
-        drop(guards);
-        drop(transports);
         // Both files are complete on disk before either gets its name: a failure leaves
         // neither, and never a new memory file beside an old state file.
         let outcome = files.and_then(|(state_file, mem_file)| {
@@ -681,14 +663,25 @@ mod tests {
             }],
             #[cfg(target_arch = "x86_64")]
             vm: crate::hypervisor::X86VmState {
-                clock: Default::default(),
-                irqchips: vec![Default::default(); 3],
+                clock_ns: 1_000_000,
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: crate::hypervisor::x86_state::IoapicState {
+                    base_address: 0xfec0_0000,
+                    ioregsel: 0,
+                    id: 0,
+                    irr: 0,
+                    redirtbl: vec![1 << 16; 24],
+                },
                 pit: Default::default(),
             },
             #[cfg(target_arch = "aarch64")]
             gic: crate::hypervisor::ArmGicState {
                 version: 3,
-                regs: vec![(1, 0, 0x12)],
+                regs: vec![(
+                    crate::hypervisor::arm_state::GicReg::Dist { cpu: 0, offset: 0 },
+                    0x12,
+                )],
             },
             vcpus: Vec::new(),
         }
@@ -699,12 +692,15 @@ mod tests {
     fn vcpu_state() -> crate::hypervisor::ArmVcpuState {
         crate::hypervisor::ArmVcpuState {
             mpidr: 0x8000_0000,
-            mp_state: 0,
-            regs: vec![(0x6030_0000_0010_0042, 0x4000_0000u64.to_le_bytes().to_vec())],
+            power: crate::hypervisor::arm_state::ArmPower::On,
+            regs: vec![(
+                crate::hypervisor::arm_state::ArmReg::Pstate,
+                0x3c5u64.to_le_bytes().to_vec(),
+            )],
         }
     }
 
-    /// A vCPU state of KVM's defaults.
+    /// An x86 vCPU state of zeros.
     #[cfg(target_arch = "x86_64")]
     fn vcpu_state() -> crate::hypervisor::X86VcpuState {
         crate::hypervisor::X86VcpuState {
@@ -713,12 +709,12 @@ mod tests {
             msrs: Vec::new(),
             regs: Default::default(),
             sregs: Default::default(),
-            xsave: Default::default(),
-            xcrs: Default::default(),
+            xsave: vec![0; 1024],
+            xcrs: Vec::new(),
             debugregs: Default::default(),
-            lapic: Default::default(),
+            lapic: vec![0; 1024],
             events: Default::default(),
-            mp_state: Default::default(),
+            mp_state: crate::hypervisor::x86_state::MpState::Runnable,
         }
     }
 
@@ -727,17 +723,26 @@ mod tests {
         let mut s = state(vec![(0, 4096), (1 << 32, 8192)]);
         #[cfg(target_arch = "x86_64")]
         {
-            let regs = kvm_bindings::kvm_regs {
+            use crate::hypervisor::x86_state::{CpuidEntry, GeneralRegs, Msr};
+            let regs = GeneralRegs {
                 rip: 0xffff_ffff_8100_0000,
                 ..Default::default()
             };
+            let leaf = CpuidEntry {
+                function: 1,
+                index: 0,
+                flags: 0,
+                eax: 0x806f8,
+                ebx: 0,
+                ecx: 0x8000_0000,
+                edx: 0,
+            };
             s.vcpus.push(crate::hypervisor::X86VcpuState {
-                cpuid: vec![Default::default(); 3],
+                cpuid: vec![leaf; 3],
                 tsc_khz: Some(2_500_000),
-                msrs: vec![kvm_bindings::kvm_msr_entry {
+                msrs: vec![Msr {
                     index: 0x10,
-                    data: 12345,
-                    ..Default::default()
+                    value: 12345,
                 }],
                 regs,
                 ..vcpu_state()
@@ -754,7 +759,9 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         {
             assert_eq!(back.vcpus[0].regs.rip, 0xffff_ffff_8100_0000);
-            assert_eq!(back.vcpus[0].msrs[0].data, 12345);
+            assert_eq!(back.vcpus[0].msrs[0].value, 12345);
+            assert_eq!(back.vcpus[0], s.vcpus[0]);
+            assert_eq!(back.vm, s.vm);
             assert_eq!(back.vcpus[0].tsc_khz, Some(2_500_000));
         }
         #[cfg(target_arch = "aarch64")]

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::exit::{ExitRequester, GuestExit};
-use devices::interrupt::IrqLine;
 use devices::legacy::boot_timer::BootTimer;
 use devices::legacy::serial::ConsoleOutput;
 use devices::{Bus, BusDevice};
@@ -16,6 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::{ConsoleInput, RawTerminal, SerialInput};
+use crate::device_manager::DeviceManager;
 use crate::exit::{ExitChannel, VmStop};
 use crate::hypervisor::{Hypervisor, Vm};
 use crate::platform;
@@ -88,7 +88,7 @@ pub struct BuiltVm {
     input_room: EventFd,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     extra: platform::Extra,
-    virtio: Vec<VirtioHandle>,
+    devices: DeviceManager,
     resources: VmResources,
     /// The userfaultfd of a VM restored with the Uffd back-end, and the connection to its
     /// page-fault handler (both kept open with the VM).
@@ -98,30 +98,7 @@ pub struct BuiltVm {
     pub(crate) dirty: Option<Arc<devices::dirty::DirtyLog>>,
 }
 
-/// Which virtio device a handle is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum VirtioKind {
-    /// virtio-blk.
-    Block,
-    /// virtio-net.
-    Net,
-    /// virtio-vsock.
-    Vsock,
-    /// virtio-balloon.
-    Balloon,
-    /// virtio-rng.
-    Rng,
-}
-
-/// A virtio device of the VM, for its worker thread and for updates through the API.
-pub struct VirtioHandle {
-    /// What it is.
-    pub kind: VirtioKind,
-    /// Its API id (drive_id, iface_id) or kind name.
-    pub id: String,
-    /// Its transport (shared with the MMIO bus and the worker thread).
-    pub transport: Arc<Mutex<devices::virtio::mmio::MmioTransport>>,
-}
+pub use crate::device_manager::{VirtioHandle, VirtioKind};
 
 /// What a finished run reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,128 +249,23 @@ pub fn build(
     } else {
         None
     };
-    // virtio-mmio devices, one window and interrupt each (platform::virtio_slot). Drives
-    // first (the root device as /dev/vda), then network interfaces, vsock, balloon, rng.
-    let mut virtio: Vec<platform::VirtioSlot> = Vec::new();
-    let mut handles = Vec::new();
-    let mut add_virtio =
-        |kind: VirtioKind, id: String, dev: Box<dyn devices::virtio::VirtioDevice>| -> Result<()> {
-            use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-            let slot = platform::virtio_slot(virtio.len());
-            let irq = IrqLine(vm.interrupt_line(slot.irq)?);
-            let transport = match saved {
-                None => MmioTransport::new(dev, mem.clone(), irq)
-                    .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?,
-                Some(state) => {
-                    let saved = state.virtio.get(virtio.len()).ok_or_else(|| {
-                        Error::Snapshot(format!("the snapshot has no state for {kind:?} {id}"))
-                    })?;
-                    if saved.kind != kind || saved.id != id {
-                        return Err(Error::Snapshot(format!(
-                            "device {} of the snapshot is {:?} {}, not {kind:?} {id}",
-                            virtio.len(),
-                            saved.kind,
-                            saved.id
-                        )));
-                    }
-                    MmioTransport::restore(dev, mem.clone(), irq, &saved.transport, dirty.clone())
-                        .map_err(|e| Error::Snapshot(format!("{kind:?} {id}: {e}")))?
-                }
-            };
-            if let Some(log) = &dirty {
-                transport.set_dirty_log(log.clone());
-            }
-            for (q, evt) in transport.queue_events()?.iter().enumerate() {
-                vm.register_notify(evt, slot.base + QUEUE_NOTIFY_OFFSET, q as u32)?;
-            }
-            let transport = Arc::new(Mutex::new(transport));
-            insert(&mut mmio, transport.clone(), slot.base, slot.len)?;
-            virtio.push(slot);
-            handles.push(VirtioHandle {
-                kind,
-                id,
-                transport,
-            });
-            Ok(())
-        };
-    for d in res.ordered_drives() {
-        let blk = devices::virtio::block::Block::new(&devices::virtio::block::BlockConfig {
-            id: d.drive_id.clone(),
-            path: d.path_on_host.clone(),
-            read_only: d.is_read_only,
-            rate_limiter: d.rate_limiter,
-            engine: d.io_engine,
-        })
-        .map_err(|e| {
-            Error::Config(crate::resources::ConfigError::new(
-                format!("drives[{}]", d.drive_id),
-                e.to_string(),
-            ))
-        })?;
-        add_virtio(VirtioKind::Block, d.drive_id.clone(), Box::new(blk))?;
-    }
-    for n in &res.net {
-        let tap = devices::virtio::net::Tap::open(&n.host_dev_name).map_err(|e| {
-            Error::Config(crate::resources::ConfigError::new(
-                format!("network-interfaces[{}].host_dev_name", n.iface_id),
-                format!(
-                    "cannot open TAP {}: {e} (does tern have CAP_NET_ADMIN, and is the TAP free?)",
-                    n.host_dev_name
-                ),
-            ))
-        })?;
-        let net = devices::virtio::net::Net::new(
-            &n.iface_id,
-            Box::new(tap),
-            n.guest_mac,
-            n.rx_rate_limiter,
-            n.tx_rate_limiter,
-        )?;
-        add_virtio(VirtioKind::Net, n.iface_id.clone(), Box::new(net))?;
-    }
-    if let Some(v) = &res.vsock {
-        let dev = devices::virtio::vsock::Vsock::new(u64::from(v.guest_cid), &v.uds_path).map_err(
-            |e| {
-                Error::Config(crate::resources::ConfigError::new(
-                    "vsock.uds_path",
-                    format!("cannot listen on {}: {e}", v.uds_path.display()),
-                ))
-            },
-        )?;
-        add_virtio(VirtioKind::Vsock, "vsock".into(), Box::new(dev))?;
-    }
-    if let Some(b) = &res.balloon {
-        let dev =
-            devices::virtio::balloon::Balloon::new(devices::virtio::balloon::BalloonOptions {
-                amount_mib: b.amount_mib,
-                deflate_on_oom: b.deflate_on_oom,
-                stats_polling_interval_s: b.stats_polling_interval_s,
-                free_page_reporting: b.free_page_reporting,
-            })?;
-        add_virtio(VirtioKind::Balloon, "balloon".into(), Box::new(dev))?;
-    }
-    if res.entropy {
-        let rng = match res.entropy_rate_limiter {
-            Some(c) => devices::virtio::rng::Rng::with_limiter(c)?,
-            None => devices::virtio::rng::Rng::new(),
-        };
-        add_virtio(VirtioKind::Rng, "rng".into(), Box::new(rng))?;
-    }
+    let devices = DeviceManager::build(
+        vm.as_ref(),
+        &mut mmio,
+        &mem,
+        dirty.clone(),
+        res,
+        saved.map(|s| s.virtio.as_slice()),
+    )?;
     let buses = Buses {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
     };
     let restoring = matches!(payload, Payload::Snapshot { .. });
-    let vcpus = platform::boot(vm.as_ref(), &mem, res, payload, &virtio, early)?;
+    let vcpus = platform::boot(vm.as_ref(), &mem, res, payload, devices.slots(), early)?;
     if restoring {
-        // vCPUs and interrupt controllers hold their saved state now: interrupts the devices
-        // had pending (or raised while being restored) go to the guest again.
-        for h in &handles {
-            h.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .raise_pending();
-        }
+        // vCPUs and interrupt controllers hold their saved state now.
+        devices.raise_pending();
     }
 
     Ok(BuiltVm {
@@ -408,7 +280,7 @@ pub fn build(
         input_room,
         extra,
         boot_timer,
-        virtio: handles,
+        devices,
         resources: res.clone(),
         _uffd: uffd,
         dirty,
@@ -449,7 +321,7 @@ pub struct RunningVm {
     _terminal: Option<RawTerminal>,
     pub(crate) paused: bool,
     extra: platform::Extra,
-    pub(crate) virtio: Vec<VirtioHandle>,
+    pub(crate) devices: DeviceManager,
     pub(crate) serial: Arc<Mutex<platform::Uart>>,
     pub(crate) resources: VmResources,
     _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
@@ -493,17 +365,7 @@ impl BuiltVm {
                 self.input_room,
             ))));
         }
-        for h in &self.virtio {
-            let side = h
-                .transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .device_side();
-            devices::virtio::worker::spawn(
-                side,
-                format!("virtio-{}", h.id).chars().take(15).collect(),
-            )?;
-        }
+        self.devices.start_workers()?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus {
             vcpus.push(vcpu::spawn(
@@ -523,11 +385,11 @@ impl BuiltVm {
             boot_timer: self.boot_timer,
             _terminal: terminal,
             paused: {
-                devices::virtio::VM_PAUSED.store(paused, Ordering::SeqCst);
+                self.devices.set_paused(paused);
                 paused
             },
             extra: self.extra,
-            virtio: self.virtio,
+            devices: self.devices,
             serial: self.serial,
             resources: self.resources,
             _uffd: self._uffd,
@@ -572,9 +434,9 @@ impl RunningVm {
     pub fn pause(&mut self) -> Result<()> {
         if !self.paused {
             let t = std::time::Instant::now();
-            devices::virtio::VM_PAUSED.store(true, Ordering::SeqCst);
+            self.devices.set_paused(true);
             if let Err(e) = vcpu::pause_all(&self.vcpus, PAUSE_TIMEOUT) {
-                devices::virtio::VM_PAUSED.store(false, Ordering::SeqCst);
+                self.devices.set_paused(false);
                 return Err(Error::Pause(e.to_string()));
             }
             metrics::METRICS
@@ -591,7 +453,7 @@ impl RunningVm {
         if self.paused {
             let t = std::time::Instant::now();
             vcpu::resume_all(&self.vcpus);
-            devices::virtio::VM_PAUSED.store(false, Ordering::SeqCst);
+            self.devices.set_paused(false);
             metrics::METRICS
                 .latencies_us
                 .resume_vm
@@ -605,142 +467,9 @@ impl RunningVm {
         self.extra.ctrl_alt_del()
     }
 
-    /// Changes a drive's backing file and/or rate limiter (PATCH /drives).
-    pub fn patch_drive(
-        &self,
-        id: &str,
-        path: Option<&std::path::Path>,
-        limiter: Option<crate::resources::RateLimiterConfig>,
-    ) -> std::result::Result<(), String> {
-        use devices::virtio::block::Block;
-        let h = self
-            .virtio_device(VirtioKind::Block, id)
-            .ok_or_else(|| format!("there is no drive {id:?}"))?;
-        let read_only = {
-            let t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
-            t.with_device(|dev, _| {
-                dev.as_any_mut()
-                    .downcast_mut::<Block>()
-                    .map(|b| b.read_only())
-                    .ok_or("not a block device")
-            })?
-        };
-        // The new file is opened with nothing locked: a slow open stalls neither the device
-        // worker nor a vCPU touching the device's registers.
-        let new = path
-            .map(|p| Block::open_backing(id, p, read_only))
-            .transpose()
-            .map_err(|e| e.to_string())?;
-        let t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
-        let active = t.is_active();
-        let old = t.with_device(|dev, poller| {
-            let blk = dev
-                .as_any_mut()
-                .downcast_mut::<Block>()
-                .ok_or("not a block device")?;
-            if let Some(l) = limiter {
-                blk.set_rate_limiter(l, poller, active)
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok::<_, String>(new.map(|b| blk.swap_backing(b)))
-        })?;
-        if path.is_some() {
-            t.config_changed();
-        }
-        // Requests a swapped-out limiter was holding back: look at the queue again.
-        t.kick_queues();
-        drop(t);
-        // What went to the old file reaches the disk before it is let go.
-        if let Some(old) = old {
-            if let Err(e) = old.flush() {
-                log::warn!(
-                    "drive {id}: flushing the old backing file {}: {e}",
-                    old.path().display()
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Changes an interface's rate limiters (PATCH /network-interfaces).
-    pub fn patch_net(
-        &self,
-        id: &str,
-        rx: Option<crate::resources::RateLimiterConfig>,
-        tx: Option<crate::resources::RateLimiterConfig>,
-    ) -> std::result::Result<(), String> {
-        use devices::virtio::net::Net;
-        let h = self
-            .virtio_device(VirtioKind::Net, id)
-            .ok_or_else(|| format!("there is no network interface {id:?}"))?;
-        let t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
-        let active = t.is_active();
-        t.with_device(|dev, poller| {
-            dev.as_any_mut()
-                .downcast_mut::<Net>()
-                .ok_or_else(|| "not a network device".to_string())?
-                .set_rate_limiters(rx, tx, poller, active)
-                .map_err(|e| e.to_string())
-        })?;
-        t.kick_queues();
-        Ok(())
-    }
-
-    fn with_balloon<R>(
-        &self,
-        f: impl FnOnce(&mut devices::virtio::balloon::Balloon) -> R,
-    ) -> Option<(
-        R,
-        std::sync::MutexGuard<'_, devices::virtio::mmio::MmioTransport>,
-    )> {
-        let h = self.virtio_device(VirtioKind::Balloon, "balloon")?;
-        let t = h.transport.lock().unwrap_or_else(|p| p.into_inner());
-        let r = t.with_device(|dev, _| {
-            dev.as_any_mut()
-                .downcast_mut::<devices::virtio::balloon::Balloon>()
-                .map(f)
-        })?;
-        Some((r, t))
-    }
-
-    /// The balloon's sizes and latest statistics.
-    pub fn balloon_stats(&self) -> Option<crate::controller::BalloonStats> {
-        let (s, guard) = self.with_balloon(|b| b.snapshot())?;
-        drop(guard);
-        Some(crate::controller::BalloonStats {
-            target_pages: s.target_pages,
-            actual_pages: s.actual_pages,
-            tags: s
-                .stats
-                .iter()
-                .filter_map(|&(tag, v)| {
-                    devices::virtio::balloon::STAT_NAMES
-                        .get(usize::from(tag))
-                        .map(|n| (*n, v))
-                })
-                .collect(),
-        })
-    }
-
-    /// Sets the balloon's target and tells the driver.
-    pub fn set_balloon_target(&self, mib: u32) -> std::result::Result<(), String> {
-        let ((), t) = self
-            .with_balloon(|b| b.set_target_mib(mib))
-            .ok_or("there is no balloon device")?;
-        t.config_changed();
-        Ok(())
-    }
-
-    /// Changes the statistics interval.
-    pub fn set_balloon_stats_interval(&self, secs: u16) -> std::result::Result<(), String> {
-        self.with_balloon(|b| b.set_stats_interval(secs))
-            .ok_or("there is no balloon device")?
-            .0
-    }
-
-    /// The virtio device `kind` with API id `id`.
-    pub fn virtio_device(&self, kind: VirtioKind, id: &str) -> Option<&VirtioHandle> {
-        self.virtio.iter().find(|h| h.kind == kind && h.id == id)
+    /// The VM's devices (PATCH, balloon, lookup by id).
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
     }
 
     /// Whether the vCPUs are paused.

@@ -202,48 +202,52 @@ impl Vm for KvmVm {
             .vm
             .get_clock()
             .map_err(HypervisorError::call("KVM_GET_CLOCK"))?;
-        let mut irqchips = Vec::new();
-        for chip_id in [
-            KVM_IRQCHIP_PIC_MASTER,
-            KVM_IRQCHIP_PIC_SLAVE,
-            KVM_IRQCHIP_IOAPIC,
-        ] {
+        let get = |chip_id| {
             let mut chip = kvm_bindings::kvm_irqchip {
                 chip_id,
                 ..Default::default()
             };
             self.vm
                 .get_irqchip(&mut chip)
-                .map_err(HypervisorError::call("KVM_GET_IRQCHIP"))?;
-            irqchips.push(chip);
-        }
+                .map_err(HypervisorError::call("KVM_GET_IRQCHIP"))
+                .map(|()| chip)
+        };
+        let pic_master = super::kvm_x86::pic_from_kvm(&get(KVM_IRQCHIP_PIC_MASTER)?);
+        let pic_slave = super::kvm_x86::pic_from_kvm(&get(KVM_IRQCHIP_PIC_SLAVE)?);
+        let ioapic = super::kvm_x86::ioapic_from_kvm(&get(KVM_IRQCHIP_IOAPIC)?);
         let pit = self
             .vm
             .get_pit2()
             .map_err(HypervisorError::call("KVM_GET_PIT2"))?;
         Ok(super::X86VmState {
-            clock,
-            irqchips,
-            pit,
+            clock_ns: clock.clock,
+            pic_master,
+            pic_slave,
+            ioapic,
+            pit: (&pit).into(),
         })
     }
 
     #[cfg(target_arch = "x86_64")]
     fn restore_x86_state(&self, state: &super::X86VmState) -> HvResult<()> {
+        use kvm_bindings::{KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
         self.vm
-            .set_pit2(&state.pit)
+            .set_pit2(&(&state.pit).into())
             .map_err(HypervisorError::call("KVM_SET_PIT2"))?;
-        // The clock's flags are what KVM reported; it takes none of them back.
         let clock = kvm_bindings::kvm_clock_data {
-            clock: state.clock.clock,
+            clock: state.clock_ns,
             ..Default::default()
         };
         self.vm
             .set_clock(&clock)
             .map_err(HypervisorError::call("KVM_SET_CLOCK"))?;
-        for chip in &state.irqchips {
+        for chip in [
+            super::kvm_x86::pic_to_kvm(KVM_IRQCHIP_PIC_MASTER, &state.pic_master),
+            super::kvm_x86::pic_to_kvm(KVM_IRQCHIP_PIC_SLAVE, &state.pic_slave),
+            super::kvm_x86::ioapic_chip_to_kvm(&state.ioapic)?,
+        ] {
             self.vm
-                .set_irqchip(chip)
+                .set_irqchip(&chip)
                 .map_err(HypervisorError::call("KVM_SET_IRQCHIP"))?;
         }
         Ok(())
@@ -291,7 +295,7 @@ impl Vm for KvmVm {
         let mut regs = Vec::new();
         let mut read_all = |list: Vec<gic::GicReg>| -> HvResult<()> {
             for r in list {
-                regs.push((r.group, r.attr, gic_get(fd, r)?));
+                regs.push((super::kvm_arm::gic_from_kvm(r)?, gic_get(fd, r)?));
             }
             Ok(())
         };
@@ -327,29 +331,13 @@ impl Vm for KvmVm {
 
     #[cfg(target_arch = "aarch64")]
     fn restore_arm_gic(&self, state: &super::ArmGicState) -> HvResult<()> {
-        use arch::aarch64::gic::{
-            GRP_CPU_REGS, GRP_CPU_SYSREGS, GRP_DIST_REGS, GRP_REDIST_REGS, GicReg,
-        };
         let guard = self.gic.lock().unwrap_or_else(|p| p.into_inner());
         let Some((fd, _)) = guard.as_ref() else {
             return Err(no_gic());
         };
-        for &(group, attr, value) in &state.regs {
-            if ![
-                GRP_DIST_REGS,
-                GRP_CPU_REGS,
-                GRP_REDIST_REGS,
-                GRP_CPU_SYSREGS,
-            ]
-            .contains(&group)
-            {
-                return Err(HypervisorError::Call {
-                    op: "KVM_SET_DEVICE_ATTR (GIC register of an unknown group)",
-                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
-                });
-            }
-            gic_set(fd, GicReg { group, attr }, value).inspect_err(|_| {
-                log::warn!("GIC register group {group} attr {attr:#x} = {value:#x} refused");
+        for &(name, value) in &state.regs {
+            gic_set(fd, super::kvm_arm::gic_to_kvm(name), value).inspect_err(|_| {
+                log::warn!("GIC register {name:?} = {value:#x} refused");
             })?;
         }
         Ok(())
@@ -523,7 +511,7 @@ impl Vcpu for KvmVcpu {
 
     #[cfg(target_arch = "aarch64")]
     fn save_arm_state(&self) -> HvResult<super::ArmVcpuState> {
-        use kvm_bindings::{KVM_REG_SIZE_MASK, KVM_REG_SIZE_SHIFT, RegList};
+        use kvm_bindings::RegList;
         // kvm-bindings caps the list at 500 entries (KVM lists about 450 without SVE).
         let fam = |_| HypervisorError::Call {
             op: "KVM_GET_REG_LIST (more registers than the 500 kvm-bindings allows)",
@@ -543,15 +531,14 @@ impl Vcpu for KvmVcpu {
         }
         let mut regs = Vec::with_capacity(list.as_slice().len());
         for &id in list.as_slice() {
-            let size = 1usize << ((id & KVM_REG_SIZE_MASK) >> KVM_REG_SIZE_SHIFT);
-            let mut value = vec![0u8; size];
+            let mut value = vec![0u8; super::kvm_arm::id_width(id)];
             self.fd
                 .get_one_reg(id, &mut value)
                 .map_err(|e| HypervisorError::Call {
                     op: "KVM_GET_ONE_REG (one of KVM_GET_REG_LIST)",
                     source: std::io::Error::from_raw_os_error(e.errno()),
                 })?;
-            regs.push((id, value));
+            regs.push((super::kvm_arm::reg_from_kvm(id), value));
         }
         let mp_state = self
             .fd
@@ -560,22 +547,35 @@ impl Vcpu for KvmVcpu {
             .mp_state;
         Ok(super::ArmVcpuState {
             mpidr: self.arm_mpidr()?,
-            mp_state,
+            power: super::kvm_arm::power_from_kvm(mp_state)?,
             regs,
         })
     }
 
     #[cfg(target_arch = "aarch64")]
     fn restore_arm_state(&mut self, s: &super::ArmVcpuState) -> HvResult<()> {
-        for (id, value) in &s.regs {
-            self.fd.set_one_reg(*id, value).map_err(|e| {
-                log::warn!("KVM_SET_ONE_REG {id:#x} ({} bytes) refused", value.len());
+        for (name, value) in &s.regs {
+            let id = super::kvm_arm::reg_to_kvm(*name)?;
+            if super::kvm_arm::id_width(id) != value.len() {
+                return Err(HypervisorError::Call {
+                    op: "KVM_SET_ONE_REG (a saved register)",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{name:?} was saved with {} bytes", value.len()),
+                    ),
+                });
+            }
+            self.fd.set_one_reg(id, value).map_err(|e| {
+                log::warn!(
+                    "KVM_SET_ONE_REG {name:?} ({id:#x}, {} bytes) refused",
+                    value.len()
+                );
                 HypervisorError::call("KVM_SET_ONE_REG (a saved register)")(e)
             })?;
         }
         self.fd
             .set_mp_state(kvm_bindings::kvm_mp_state {
-                mp_state: s.mp_state,
+                mp_state: super::kvm_arm::power_to_kvm(s.power),
             })
             .map_err(HypervisorError::call("KVM_SET_MP_STATE"))
     }
@@ -614,32 +614,37 @@ impl Vcpu for KvmVcpu {
             let skip = if n < chunk.len() { n + 1 } else { chunk.len() };
             rest = &rest[skip.min(rest.len())..];
         }
+        use super::kvm_x86 as conv;
         Ok(super::X86VcpuState {
-            cpuid,
+            cpuid: cpuid.iter().map(Into::into).collect(),
             tsc_khz,
-            msrs,
-            regs: self.fd.get_regs().map_err(call("KVM_GET_REGS"))?,
-            sregs: self.fd.get_sregs().map_err(call("KVM_GET_SREGS"))?,
-            xsave: self.fd.get_xsave().map_err(call("KVM_GET_XSAVE"))?,
-            xcrs: self.fd.get_xcrs().map_err(call("KVM_GET_XCRS"))?,
-            debugregs: self
+            msrs: msrs.iter().map(Into::into).collect(),
+            regs: (&self.fd.get_regs().map_err(call("KVM_GET_REGS"))?).into(),
+            sregs: (&self.fd.get_sregs().map_err(call("KVM_GET_SREGS"))?).into(),
+            xsave: conv::xsave_from_kvm(&self.fd.get_xsave().map_err(call("KVM_GET_XSAVE"))?),
+            xcrs: conv::xcrs_from_kvm(&self.fd.get_xcrs().map_err(call("KVM_GET_XCRS"))?),
+            debugregs: (&self
                 .fd
                 .get_debug_regs()
-                .map_err(call("KVM_GET_DEBUGREGS"))?,
-            lapic: self.fd.get_lapic().map_err(call("KVM_GET_LAPIC"))?,
+                .map_err(call("KVM_GET_DEBUGREGS"))?)
+                .into(),
+            lapic: conv::lapic_from_kvm(&self.fd.get_lapic().map_err(call("KVM_GET_LAPIC"))?),
             // Last, as Firecracker does: pending events as of the end.
-            events: self
+            events: (&self
                 .fd
                 .get_vcpu_events()
-                .map_err(call("KVM_GET_VCPU_EVENTS"))?,
-            mp_state,
+                .map_err(call("KVM_GET_VCPU_EVENTS"))?)
+                .into(),
+            mp_state: conv::mp_state_from_kvm(mp_state)?,
         })
     }
 
     #[cfg(target_arch = "x86_64")]
     fn restore_x86_state(&mut self, s: &super::X86VcpuState) -> HvResult<()> {
+        use super::kvm_x86 as conv;
         let call = HypervisorError::call;
-        let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| HypervisorError::Call {
+        let entries: Vec<kvm_cpuid_entry2> = s.cpuid.iter().map(Into::into).collect();
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| HypervisorError::Call {
             op: "KVM_SET_CPUID2",
             source: std::io::Error::other("too many CPUID entries"),
         })?;
@@ -651,25 +656,35 @@ impl Vcpu for KvmVcpu {
             }
         }
         self.fd
-            .set_mp_state(s.mp_state)
+            .set_mp_state(conv::mp_state_to_kvm(s.mp_state))
             .map_err(call("KVM_SET_MP_STATE"))?;
-        self.fd.set_regs(&s.regs).map_err(call("KVM_SET_REGS"))?;
-        self.fd.set_sregs(&s.sregs).map_err(call("KVM_SET_SREGS"))?;
-        // SAFETY: `s.xsave` is a whole kvm_xsave as KVM_GET_XSAVE returned it (and the state
-        // file's checksum held); KVM validates its contents.
-        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(call("KVM_SET_XSAVE"))?;
-        self.fd.set_xcrs(&s.xcrs).map_err(call("KVM_SET_XCRS"))?;
         self.fd
-            .set_debug_regs(&s.debugregs)
+            .set_regs(&(&s.regs).into())
+            .map_err(call("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&(&s.sregs).into())
+            .map_err(call("KVM_SET_SREGS"))?;
+        let xsave = conv::xsave_to_kvm(&s.xsave)?;
+        // SAFETY: `xsave` is a whole kvm_xsave (its 4 KiB region, no trailing components, as
+        // KVM_SET_XSAVE reads); KVM validates the image's contents.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(call("KVM_SET_XSAVE"))?;
+        self.fd
+            .set_xcrs(&conv::xcrs_to_kvm(&s.xcrs)?)
+            .map_err(call("KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&(&s.debugregs).into())
             .map_err(call("KVM_SET_DEBUGREGS"))?;
         // The LAPIC before the MSRs: the TSC deadline MSR needs the LAPIC's timer mode.
-        self.fd.set_lapic(&s.lapic).map_err(call("KVM_SET_LAPIC"))?;
-        for chunk in s.msrs.chunks(64) {
-            let msrs = Msrs::from_entries(chunk).map_err(|_| HypervisorError::Call {
+        self.fd
+            .set_lapic(&conv::lapic_to_kvm(&s.lapic)?)
+            .map_err(call("KVM_SET_LAPIC"))?;
+        let msrs: Vec<kvm_msr_entry> = s.msrs.iter().map(Into::into).collect();
+        for chunk in msrs.chunks(64) {
+            let list = Msrs::from_entries(chunk).map_err(|_| HypervisorError::Call {
                 op: "KVM_SET_MSRS",
                 source: std::io::Error::other("too many MSRs"),
             })?;
-            let n = self.fd.set_msrs(&msrs).map_err(call("KVM_SET_MSRS"))?;
+            let n = self.fd.set_msrs(&list).map_err(call("KVM_SET_MSRS"))?;
             if let Some(refused) = chunk.get(n) {
                 return Err(HypervisorError::Call {
                     op: "KVM_SET_MSRS",
@@ -681,7 +696,7 @@ impl Vcpu for KvmVcpu {
             }
         }
         self.fd
-            .set_vcpu_events(&s.events)
+            .set_vcpu_events(&(&s.events).into())
             .map_err(call("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }

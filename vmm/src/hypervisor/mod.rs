@@ -1,11 +1,24 @@
 //! The hypervisor behind a small interface. Only this module's backends call hypervisor APIs
 //! (KVM ioctls today; Hypervisor.framework later); the rest of tern speaks these traits.
 //!
-//! Register state uses kvm-bindings' plain data types (`kvm_regs`, `kvm_sregs`, ...) as the
-//! common currency: they are just C structs, and another backend translates them.
+//! Saved state (snapshots) is tern's own types ([`x86_state`], [`arm_state`]), converted at
+//! the backend. Booting an x86 vCPU still takes kvm-bindings'
+//! CPUID, MSR and register structures (only KVM runs x86 guests).
 
+pub mod arm_state;
 #[cfg(target_os = "linux")]
 pub mod kvm;
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+mod kvm_arm;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod kvm_x86;
+pub mod x86_state;
+
+#[cfg(target_arch = "aarch64")]
+pub use arm_state::{ArmGicState, ArmVcpuState};
+
+#[cfg(target_arch = "x86_64")]
+pub use x86_state::{X86VcpuState, X86VmState};
 
 use std::sync::Arc;
 
@@ -188,72 +201,6 @@ pub trait Vcpu: Send {
     /// saved one was).
     #[cfg(target_arch = "aarch64")]
     fn restore_arm_state(&mut self, state: &ArmVcpuState) -> HvResult<()>;
-}
-
-/// The GIC's state, for a snapshot: every register as (`KVM_DEV_ARM_VGIC_GRP_*` group,
-/// attribute, value) in the order it is written back. Distributor and redistributor
-/// registers are 32 bits wide, GICv3 CPU interface system registers 64.
-#[cfg(target_arch = "aarch64")]
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ArmGicState {
-    /// 3 (GICv3) or 2 (GICv2).
-    pub version: u8,
-    /// The registers.
-    pub regs: Vec<(u32, u64, u64)>,
-}
-
-/// Everything KVM holds of one ARM64 vCPU, for a snapshot.
-#[cfg(target_arch = "aarch64")]
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ArmVcpuState {
-    /// MPIDR_EL1 (also among `regs`; kept apart to check the restored vCPU and to address
-    /// its GIC redistributor).
-    pub mpidr: u64,
-    /// `KVM_MP_STATE_*`: running, stopped (powered off through PSCI), suspended.
-    pub mp_state: u32,
-    /// (KVM one-reg ID, value bytes), in `KVM_GET_REG_LIST` order; each value as many bytes as
-    /// the ID's size field says.
-    pub regs: Vec<(u64, Vec<u8>)>,
-}
-
-/// Everything KVM holds of one x86 vCPU, for a snapshot.
-#[cfg(target_arch = "x86_64")]
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct X86VcpuState {
-    /// CPUID as set.
-    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
-    /// The TSC frequency, when KVM reports it.
-    pub tsc_khz: Option<u32>,
-    /// MSRs (every one KVM lists that reads back).
-    pub msrs: Vec<kvm_bindings::kvm_msr_entry>,
-    /// General registers.
-    pub regs: kvm_bindings::kvm_regs,
-    /// Segment, control and descriptor-table registers.
-    pub sregs: kvm_bindings::kvm_sregs,
-    /// FPU, SSE and AVX state.
-    pub xsave: kvm_bindings::kvm_xsave,
-    /// Extended control registers.
-    pub xcrs: kvm_bindings::kvm_xcrs,
-    /// Debug registers.
-    pub debugregs: kvm_bindings::kvm_debugregs,
-    /// The local APIC.
-    pub lapic: kvm_bindings::kvm_lapic_state,
-    /// Pending exceptions, interrupts and NMIs.
-    pub events: kvm_bindings::kvm_vcpu_events,
-    /// Running, halted, waiting for SIPI...
-    pub mp_state: kvm_bindings::kvm_mp_state,
-}
-
-/// Everything KVM holds of an x86 VM besides its vCPUs, for a snapshot.
-#[cfg(target_arch = "x86_64")]
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct X86VmState {
-    /// kvmclock.
-    pub clock: kvm_bindings::kvm_clock_data,
-    /// The master PIC, the slave PIC and the IOAPIC.
-    pub irqchips: Vec<kvm_bindings::kvm_irqchip>,
-    /// The PIT.
-    pub pit: kvm_bindings::kvm_pit_state2,
 }
 
 /// The boot vCPU's entry state on x86.

@@ -1,0 +1,396 @@
+//! The devices of one VM: the device manager builds the virtio devices the resources describe
+//! (or restores them from a snapshot's state), puts each on the MMIO bus with its interrupt and
+//! queue notifications, finds them by kind and id for the API (PATCH, balloon), starts their
+//! workers, pauses them with the VM and hands their state to a snapshot.
+//!
+//! `vm::build` calls [`DeviceManager::build`] once; a new virtio device is one more arm in
+//! [`DeviceManager::build`] and its own API methods here, not a change to the VM or the
+//! controller.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use devices::Bus;
+use devices::dirty::DirtyLog;
+use devices::interrupt::IrqLine;
+use devices::virtio::VirtioDevice;
+use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use vm_memory::GuestMemoryMmap;
+
+use crate::hypervisor::Vm;
+use crate::platform::{self, VirtioSlot};
+use crate::resources::{ConfigError, RateLimiterConfig, VmResources};
+use crate::snapshot::VirtioSnapshot;
+use crate::{Error, Result};
+
+/// Which virtio device a handle is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VirtioKind {
+    /// virtio-blk.
+    Block,
+    /// virtio-net.
+    Net,
+    /// virtio-vsock.
+    Vsock,
+    /// virtio-balloon.
+    Balloon,
+    /// virtio-rng.
+    Rng,
+}
+
+/// A virtio device of the VM, for its worker thread and for updates through the API.
+pub struct VirtioHandle {
+    /// What it is.
+    pub kind: VirtioKind,
+    /// Its API id (drive_id, iface_id) or kind name.
+    pub id: String,
+    /// Its transport (shared with the MMIO bus and the worker thread).
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// The virtio devices of one VM, in the order the guest sees them.
+pub struct DeviceManager {
+    mem: GuestMemoryMmap,
+    dirty: Option<Arc<DirtyLog>>,
+    slots: Vec<VirtioSlot>,
+    virtio: Vec<VirtioHandle>,
+}
+
+fn config_err(field: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::Config(ConfigError::new(field, reason))
+}
+
+impl DeviceManager {
+    /// Builds the virtio devices of `res` on `mmio` (each in the next `platform::virtio_slot`):
+    /// drives first (the root device as /dev/vda), then network interfaces, vsock, balloon and
+    /// rng. With `saved`, each device takes the state a snapshot holds for it (which must name
+    /// the same device in the same place).
+    pub fn build(
+        vm: &dyn Vm,
+        mmio: &mut Bus,
+        mem: &GuestMemoryMmap,
+        dirty: Option<Arc<DirtyLog>>,
+        res: &VmResources,
+        saved: Option<&[VirtioSnapshot]>,
+    ) -> Result<Self> {
+        use devices::virtio::{balloon, block, net, rng, vsock};
+        let mut dm = Self {
+            mem: mem.clone(),
+            dirty,
+            slots: Vec::new(),
+            virtio: Vec::new(),
+        };
+        for d in res.ordered_drives() {
+            let blk = block::Block::new(&block::BlockConfig {
+                id: d.drive_id.clone(),
+                path: d.path_on_host.clone(),
+                read_only: d.is_read_only,
+                rate_limiter: d.rate_limiter,
+                engine: d.io_engine,
+            })
+            .map_err(|e| config_err(format!("drives[{}]", d.drive_id), e.to_string()))?;
+            dm.add(
+                vm,
+                mmio,
+                saved,
+                VirtioKind::Block,
+                &d.drive_id,
+                Box::new(blk),
+            )?;
+        }
+        for n in &res.net {
+            let tap = net::Tap::open(&n.host_dev_name).map_err(|e| {
+                config_err(
+                    format!("network-interfaces[{}].host_dev_name", n.iface_id),
+                    format!(
+                        "cannot open TAP {}: {e} (does tern have CAP_NET_ADMIN, and is the TAP free?)",
+                        n.host_dev_name
+                    ),
+                )
+            })?;
+            let dev = net::Net::new(
+                &n.iface_id,
+                Box::new(tap),
+                n.guest_mac,
+                n.rx_rate_limiter,
+                n.tx_rate_limiter,
+            )?;
+            dm.add(vm, mmio, saved, VirtioKind::Net, &n.iface_id, Box::new(dev))?;
+        }
+        if let Some(v) = &res.vsock {
+            let dev = vsock::Vsock::new(u64::from(v.guest_cid), &v.uds_path).map_err(|e| {
+                config_err(
+                    "vsock.uds_path",
+                    format!("cannot listen on {}: {e}", v.uds_path.display()),
+                )
+            })?;
+            dm.add(vm, mmio, saved, VirtioKind::Vsock, "vsock", Box::new(dev))?;
+        }
+        if let Some(b) = &res.balloon {
+            let dev = balloon::Balloon::new(balloon::BalloonOptions {
+                amount_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_polling_interval_s: b.stats_polling_interval_s,
+                free_page_reporting: b.free_page_reporting,
+            })?;
+            dm.add(
+                vm,
+                mmio,
+                saved,
+                VirtioKind::Balloon,
+                "balloon",
+                Box::new(dev),
+            )?;
+        }
+        if res.entropy {
+            let dev = match res.entropy_rate_limiter {
+                Some(c) => rng::Rng::with_limiter(c)?,
+                None => rng::Rng::new(),
+            };
+            dm.add(vm, mmio, saved, VirtioKind::Rng, "rng", Box::new(dev))?;
+        }
+        Ok(dm)
+    }
+
+    /// Puts `dev` in the next slot: its transport (new, or restored from `saved`), interrupt
+    /// line, queue notifications and MMIO window.
+    fn add(
+        &mut self,
+        vm: &dyn Vm,
+        mmio: &mut Bus,
+        saved: Option<&[VirtioSnapshot]>,
+        kind: VirtioKind,
+        id: &str,
+        dev: Box<dyn VirtioDevice>,
+    ) -> Result<()> {
+        let index = self.virtio.len();
+        let slot = platform::virtio_slot(index);
+        let irq = IrqLine(vm.interrupt_line(slot.irq)?);
+        let transport = match saved {
+            None => MmioTransport::new(dev, self.mem.clone(), irq)
+                .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?,
+            Some(states) => {
+                let s = states.get(index).ok_or_else(|| {
+                    Error::Snapshot(format!("the snapshot has no state for {kind:?} {id}"))
+                })?;
+                if s.kind != kind || s.id != id {
+                    return Err(Error::Snapshot(format!(
+                        "device {index} of the snapshot is {:?} {}, not {kind:?} {id}",
+                        s.kind, s.id
+                    )));
+                }
+                MmioTransport::restore(dev, self.mem.clone(), irq, &s.transport, self.dirty.clone())
+                    .map_err(|e| Error::Snapshot(format!("{kind:?} {id}: {e}")))?
+            }
+        };
+        if let Some(log) = &self.dirty {
+            transport.set_dirty_log(log.clone());
+        }
+        for (q, evt) in transport.queue_events()?.iter().enumerate() {
+            vm.register_notify(evt, slot.base + QUEUE_NOTIFY_OFFSET, q as u32)?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        crate::vm::insert(mmio, transport.clone(), slot.base, slot.len)?;
+        self.slots.push(slot);
+        self.virtio.push(VirtioHandle {
+            kind,
+            id: id.to_string(),
+            transport,
+        });
+        Ok(())
+    }
+
+    /// Where each device sits (for the platform's device tree or command line).
+    pub fn slots(&self) -> &[VirtioSlot] {
+        &self.slots
+    }
+
+    /// The devices, in slot order.
+    pub fn handles(&self) -> &[VirtioHandle] {
+        &self.virtio
+    }
+
+    /// The virtio device `kind` with API id `id`.
+    pub fn get(&self, kind: VirtioKind, id: &str) -> Option<&VirtioHandle> {
+        self.virtio.iter().find(|h| h.kind == kind && h.id == id)
+    }
+
+    /// After a restore, with vCPUs and interrupt controllers back in their saved state: the
+    /// interrupts the devices had pending (or raised while being restored) go to the guest
+    /// again.
+    pub fn raise_pending(&self) {
+        for h in &self.virtio {
+            lock(&h.transport).raise_pending();
+        }
+    }
+
+    /// Starts one worker thread per device.
+    pub fn start_workers(&self) -> std::io::Result<()> {
+        for h in &self.virtio {
+            let side = lock(&h.transport).device_side();
+            devices::virtio::worker::spawn(
+                side,
+                format!("virtio-{}", h.id).chars().take(15).collect(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Tells the workers the VM is paused (they stop taking new work from the queues) or runs
+    /// again.
+    pub fn set_paused(&self, paused: bool) {
+        devices::virtio::VM_PAUSED.store(paused, Ordering::SeqCst);
+    }
+
+    /// Holds every device and its worker while `f` runs with their saved states, in slot
+    /// order: no device writes guest memory until `f` returns (a snapshot reads memory in it).
+    pub fn with_saved<R>(&self, f: impl FnOnce(Vec<VirtioSnapshot>) -> R) -> R {
+        let transports: Vec<_> = self.virtio.iter().map(|h| lock(&h.transport)).collect();
+        let sides: Vec<_> = transports.iter().map(|t| t.device_side()).collect();
+        let guards: Vec<_> = sides.iter().map(|s| lock(s)).collect();
+        let states = self
+            .virtio
+            .iter()
+            .zip(&transports)
+            .zip(&guards)
+            .map(|((h, t), side)| VirtioSnapshot {
+                kind: h.kind,
+                id: h.id.clone(),
+                transport: t.save_with(side),
+            })
+            .collect();
+        f(states)
+    }
+
+    /// Changes a drive's backing file and/or rate limiter (PATCH /drives).
+    pub fn patch_drive(
+        &self,
+        id: &str,
+        path: Option<&std::path::Path>,
+        limiter: Option<RateLimiterConfig>,
+    ) -> std::result::Result<(), String> {
+        use devices::virtio::block::Block;
+        let h = self
+            .get(VirtioKind::Block, id)
+            .ok_or_else(|| format!("there is no drive {id:?}"))?;
+        let read_only = lock(&h.transport).with_device(|dev, _| {
+            dev.as_any_mut()
+                .downcast_mut::<Block>()
+                .map(|b| b.read_only())
+                .ok_or("not a block device")
+        })?;
+        // The new file is opened with nothing locked: a slow open stalls neither the device
+        // worker nor a vCPU touching the device's registers.
+        let new = path
+            .map(|p| Block::open_backing(id, p, read_only))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let t = lock(&h.transport);
+        let active = t.is_active();
+        let old = t.with_device(|dev, poller| {
+            let blk = dev
+                .as_any_mut()
+                .downcast_mut::<Block>()
+                .ok_or("not a block device")?;
+            if let Some(l) = limiter {
+                blk.set_rate_limiter(l, poller, active)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(new.map(|b| blk.swap_backing(b)))
+        })?;
+        if path.is_some() {
+            t.config_changed();
+        }
+        // Requests a swapped-out limiter was holding back: look at the queue again.
+        t.kick_queues();
+        drop(t);
+        // What went to the old file reaches the disk before it is let go.
+        if let Some(old) = old {
+            if let Err(e) = old.flush() {
+                log::warn!(
+                    "drive {id}: flushing the old backing file {}: {e}",
+                    old.path().display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes an interface's rate limiters (PATCH /network-interfaces).
+    pub fn patch_net(
+        &self,
+        id: &str,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) -> std::result::Result<(), String> {
+        use devices::virtio::net::Net;
+        let h = self
+            .get(VirtioKind::Net, id)
+            .ok_or_else(|| format!("there is no network interface {id:?}"))?;
+        let t = lock(&h.transport);
+        let active = t.is_active();
+        t.with_device(|dev, poller| {
+            dev.as_any_mut()
+                .downcast_mut::<Net>()
+                .ok_or_else(|| "not a network device".to_string())?
+                .set_rate_limiters(rx, tx, poller, active)
+                .map_err(|e| e.to_string())
+        })?;
+        t.kick_queues();
+        Ok(())
+    }
+
+    /// Runs `f` on the balloon; its transport stays locked in what is returned.
+    fn with_balloon<R>(
+        &self,
+        f: impl FnOnce(&mut devices::virtio::balloon::Balloon) -> R,
+    ) -> Option<(R, std::sync::MutexGuard<'_, MmioTransport>)> {
+        let h = self.get(VirtioKind::Balloon, "balloon")?;
+        let t = lock(&h.transport);
+        let r = t.with_device(|dev, _| {
+            dev.as_any_mut()
+                .downcast_mut::<devices::virtio::balloon::Balloon>()
+                .map(f)
+        })?;
+        Some((r, t))
+    }
+
+    /// The balloon's sizes and latest statistics; `None` without a balloon.
+    pub fn balloon_stats(&self) -> Option<crate::controller::BalloonStats> {
+        let (s, guard) = self.with_balloon(|b| b.snapshot())?;
+        drop(guard);
+        Some(crate::controller::BalloonStats {
+            target_pages: s.target_pages,
+            actual_pages: s.actual_pages,
+            tags: s
+                .stats
+                .iter()
+                .filter_map(|&(tag, v)| {
+                    devices::virtio::balloon::STAT_NAMES
+                        .get(usize::from(tag))
+                        .map(|n| (*n, v))
+                })
+                .collect(),
+        })
+    }
+
+    /// Sets the balloon's target and tells the driver.
+    pub fn set_balloon_target(&self, mib: u32) -> std::result::Result<(), String> {
+        let ((), t) = self
+            .with_balloon(|b| b.set_target_mib(mib))
+            .ok_or("there is no balloon device")?;
+        t.config_changed();
+        Ok(())
+    }
+
+    /// Changes the balloon's statistics interval.
+    pub fn set_balloon_stats_interval(&self, secs: u16) -> std::result::Result<(), String> {
+        self.with_balloon(|b| b.set_stats_interval(secs))
+            .ok_or("there is no balloon device")?
+            .0
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
