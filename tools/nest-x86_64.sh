@@ -122,6 +122,8 @@ cp "$SCRIPT" "$RUN/root/nest-cmd.sh"
 cat "$BASE" "$RUN/run.cpio" > "$RUN/initramfs.cpio"
 
 # ---- boot L1 under TCG ------------------------------------------------------
+# The kernel's own console (ttyS0, a file) at loglevel 5: warnings and the stack dumps that
+# come with them (a soft lockup's, every CPU's), without the boot chatter.
 LOG=$RUN/console.log
 : > "$LOG"
 nest_watchdog
@@ -131,7 +133,7 @@ timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu ma
     -serial "file:$RUN/kernel.log" \
     -device virtio-serial-pci -chardev stdio,id=nestcon -device virtconsole,chardev=nestcon \
     -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 nest.console=hvc0 $(nest_append)" </dev/null 2>&1 |
+    -append "console=ttyS0 panic=-1 quiet loglevel=5 softlockup_all_cpu_backtrace=1 nest.console=hvc0 $(nest_append)" </dev/null 2>&1 |
     # no \r, and no terminal resets/escapes (SeaBIOS, kernel) before markers
     sed -u 's/\r//g; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g' | tee -a "$LOG"
 qrc=${PIPESTATUS[0]}

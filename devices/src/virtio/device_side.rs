@@ -106,29 +106,97 @@ impl DeviceSide {
     /// Handles one event of the epoll set: a queue notification (`token` below the queue
     /// count) or a device back-end descriptor. Called by the worker thread.
     pub fn handle_event(&mut self, token: u64, events: EventSet) {
+        let queue = usize::try_from(token)
+            .ok()
+            .filter(|&i| i < self.queue_evts.len());
+        if let Some(i) = queue {
+            let _ = self.queue_evts[i].read();
+            if !(self.activated && self.queues[i].ready()) {
+                return;
+            }
+        } else if !self.activated {
+            return;
+        }
+        let before = self.avail_indices();
         let mut ctx = QueueCtx::new(
             &mut self.queues,
             &self.mem,
             &self.poller,
             self.dirty.as_deref(),
         );
-        if let Some(evt) = usize::try_from(token)
-            .ok()
-            .and_then(|i| self.queue_evts.get(i))
-        {
-            let _ = evt.read();
-            match ctx.queues.get(token as usize) {
-                Some(q) if self.activated && q.ready() => {}
-                _ => return,
-            }
-            self.device.process_queue(token as u16, &mut ctx);
-        } else if self.activated {
-            self.device.process_backend(token, events, &mut ctx);
-        } else {
-            return;
+        match queue {
+            Some(i) => self.device.process_queue(i as u16, &mut ctx),
+            None => self.device.process_backend(token, events, &mut ctx),
         }
         let used = ctx.used;
         self.signal_used(used);
+        self.rearm(before);
+    }
+
+    /// Each queue's available index now (`None`: not ready, or unreadable).
+    fn avail_indices(&self) -> Vec<Option<u16>> {
+        self.queues
+            .iter()
+            .map(|q| {
+                q.ready()
+                    .then(|| q.avail_idx(&self.mem, Ordering::Acquire).ok().map(|w| w.0))
+                    .flatten()
+            })
+            .collect()
+    }
+
+    /// With `VIRTIO_RING_F_EVENT_IDX`, after the device has had its turn: each ready queue's
+    /// `avail_event` is set to the next buffer the device will take, so the driver notifies
+    /// again from there. A buffer the driver made available after the device last looked but
+    /// before that write went without a notification (the driver saw the old `avail_event`):
+    /// a queue whose available index moved since `before` is processed again here. A queue
+    /// whose buffers were all there before (receive buffers waiting for data, a request held
+    /// back by a rate limiter) is not: the device already saw them and chose to wait.
+    fn rearm(&mut self, mut before: Vec<Option<u16>>) {
+        // Each round needs the driver to have added buffers meanwhile; after this many the
+        // queue's own eventfd brings the worker back instead of looping here.
+        const ROUNDS: usize = 16;
+        let mut again = 0u64;
+        for _ in 0..ROUNDS {
+            again = 0;
+            for (i, q) in self.queues.iter_mut().enumerate() {
+                if !q.ready() || !q.event_idx_enabled() {
+                    continue;
+                }
+                if let Some(log) = &self.dirty {
+                    // avail_event, right after the used ring's entries.
+                    log.mark(q.used_ring() + 4 + 8 * u64::from(q.size()), 2);
+                }
+                let more = q.enable_notification(&self.mem).unwrap_or(false);
+                let now = q.avail_idx(&self.mem, Ordering::Acquire).ok().map(|w| w.0);
+                if more && now != before.get(i).copied().flatten() {
+                    again |= 1 << i;
+                }
+            }
+            if again == 0 {
+                return;
+            }
+            before = self.avail_indices();
+            for i in 0..self.queues.len() {
+                if again & (1 << i) == 0 {
+                    continue;
+                }
+                let mut ctx = QueueCtx::new(
+                    &mut self.queues,
+                    &self.mem,
+                    &self.poller,
+                    self.dirty.as_deref(),
+                );
+                self.device.process_queue(i as u16, &mut ctx);
+                let used = ctx.used;
+                self.signal_used(used);
+            }
+        }
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if again & (1 << i) != 0 {
+                let _ = evt.write(1);
+            }
+        }
     }
 
     fn signal_used(&mut self, used: u64) {
@@ -210,6 +278,7 @@ impl DeviceSide {
             }
             self.idle_seen = self.interrupt.pending().map(|s| (s, self.triggers));
         }
+        let before = self.avail_indices();
         let mut ctx = QueueCtx::new(
             &mut self.queues,
             &self.mem,
@@ -243,6 +312,7 @@ impl DeviceSide {
                 self.signal_used(used);
             }
         }
+        self.rearm(before);
     }
 
     /// Logs and counts a lost notification the idle check made up for.
@@ -262,6 +332,11 @@ impl DeviceSide {
 
     /// Starts the device with the features the driver accepted (DRIVER_OK).
     pub(super) fn activate(&mut self, driver_features: u64) {
+        let event_idx = driver_features & super::VIRTIO_RING_F_EVENT_IDX != 0;
+        for q in &mut self.queues {
+            q.set_event_idx(event_idx);
+        }
+        let before = self.avail_indices();
         let mut ctx = QueueCtx::new(
             &mut self.queues,
             &self.mem,
@@ -272,6 +347,7 @@ impl DeviceSide {
         let used = ctx.used;
         self.activated = true;
         self.signal_used(used);
+        self.rearm(before);
     }
 
     /// Forgets what the driver set up (status 0).
@@ -287,5 +363,76 @@ impl DeviceSide {
     /// Raises again what the driver has not seen (after a restore).
     pub fn raise_pending(&self) {
         self.interrupt.raise_pending();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::VIRTIO_RING_F_EVENT_IDX;
+    use super::super::rng::Rng;
+    use super::super::testutil::{DATA, Driver, F_WRITE};
+
+    fn rng_driver(mask: u64) -> Driver {
+        Driver::with_features(Box::new(Rng::new()), mask)
+    }
+
+    #[test]
+    fn event_idx_is_offered_and_the_device_keeps_avail_event_current() {
+        let mut d = rng_driver(u64::MAX);
+        assert!(d.event_idx, "the core offers VIRTIO_RING_F_EVENT_IDX");
+        for i in 0..5u16 {
+            d.desc(0, i, DATA + u64::from(i) * 64, 64, F_WRITE, 0);
+            d.offer(0, i);
+            // Notify me when you make buffer i + 1 available.
+            assert_eq!(d.avail_event(0), i + 1);
+        }
+        assert_eq!(d.take_used(0).len(), 5);
+        assert_eq!(
+            d.irq.count(),
+            5,
+            "used_event at the last used index: one interrupt each"
+        );
+    }
+
+    #[test]
+    fn used_event_ahead_holds_interrupts_back() {
+        let mut d = rng_driver(u64::MAX);
+        d.desc(0, 0, DATA, 64, F_WRITE, 0);
+        d.offer(0, 0);
+        assert_eq!(d.irq.count(), 1);
+        // A driver with callbacks off (or batching) moves used_event ahead: no interrupt
+        // until the used index passes it.
+        d.event_idx = false;
+        d.set_used_event(0, 3);
+        for i in 1..4u16 {
+            d.desc(0, i, DATA + u64::from(i) * 64, 64, F_WRITE, 0);
+            d.offer(0, i);
+        }
+        // Used index 2, 3: held back; 4 passes used_event 3.
+        assert_eq!(d.take_used(0).len(), 4);
+        assert_eq!(d.irq.count(), 2);
+    }
+
+    #[test]
+    fn buffers_made_available_together_are_all_taken_and_avail_event_moves_past_them() {
+        let mut d = rng_driver(u64::MAX);
+        d.desc(0, 0, DATA, 64, F_WRITE, 0);
+        d.desc(0, 1, DATA + 64, 64, F_WRITE, 0);
+        // Two buffers, one notification: the device takes both and asks from 2 on.
+        d.make_available(0, 0);
+        d.make_available(0, 1);
+        d.notify(0);
+        assert_eq!(d.take_used(0).len(), 2);
+        assert_eq!(d.avail_event(0), 2);
+    }
+
+    #[test]
+    fn without_event_idx_avail_event_is_left_alone() {
+        let mut d = rng_driver(!VIRTIO_RING_F_EVENT_IDX);
+        assert!(!d.event_idx);
+        d.desc(0, 0, DATA, 64, F_WRITE, 0);
+        d.offer(0, 0);
+        assert_eq!(d.take_used(0).len(), 1);
+        assert_eq!(d.avail_event(0), 0);
     }
 }

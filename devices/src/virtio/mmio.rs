@@ -184,7 +184,7 @@ impl MmioTransport {
         Ok(Self {
             driver: DriverState::new(
                 device.device_type(),
-                device.features(),
+                device.features() | super::CORE_FEATURES,
                 queues.iter().map(|q| q.max_size()).collect(),
             ),
             side: Arc::new(Mutex::new(DeviceSide::new(
@@ -304,7 +304,7 @@ impl MmioTransport {
                 expected: maxes.len(),
             });
         }
-        if state.driver_features & !device.features() != 0 {
+        if state.driver_features & !(device.features() | super::CORE_FEATURES) != 0 {
             return Err(RestoreError::Features(state.driver_features));
         }
         let mut queues = Vec::with_capacity(maxes.len());

@@ -39,6 +39,15 @@ use vm_memory::GuestMemoryMmap;
 /// `VIRTIO_F_VERSION_1`: the device speaks virtio 1.x (required over MMIO version 2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
+/// `VIRTIO_RING_F_EVENT_IDX`: each side says up to which ring index it wants no notification
+/// (the driver in `used_event`, the device in `avail_event`). The core offers it for every
+/// device ([`device_side::DeviceSide`] keeps `avail_event` up to date; interrupts follow
+/// `used_event` through virtio-queue's `needs_notification`).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// The features the core offers beside a device's own.
+pub const CORE_FEATURES: u64 = VIRTIO_RING_F_EVENT_IDX;
+
 /// The first epoll token a device may use for its own descriptors; queue eventfds use their
 /// queue index.
 pub const DEVICE_TOKEN_BASE: u64 = 64;

@@ -45,6 +45,10 @@ pub struct Driver {
     pub irq: Arc<CountingInterrupt>,
     avail_idx: Vec<u16>,
     used_seen: Vec<u16>,
+    /// `VIRTIO_RING_F_EVENT_IDX` was negotiated: the driver keeps `used_event` at the last
+    /// used index it saw (it wants an interrupt for each new one, as Linux does with
+    /// callbacks enabled).
+    pub event_idx: bool,
 }
 
 fn ring_base(q: usize) -> u64 {
@@ -112,7 +116,29 @@ impl Driver {
             irq,
             avail_idx: vec![0; nq],
             used_seen: vec![0; nq],
+            event_idx: feats & super::VIRTIO_RING_F_EVENT_IDX != 0,
         }
+    }
+
+    /// Where queue `q`'s `used_event` is (after the available ring's entries).
+    pub fn used_event_addr(q: usize) -> u64 {
+        ring_base(q) + 0x1000 + 4 + 2 * u64::from(QSIZE)
+    }
+
+    /// Queue `q`'s `avail_event` (after the used ring's entries), which the device writes.
+    pub fn avail_event(&self, q: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(
+                ring_base(q) + 0x2000 + 4 + 8 * u64::from(QSIZE),
+            ))
+            .unwrap()
+    }
+
+    /// Sets queue `q`'s `used_event`: no interrupt until the used index passes it.
+    pub fn set_used_event(&self, q: usize, idx: u16) {
+        self.mem
+            .write_obj(idx, GuestAddress(Self::used_event_addr(q)))
+            .unwrap();
     }
 
     /// Writes descriptor `i` of queue `q` = (addr, len, flags, next).
@@ -138,6 +164,9 @@ impl Driver {
 
     /// Makes chain `head` of queue `q` available without notifying.
     pub fn make_available(&mut self, q: usize, head: u16) {
+        if self.event_idx {
+            self.set_used_event(q, self.used_idx(q));
+        }
         let avail = ring_base(q) + 0x1000;
         let slot = avail + 4 + u64::from(self.avail_idx[q] % QSIZE) * 2;
         self.mem.write_obj(head, GuestAddress(slot)).unwrap();
