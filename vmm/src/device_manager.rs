@@ -54,6 +54,7 @@ pub struct DeviceManager {
     dirty: Option<Arc<DirtyLog>>,
     slots: Vec<VirtioSlot>,
     virtio: Vec<VirtioHandle>,
+    paused: devices::virtio::PauseFlag,
 }
 
 fn config_err(field: impl Into<String>, reason: impl Into<String>) -> Error {
@@ -79,6 +80,7 @@ impl DeviceManager {
             dirty,
             slots: Vec::new(),
             virtio: Vec::new(),
+            paused: devices::virtio::PauseFlag::default(),
         };
         for d in res.ordered_drives() {
             let blk = block::Block::new(&block::BlockConfig {
@@ -186,6 +188,7 @@ impl DeviceManager {
         if let Some(log) = &self.dirty {
             transport.set_dirty_log(log.clone());
         }
+        transport.set_pause_flag(self.paused.clone());
         for (q, evt) in transport.queue_events()?.iter().enumerate() {
             vm.register_notify(evt, slot.base + QUEUE_NOTIFY_OFFSET, q as u32)?;
         }
@@ -239,7 +242,7 @@ impl DeviceManager {
     /// Tells the workers the VM is paused (they stop taking new work from the queues) or runs
     /// again.
     pub fn set_paused(&self, paused: bool) {
-        devices::virtio::VM_PAUSED.store(paused, Ordering::SeqCst);
+        self.paused.store(paused, Ordering::SeqCst);
     }
 
     /// Holds every device and its worker while `f` runs with their saved states, in slot

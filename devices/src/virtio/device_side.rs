@@ -37,6 +37,8 @@ pub struct DeviceSide {
     idle_seen: Option<(u32, u64)>,
     /// Where written guest pages are marked, when the VM tracks dirty pages.
     pub(super) dirty: Option<Arc<crate::dirty::DirtyLog>>,
+    /// The VM is paused (its own flag until the VMM shares the VM's).
+    pub(super) paused: super::PauseFlag,
 }
 
 /// How long the worker waits without events before [`DeviceSide::idle_check`].
@@ -76,6 +78,7 @@ impl DeviceSide {
             triggers: 0,
             idle_seen: None,
             dirty: None,
+            paused: super::PauseFlag::default(),
         }
     }
 
@@ -259,7 +262,7 @@ impl DeviceSide {
     /// tests fail on, not a way things normally work.
     pub fn idle_check(&mut self) {
         // A paused guest acknowledges nothing: nothing is lost then.
-        if !self.activated || super::VM_PAUSED.load(Ordering::SeqCst) {
+        if !self.activated || self.paused.load(Ordering::SeqCst) {
             self.idle_seen = None;
             return;
         }
@@ -424,6 +427,28 @@ mod tests {
         d.notify(0);
         assert_eq!(d.take_used(0).len(), 2);
         assert_eq!(d.avail_event(0), 2);
+    }
+
+    #[test]
+    fn an_unacknowledged_interrupt_is_raised_again_only_while_the_vm_runs() {
+        let mut d = rng_driver(u64::MAX);
+        let paused = super::super::PauseFlag::default();
+        d.dev.set_pause_flag(paused.clone());
+        d.desc(0, 0, DATA, 64, F_WRITE, 0);
+        d.offer(0, 0);
+        assert_eq!(d.irq.count(), 1);
+        let side = d.dev.device_side();
+        let idle = || side.lock().unwrap().idle_check();
+        // The driver never acknowledges. Paused: nothing is lost, nothing raised again.
+        paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        idle();
+        idle();
+        assert_eq!(d.irq.count(), 1);
+        // Running: the first quiet check notes the status, the second raises it again.
+        paused.store(false, std::sync::atomic::Ordering::SeqCst);
+        idle();
+        idle();
+        assert_eq!(d.irq.count(), 2);
     }
 
     #[test]

@@ -210,6 +210,11 @@ impl MmioTransport {
         self.lock().dirty = Some(log);
     }
 
+    /// Shares the VM's pause flag with the device's worker (see [`super::PauseFlag`]).
+    pub fn set_pause_flag(&self, paused: super::PauseFlag) {
+        self.lock().paused = paused;
+    }
+
     /// The worker's half, for [`super::worker::spawn`].
     pub fn device_side(&self) -> Arc<Mutex<DeviceSide>> {
         self.side.clone()

@@ -55,9 +55,10 @@ pub const DEVICE_TOKEN_BASE: u64 = 64;
 /// The set a device adds its back-end descriptors to (see [`crate::os::Poller`]).
 pub use crate::os::Poller;
 
-/// The VM is paused (one VM per process): the workers' idle checks stand down, since a paused
-/// guest acknowledges nothing. Set by the VMM when it pauses and resumes the vCPUs.
-pub static VM_PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Whether the VM a device belongs to is paused: its worker's idle check stands down, since a
+/// paused guest acknowledges nothing. The VMM's device manager holds one per VM and sets it
+/// when it pauses and resumes the vCPUs ([`mmio::MmioTransport::set_pause_flag`]).
+pub type PauseFlag = std::sync::Arc<std::sync::atomic::AtomicBool>;
 
 /// Un-pops the chain last taken from `queue` (a rate-limited request waits for its tokens).
 pub fn unpop(queue: &mut Queue) {
