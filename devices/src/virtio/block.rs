@@ -392,6 +392,27 @@ impl Block {
         }
     }
 
+    /// The bytes a discard or write-zeroes request's segments cover (what is unreadable or
+    /// malformed counts nothing: [`Self::segments`] refuses it when the request runs).
+    fn zeroed_bytes(r: &Request, mem: &GuestMemoryMmap) -> u64 {
+        let mut total = 0u64;
+        let mut count = 0u32;
+        for &(addr, len) in &r.data {
+            for i in 0..len / 16 {
+                count += 1;
+                if count > MAX_SEGMENTS {
+                    return total;
+                }
+                let mut num = [0u8; 4];
+                let at = addr.checked_add(u64::from(i) * 16 + 8);
+                if at.is_some_and(|a| mem.read_slice(&mut num, a).is_ok()) {
+                    total = total.saturating_add(u64::from(u32::from_le_bytes(num)) * SECTOR_SIZE);
+                }
+            }
+        }
+        total
+    }
+
     /// Does the request; returns the status and the bytes written into guest buffers.
     fn execute(&mut self, r: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
         if !r.directions_ok {
@@ -625,7 +646,13 @@ impl Block {
                 };
             }
         };
-        let charge = Self::data_len(&req).min(self.backing.sectors * SECTOR_SIZE);
+        // Reads and writes cost their bytes; write-zeroes the bytes it zeroes (where the file
+        // system cannot zero a range in place, tern writes them); a discard only its op.
+        let bytes = match req.kind {
+            T_WRITE_ZEROES => Self::zeroed_bytes(&req, mem),
+            _ => Self::data_len(&req),
+        };
+        let charge = bytes.min(self.backing.sectors * SECTOR_SIZE);
         if let Some(l) = &mut self.limiter {
             if !l.consume(charge) {
                 self.stats.throttled = self.stats.throttled.wrapping_add(1);
@@ -1138,6 +1165,42 @@ mod tests {
             waited += 1;
         }
         assert_eq!(d.take_used(0).len(), 1);
+    }
+
+    /// Write-zeroes goes through the bandwidth limiter for the bytes it zeroes (wave 1 charged
+    /// it nothing: a guest could bypass a limit with it); a discard costs only its op.
+    #[test]
+    fn write_zeroes_is_charged_its_bytes_and_discard_is_not() {
+        let limiter = RateLimiterConfig {
+            bandwidth: Some(crate::rate_limiter::TokenBucketConfig {
+                size: 8192,
+                one_time_burst: 0,
+                refill_time: 100,
+            }),
+            ops: None,
+        };
+        let (mut d, _f) = drive(1 << 20, false, Some(limiter));
+        let seg = |sector: u64, num: u32| {
+            let mut s = [0u8; 16];
+            s[0..8].copy_from_slice(&sector.to_le_bytes());
+            s[8..12].copy_from_slice(&num.to_le_bytes());
+            s
+        };
+        // Discards of 512 KiB each: free for the bandwidth bucket.
+        d.write(BUF, &seg(0, 1024));
+        for _ in 0..3 {
+            assert_eq!(request(&mut d, 0, T_DISCARD, 0, 16), Some((S_OK, 1)));
+        }
+        // 8 KiB of write-zeroes empties the 8 KiB bucket: the next waits for its refill.
+        d.write(BUF, &seg(0, 16));
+        assert_eq!(request(&mut d, 0, T_WRITE_ZEROES, 0, 16), Some((S_OK, 1)));
+        assert_eq!(request(&mut d, 0, T_WRITE_ZEROES, 0, 16), None, "held back");
+        let mut waited = 0;
+        while d.used_idx(0) < 5 && waited < 50 {
+            d.dev.run_ready(100);
+            waited += 1;
+        }
+        assert_eq!(d.used_idx(0), 5, "released when the bucket refilled");
     }
 
     /// A FIFO as a new backing file is refused at once: wave 1's blocking open of a read-only
