@@ -225,6 +225,11 @@ pub struct Block {
     backing: Backing,
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     uring: Option<Ring>,
+    /// A ring that failed with requests still in the kernel: kept open (its in-flight
+    /// requests' iovec arrays are leaked) so the kernel never reads a freed iovec. Requests go
+    /// through pread/pwrite from then on; this happens once per device at most.
+    #[cfg(target_os = "linux")]
+    broken_uring: Option<Ring>,
     limiter: Option<RateLimiter>,
     features: u64,
     /// Counters.
@@ -268,6 +273,8 @@ impl Block {
             read_only: cfg.read_only,
             backing,
             uring,
+            #[cfg(target_os = "linux")]
+            broken_uring: None,
             limiter,
             features,
             stats: BlockStats::default(),
@@ -775,38 +782,39 @@ impl Block {
             .user_data(i as u64);
             // SAFETY: the iovecs point into guest memory, mapped for the VM's lifetime, and
             // the iovec arrays live in `batch` until every completion of this batch was reaped
-            // below; the file descriptor stays open (owned by `self.backing`).
+            // below, or, when the ring fails first, forever (`broken_uring`); the file
+            // descriptor stays open (owned by `self.backing`).
             if unsafe { ring.submission().push(&entry) }.is_err() {
                 results[i] = Some(-libc::EBUSY);
             }
         }
         let mut pending = results.iter().filter(|r| r.is_none()).count();
         while pending > 0 {
-            if let Err(e) = ring.submit_and_wait(1) {
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                log::error!(
-                    "drive {}: io_uring: {e}; falling back to pread/pwrite",
-                    self.id
-                );
-                // Nothing more will complete on this ring: finish synchronously.
-                self.uring = None;
-                for (i, r) in results.iter_mut().enumerate() {
-                    if r.is_none() {
-                        let (req, _, off) = &batch[i];
-                        let ok = req.data.iter().try_fold(*off, |o, &(a, l)| {
-                            self.transfer(req.kind == T_IN, ctx.mem, a, l, o)
-                                .map(|()| o + u64::from(l))
-                        });
-                        *r = Some(if ok.is_ok() {
-                            Self::data_len(req) as i32
-                        } else {
-                            -libc::EIO
-                        });
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                // Interrupted, or the completion queue is full (reaped below): wait again.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    log::error!(
+                        "drive {}: io_uring: {e}; {pending} requests fail with an I/O error, later ones use pread/pwrite",
+                        self.id
+                    );
+                    // What is still in the kernel may yet complete: it is not done again
+                    // (a write could land twice, a read race its redo), but failed, and the
+                    // ring and iovecs are kept so the kernel never touches freed memory.
+                    self.broken_uring = self.uring.take();
+                    for b in batch.iter_mut() {
+                        std::mem::forget(std::mem::take(&mut b.1));
                     }
+                    for r in results.iter_mut().filter(|r| r.is_none()) {
+                        *r = Some(-libc::EIO);
+                    }
+                    break;
                 }
-                break;
             }
             for cqe in ring.completion() {
                 if let Some(r) = results.get_mut(cqe.user_data() as usize) {
