@@ -345,7 +345,12 @@ impl Vsock {
     fn remove_conn(&mut self, token: u64, poller: &Poller) {
         if let Some(c) = self.conns.remove(&token) {
             poller.remove(c.stream.as_raw_fd());
-            self.by_ports.remove(&(c.local_port, c.peer_port));
+            // Only its own entry: a host connection still waiting for its CONNECT line has
+            // none, and (0, 0) may be a guest connection's.
+            let key = (c.local_port, c.peer_port);
+            if self.by_ports.get(&key) == Some(&token) {
+                self.by_ports.remove(&key);
+            }
         }
     }
 
@@ -407,8 +412,24 @@ impl Vsock {
             self.remove_conn(token, poller);
             return;
         };
-        let local = self.next_local_port;
-        self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        // The next local port whose (local, peer) pair no connection has: after the ports
+        // wrapped around, or beside a guest connection to a host port in that range, the
+        // plain next one could be taken, and its entry would orphan a live connection.
+        let mut local = self.next_local_port;
+        let mut tries = 0;
+        while self.by_ports.contains_key(&(local, port)) {
+            tries += 1;
+            if tries > MAX_CONNECTIONS {
+                log::warn!("vsock: no free local port toward guest port {port}");
+                self.remove_conn(token, poller);
+                return;
+            }
+            local = local.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        }
+        self.next_local_port = local.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
         c.local_port = local;
         c.peer_port = port;
         c.state = State::Connecting;
@@ -551,6 +572,15 @@ impl Vsock {
         true
     }
 
+    /// `by_ports` named a connection that is gone (it cannot, with `add_conn` and
+    /// `remove_conn` keeping both maps): forget the entry and reset the guest's side.
+    fn lost_conn(&mut self, key: (u32, u32), h: &Header) {
+        log::warn!("vsock: ports {key:?} named a connection that is gone; resetting it");
+        self.by_ports.remove(&key);
+        let r = self.rst_for(h);
+        self.ctrl.push_back(r);
+    }
+
     fn handle_tx(&mut self, h: Header, payload: Vec<u8>, poller: &Poller) {
         if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID || h.type_ != TYPE_STREAM {
             self.stats.dropped = self.stats.dropped.wrapping_add(1);
@@ -595,7 +625,10 @@ impl Vsock {
                 self.ctrl.push_back(r);
             }
             (OP_RESPONSE, Some(t)) => {
-                let c = self.conns.get_mut(&t).expect("token from by_ports");
+                let Some(c) = self.conns.get_mut(&t) else {
+                    self.lost_conn(key, &h);
+                    return;
+                };
                 if c.state == State::Connecting {
                     c.state = State::Established;
                     c.readable = true;
@@ -612,7 +645,10 @@ impl Vsock {
                 }
             }
             (OP_RW, Some(t)) => {
-                let c = self.conns.get_mut(&t).expect("token from by_ports");
+                let Some(c) = self.conns.get_mut(&t) else {
+                    self.lost_conn(key, &h);
+                    return;
+                };
                 if c.state != State::Established
                     || c.pending.len() + payload.len() > BUF_ALLOC as usize
                 {
@@ -628,12 +664,18 @@ impl Vsock {
             }
             (OP_CREDIT_UPDATE, Some(_)) => {}
             (OP_CREDIT_REQUEST, Some(t)) => {
-                let c = &self.conns[&t];
+                let Some(c) = self.conns.get(&t) else {
+                    self.lost_conn(key, &h);
+                    return;
+                };
                 let u = header(self.guest_cid, c, OP_CREDIT_UPDATE);
                 self.ctrl.push_back(u);
             }
             (OP_SHUTDOWN, Some(t)) => {
-                let c = self.conns.get_mut(&t).expect("token from by_ports");
+                let Some(c) = self.conns.get_mut(&t) else {
+                    self.lost_conn(key, &h);
+                    return;
+                };
                 if h.flags & SHUTDOWN_SEND != 0 {
                     c.guest_send_done = true;
                     c.flush();
@@ -1077,6 +1119,33 @@ mod tests {
         t.d.dev.run_ready(200);
         let got = t.received();
         assert_eq!(got.last().map(|p| p.0.op), Some(OP_SHUTDOWN), "{got:?}");
+    }
+
+    /// A host connection that leaves before its CONNECT line must not take a guest
+    /// connection on ports (0, 0) with it (wave 1 removed that key for it, orphaning the
+    /// guest's connection: its data was answered with a reset).
+    #[test]
+    fn a_host_connection_gone_before_connect_leaves_other_connections_alone() {
+        let mut t = setup();
+        let listener = UnixListener::bind(format!("{}_0", t.uds().display())).unwrap();
+        t.give_rx(8);
+        t.send(OP_REQUEST, 0, 0, &[]);
+        assert_eq!(t.received()[0].0.op, OP_RESPONSE);
+        let (mut host, _) = listener.accept().unwrap();
+        host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let early = UnixStream::connect(t.uds()).unwrap();
+        t.d.dev.run_ready(100);
+        drop(early);
+        t.d.dev.run_ready(100);
+        t.send(OP_RW, 0, 0, b"still here");
+        let mut buf = [0u8; 10];
+        assert!(
+            host.read_exact(&mut buf).is_ok(),
+            "the guest's data never came"
+        );
+        assert_eq!(&buf, b"still here");
+        assert!(t.received().iter().all(|p| p.0.op != OP_RST));
     }
 
     #[test]
