@@ -239,14 +239,21 @@ mod tests {
     fn a_reader_gets_every_byte_in_order() {
         let p = fifo("reader");
         let sink = Sink::open(&p, "test-sink").unwrap();
+        // The reader opens before anything is written: the sink holds the FIFO read-write
+        // (it had no reader), and once the sink's descriptor is closed a FIFO no one holds
+        // loses its contents and a later reader's open waits for a writer for good.
+        let (opened, is_open) = std::sync::mpsc::channel();
         let reader = std::thread::spawn({
             let p = p.clone();
             move || {
+                let mut f = File::open(&p).unwrap();
+                opened.send(()).unwrap();
                 let mut s = String::new();
-                File::open(&p).unwrap().read_to_string(&mut s).unwrap();
+                f.read_to_string(&mut s).unwrap();
                 s
             }
         });
+        is_open.recv_timeout(Duration::from_secs(30)).unwrap();
         let mut want = String::new();
         for i in 0..2000 {
             let l = format!("line {i}\n");

@@ -249,7 +249,7 @@ impl RunningVm {
                     match self._vm.dirty_log(slot as u32, r.len()) {
                         Ok(bits) => log.merge(slot, &bits),
                         Err(e) => {
-                            put_back(&saved_pages);
+                            // (put back below, as for every failure)
                             return Err(SnapshotError::Hypervisor(e.to_string()));
                         }
                     }

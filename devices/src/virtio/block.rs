@@ -98,6 +98,11 @@ pub enum IoEngine {
     Uring,
 }
 
+/// How many waits for io_uring completions may fail in a row with a transient error before the
+/// ring is given up (a 1 ms pause after each EAGAIN/EBUSY: about a second).
+#[cfg(target_os = "linux")]
+const URING_RETRIES: u32 = 1000;
+
 /// The io_uring engine's ring (Linux only; elsewhere it cannot be made, and `Async` is refused).
 #[cfg(target_os = "linux")]
 type Ring = io_uring::IoUring;
@@ -789,33 +794,29 @@ impl Block {
             }
         }
         let mut pending = results.iter().filter(|r| r.is_none()).count();
+        // Waits that failed in a row with a transient error (interrupted, the kernel short of
+        // resources, the completion queue full): retried, a bounded number of times.
+        let mut transient = 0u32;
         while pending > 0 {
-            match ring.submit_and_wait(1) {
-                Ok(_) => {}
-                // Interrupted, or the completion queue is full (reaped below): wait again.
+            let failed = match ring.submit_and_wait(1) {
+                Ok(_) => {
+                    transient = 0;
+                    None
+                }
                 Err(e)
                     if matches!(
                         e.raw_os_error(),
                         Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) => {}
-                Err(e) => {
-                    log::error!(
-                        "drive {}: io_uring: {e}; {pending} requests fail with an I/O error, later ones use pread/pwrite",
-                        self.id
-                    );
-                    // What is still in the kernel may yet complete: it is not done again
-                    // (a write could land twice, a read race its redo), but failed, and the
-                    // ring and iovecs are kept so the kernel never touches freed memory.
-                    self.broken_uring = self.uring.take();
-                    for b in batch.iter_mut() {
-                        std::mem::forget(std::mem::take(&mut b.1));
+                    ) && transient < URING_RETRIES =>
+                {
+                    transient += 1;
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
                     }
-                    for r in results.iter_mut().filter(|r| r.is_none()) {
-                        *r = Some(-libc::EIO);
-                    }
-                    break;
+                    None
                 }
-            }
+                Err(e) => Some(e),
+            };
             for cqe in ring.completion() {
                 if let Some(r) = results.get_mut(cqe.user_data() as usize) {
                     if r.is_none() {
@@ -823,6 +824,39 @@ impl Block {
                     }
                     *r = Some(cqe.result());
                 }
+            }
+            if let Some(e) = failed {
+                // What is still in the kernel may yet complete. Its completions are reaped
+                // from the (memory-mapped) queue for a while; what has not completed then
+                // fails with an I/O error and is not done again (a write could land twice,
+                // a read race its redo). The ring stays open and the iovecs are leaked, so
+                // the kernel never reads freed memory.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+                while pending > 0 && std::time::Instant::now() < deadline {
+                    for cqe in ring.completion() {
+                        if let Some(r) = results.get_mut(cqe.user_data() as usize) {
+                            if r.is_none() {
+                                pending -= 1;
+                            }
+                            *r = Some(cqe.result());
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                log::error!(
+                    "drive {}: io_uring: {e}; {pending} requests still in the kernel fail with an I/O error, later ones use pread/pwrite",
+                    self.id
+                );
+                for r in results.iter_mut().filter(|r| r.is_none()) {
+                    *r = Some(-libc::EIO);
+                }
+                if pending > 0 {
+                    for b in batch.iter_mut() {
+                        std::mem::forget(std::mem::take(&mut b.1));
+                    }
+                }
+                self.broken_uring = self.uring.take();
+                break;
             }
         }
         for (i, (req, _, _)) in batch.iter().enumerate() {

@@ -39,6 +39,21 @@ pub(super) fn id_width(id: u64) -> usize {
     1usize << ((id & KVM_REG_SIZE_MASK) >> KVM_REG_SIZE_SHIFT)
 }
 
+/// CNTVCT_EL0's and CNTV_CVAL_EL0's encodings. KVM's `KVM_REG_ARM_TIMER_CNT` carries the
+/// second and `KVM_REG_ARM_TIMER_CVAL` the first (its uapi header says the two were swapped
+/// by mistake and are kept so): the conversion swaps them back, so a saved `Sys` register is
+/// what its encoding names.
+const CNTVCT_EL0: u16 = 0xdf02;
+const CNTV_CVAL_EL0: u16 = 0xdf1a;
+
+fn kvm_timer_swap(enc: u16) -> u16 {
+    match enc {
+        CNTVCT_EL0 => CNTV_CVAL_EL0,
+        CNTV_CVAL_EL0 => CNTVCT_EL0,
+        other => other,
+    }
+}
+
 /// tern's name for a KVM one-reg ID.
 pub(super) fn reg_from_kvm(id: u64) -> ArmReg {
     if id & ARCH_MASK != KVM_REG_ARM64 {
@@ -60,7 +75,9 @@ pub(super) fn reg_from_kvm(id: u64) -> ArmReg {
             (FPCR, 4) => ArmReg::Fpcr,
             _ => ArmReg::Backend(id),
         },
-        KVM_REG_ARM64_SYSREG if w == 8 && (id >> 32) & 0xffff == 0 => ArmReg::Sys(index as u16),
+        KVM_REG_ARM64_SYSREG if w == 8 && (id >> 32) & 0xffff == 0 => {
+            ArmReg::Sys(kvm_timer_swap(index as u16))
+        }
         _ => ArmReg::Backend(id),
     }
 }
@@ -84,7 +101,9 @@ pub(super) fn reg_to_kvm(r: ArmReg) -> HvResult<u64> {
         ArmReg::V(n) if n < 32 => core(VREGS + u64::from(n) * 4, 16),
         ArmReg::Fpsr => core(FPSR, 4),
         ArmReg::Fpcr => core(FPCR, 4),
-        ArmReg::Sys(enc) => KVM_REG_ARM64 | size_bits(8) | KVM_REG_ARM64_SYSREG | u64::from(enc),
+        ArmReg::Sys(enc) => {
+            KVM_REG_ARM64 | size_bits(8) | KVM_REG_ARM64_SYSREG | u64::from(kvm_timer_swap(enc))
+        }
         ArmReg::Backend(id) => id,
         other => return Err(bad(format!("{other:?} is not an ARM64 register"))),
     })
@@ -213,6 +232,14 @@ mod tests {
         ] {
             assert_eq!(reg_to_kvm(reg_from_kvm(id)).unwrap(), id);
         }
+        // KVM_REG_ARM_TIMER_CNT (its ID has CNTV_CVAL's encoding) is the counter.
+        let timer_cnt = regs::sysreg(3, 3, 14, 3, 2);
+        assert_eq!(reg_from_kvm(timer_cnt), ArmReg::Sys(CNTVCT_EL0));
+        assert_eq!(reg_to_kvm(ArmReg::Sys(CNTVCT_EL0)).unwrap(), timer_cnt);
+        assert_eq!(
+            reg_from_kvm(regs::sysreg(3, 3, 14, 0, 2)),
+            ArmReg::Sys(CNTV_CVAL_EL0)
+        );
         assert!(reg_to_kvm(ArmReg::X(31)).is_err());
         assert!(reg_to_kvm(ArmReg::V(32)).is_err());
     }
