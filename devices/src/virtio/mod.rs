@@ -24,8 +24,8 @@ pub mod net;
 pub mod rng;
 #[cfg(target_os = "linux")]
 pub mod tap;
-#[cfg(test)]
-pub(crate) mod testutil;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testutil;
 pub mod vsock;
 
 pub mod worker;

@@ -1,5 +1,6 @@
-//! A fake virtio driver for unit tests: guest memory, a transport brought up the way Linux
-//! does it, descriptor tables per queue, and a counting interrupt. No KVM.
+//! A fake virtio driver for unit tests and the fuzz targets (feature `test-utils`): guest
+//! memory, a transport brought up the way Linux does it, descriptor tables per queue, and a
+//! counting interrupt. No KVM.
 
 use std::sync::Arc;
 
@@ -51,7 +52,9 @@ pub struct Driver {
     pub event_idx: bool,
 }
 
-fn ring_base(q: usize) -> u64 {
+/// Where queue `q`'s descriptor table is; its available ring follows at +0x1000, its used
+/// ring at +0x2000.
+pub fn ring_base(q: usize) -> u64 {
     0x1000 + q as u64 * 0x3000
 }
 
