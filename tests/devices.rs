@@ -1,5 +1,5 @@
 //! The virtio devices inside a booted guest (directly or nested; see tests/common): block
-//! (root filesystem, durability across SIGKILL, read-only, rate limiter), network (two TAPs in
+//! (root filesystem, durability across SIGKILL, read-only, two request queues, rate limiter), network (two TAPs in
 //! a private network namespace, ping and 100 MiB each way), balloon (inflate, deflate,
 //! statistics). virtio-rng is in tests/boot.rs.
 
@@ -61,6 +61,28 @@ const SCENARIOS: &[Scenario] = &[
         ),
         post: "echo \"HOST RO_BEFORE $(cat blk_ro.md5)\"; echo \"HOST RO_AFTER $(md5sum < blk_ro.img)\"",
         ..Scenario::new("blk_readonly")
+    },
+    // Two request queues on two vCPUs: the guest's blk-mq gets two hardware queues, and two
+    // writers at once (each 4 MiB, O_DIRECT) land intact.
+    Scenario {
+        guest_cmd: "shell",
+        vcpus: 2,
+        pre: "truncate -s 16M blk_mq.img",
+        drives: &[
+            r#"{"drive_id": "mq", "path_on_host": "blk_mq.img", "is_root_device": false, "num_queues": 2}"#,
+        ],
+        script: Some(
+            "echo \"GUEST MQ $(ls /sys/block/vda/mq | wc -l)\"\n\
+             dd if=/dev/urandom of=/tmp/a bs=1M count=4 2>/dev/null\n\
+             dd if=/dev/urandom of=/tmp/b bs=1M count=4 2>/dev/null\n\
+             dd if=/tmp/a of=/dev/vda bs=64k oflag=direct 2>/dev/null &\n\
+             dd if=/tmp/b of=/dev/vda bs=64k seek=64 oflag=direct 2>/dev/null &\n\
+             wait\n\
+             sync\n\
+             echo \"GUEST MQ_MD5 $(cat /tmp/a /tmp/b | md5sum)\"\n",
+        ),
+        post: "echo \"HOST MQ_MD5 $(head -c 8388608 blk_mq.img | md5sum)\"",
+        ..Scenario::new("blk_multiqueue")
     },
     // Bandwidth bucket of 1 MiB refilled every 250 ms: 4 MiB/s.
     Scenario {
@@ -264,6 +286,25 @@ fn blk_read_only_drive_refuses_writes_and_stays_identical_on(o: &'static Outcome
     let before = host_value(o, "RO_BEFORE").expect("md5 before");
     assert_eq!(host_value(o, "RO_AFTER"), Some(before.clone()), "{ctx}");
     assert_eq!(o.guest_value("RO_READ_MD5"), Some(before), "{ctx}");
+}
+
+#[test]
+fn blk_two_queues_serve_two_writers() {
+    for o in runs("blk_multiqueue") {
+        blk_two_queues_serve_two_writers_on(o);
+    }
+}
+
+fn blk_two_queues_serve_two_writers_on(o: &'static Outcome) {
+    assert_clean_exit(o);
+    let ctx = format!("{}\npost:\n{}", o.console(), o.post);
+    assert_eq!(
+        o.guest_value("MQ").as_deref(),
+        Some("2"),
+        "two hardware queues\n{ctx}"
+    );
+    let guest = o.guest_value("MQ_MD5").expect("the guest's md5");
+    assert_eq!(host_value(o, "MQ_MD5"), Some(guest), "{ctx}");
 }
 
 #[test]

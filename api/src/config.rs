@@ -254,6 +254,20 @@ mod tests {
         assert!(e.contains("not a valid id"), "{e}");
         let e = parse(&doc(&data.replace("1000", "0"), "")).unwrap_err();
         assert!(e.contains("rate_limiter.bandwidth.size"), "{e}");
+        // num_queues (a tern extension): 1 by default, 1 to 16.
+        assert!(r.drives.iter().all(|d| d.num_queues == 1));
+        let mq = root.replace(
+            "\"is_read_only\": true",
+            "\"is_read_only\": true, \"num_queues\": 4",
+        );
+        assert_eq!(parse(&doc(&mq, "")).unwrap().drives[0].num_queues, 4);
+        for bad in ["0", "17"] {
+            let e = parse(&doc(&mq.replace(": 4", &format!(": {bad}")), "")).unwrap_err();
+            assert!(
+                e.contains("drives[rootfs].num_queues") && e.contains("1 to 16"),
+                "{e}"
+            );
+        }
         let e = parse(&doc("", r#", "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "zz"}]"#)).unwrap_err();
         assert!(e.contains("guest_mac"), "{e}");
         let e = parse(&doc("", r#", "network-interfaces": [{"iface_id": "a", "host_dev_name": "tap0"}, {"iface_id": "b", "host_dev_name": "tap0"}]"#)).unwrap_err();

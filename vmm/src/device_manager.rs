@@ -89,6 +89,7 @@ impl DeviceManager {
                 read_only: d.is_read_only,
                 rate_limiter: d.rate_limiter,
                 engine: d.io_engine,
+                num_queues: d.num_queues,
             })
             .map_err(|e| config_err(format!("drives[{}]", d.drive_id), e.to_string()))?;
             dm.add(

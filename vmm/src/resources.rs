@@ -134,6 +134,8 @@ pub struct DriveConfig {
     pub rate_limiter: Option<RateLimiterConfig>,
     /// `pread`/`pwrite` or io_uring (Firecracker's `io_engine` Sync / Async).
     pub io_engine: IoEngineKind,
+    /// Request queues (1 to `devices::virtio::block::MAX_QUEUES`; a tern extension).
+    pub num_queues: u16,
 }
 
 /// A network interface (`PUT /network-interfaces/{id}`).
@@ -213,6 +215,13 @@ impl DriveConfig {
         if let Some(r) = &self.rate_limiter {
             r.check(&format!("drives[{}].rate_limiter", self.drive_id))
                 .map_err(|m| ConfigError::new("drives.rate_limiter", m))?;
+        }
+        let max = devices::virtio::block::MAX_QUEUES;
+        if !(1..=max).contains(&self.num_queues) {
+            return Err(ConfigError::new(
+                format!("drives[{}].num_queues", self.drive_id),
+                format!("{} is out of range: give 1 to {max}", self.num_queues),
+            ));
         }
         if self.partuuid.is_some() && !self.is_root_device {
             return Err(ConfigError::new(

@@ -22,6 +22,8 @@ use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// Queue size offered.
 pub const QUEUE_SIZE: u16 = 256;
+/// The most request queues a drive offers (`num_queues`).
+pub const MAX_QUEUES: u16 = 16;
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the GET_ID answer.
@@ -31,6 +33,7 @@ const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
+const F_MQ: u64 = 1 << 12;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
 
@@ -70,6 +73,9 @@ pub enum BlockError {
     /// io_uring is not available.
     #[error("drive {id}: cannot set up io_uring ({0}); use io_engine \"Sync\"", id = .1)]
     Uring(std::io::Error, String),
+    /// `num_queues` out of range.
+    #[error("drive {id}: num_queues {0} is out of range: give 1 to {MAX_QUEUES}", id = .1)]
+    Queues(u16, String),
 }
 
 /// What a drive is made of.
@@ -85,6 +91,10 @@ pub struct BlockConfig {
     pub rate_limiter: Option<RateLimiterConfig>,
     /// How requests reach the file.
     pub engine: IoEngine,
+    /// Request queues (1 to [`MAX_QUEUES`]; more than one offers `VIRTIO_BLK_F_MQ`, and the
+    /// guest's blk-mq submits from several vCPUs without sharing one queue). One worker
+    /// serves them all.
+    pub num_queues: u16,
 }
 
 /// How a drive's worker does its reads and writes.
@@ -237,12 +247,16 @@ pub struct Block {
     broken_uring: Option<Ring>,
     limiter: Option<RateLimiter>,
     features: u64,
+    /// One entry per request queue.
+    queue_sizes: Vec<u16>,
     /// Counters.
     pub stats: BlockStats,
 }
 
 /// One parsed request's buffers.
 struct Request {
+    /// The queue it came on (its status goes back there).
+    queue: usize,
     head: u16,
     kind: u32,
     sector: u64,
@@ -267,7 +281,13 @@ impl Block {
             IoEngine::Sync => None,
             IoEngine::Uring => Some(new_ring().map_err(|e| BlockError::Uring(e, cfg.id.clone()))?),
         };
+        if !(1..=MAX_QUEUES).contains(&cfg.num_queues) {
+            return Err(BlockError::Queues(cfg.num_queues, cfg.id.clone()));
+        }
         let mut features = VIRTIO_F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        if cfg.num_queues > 1 {
+            features |= F_MQ;
+        }
         if cfg.read_only {
             features |= F_RO;
         } else if backing.is_file {
@@ -282,6 +302,7 @@ impl Block {
             broken_uring: None,
             limiter,
             features,
+            queue_sizes: vec![QUEUE_SIZE; usize::from(cfg.num_queues)],
             stats: BlockStats::default(),
         })
     }
@@ -355,6 +376,7 @@ impl Block {
         // seg_max: as many data segments as a chain can hold besides header and status.
         c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[34..36].copy_from_slice(&(self.queue_sizes.len() as u16).to_le_bytes()); // num_queues
         c[36..40].copy_from_slice(&MAX_SEGMENT_SECTORS.to_le_bytes()); // max_discard_sectors
         c[40..44].copy_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_discard_seg
         c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
@@ -367,6 +389,7 @@ impl Block {
     fn parse(
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
+        queue: usize,
     ) -> Result<Request, u16> {
         let head = chain.head_index();
         let descs: Vec<_> = chain.collect();
@@ -387,6 +410,7 @@ impl Block {
         let device_writes = matches!(kind, T_IN | T_GET_ID);
         let directions_ok = middle.iter().all(|d| d.is_write_only() == device_writes);
         Ok(Request {
+            queue,
             head,
             kind,
             sector,
@@ -622,9 +646,9 @@ impl Block {
         }
         Ok(())
     }
-    fn process_queue_sync(&mut self, ctx: &mut QueueCtx<'_>) {
+    fn process_queue_sync(&mut self, ctx: &mut QueueCtx<'_>, q: usize) {
         loop {
-            let req = match self.next_request(ctx) {
+            let req = match self.next_request(ctx, q) {
                 Ok(r) => r,
                 Err(true) => return,
                 Err(false) => continue,
@@ -639,19 +663,19 @@ impl Block {
     /// Pops the next request that may go now: parsed, and allowed by the rate limiter.
     /// `Err(true)`: the queue is empty or the limiter said wait; `Err(false)`: a chain without
     /// a usable status buffer was given back (try the next).
-    fn next_request(&mut self, ctx: &mut QueueCtx<'_>) -> Result<Request, bool> {
+    fn next_request(&mut self, ctx: &mut QueueCtx<'_>, q: usize) -> Result<Request, bool> {
         let mem = ctx.mem;
-        let Some(queue) = ctx.queues.get_mut(0) else {
+        let Some(queue) = ctx.queues.get_mut(q) else {
             return Err(true);
         };
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             return Err(true);
         };
-        let req = match Self::parse(chain, mem) {
+        let req = match Self::parse(chain, mem, q) {
             Ok(r) => r,
             Err(head) => {
                 self.stats.errors = self.stats.errors.wrapping_add(1);
-                return if ctx.add_used(0, head, 0) {
+                return if ctx.add_used(q, head, 0) {
                     Err(false)
                 } else {
                     Err(true)
@@ -689,20 +713,20 @@ impl Block {
             Ok(()) => written.saturating_add(1),
             Err(_) => written,
         };
-        ctx.add_used(0, req.head, len)
+        ctx.add_used(req.queue, req.head, len)
     }
 
     /// The io_uring engine: reads and writes of all queued requests go to the kernel as one
     /// batch; anything else (flush, GET_ID, discard, bad requests) runs after the batch
     /// completes, so a flush covers every write completed before it.
     #[cfg(target_os = "linux")]
-    fn process_queue_uring(&mut self, ctx: &mut QueueCtx<'_>) {
+    fn process_queue_uring(&mut self, ctx: &mut QueueCtx<'_>, q: usize) {
         loop {
             let mut batch: Vec<(Request, Vec<libc::iovec>, u64)> = Vec::new();
             let mut other: Option<Request> = None;
             let mut stop = false;
             while batch.len() < URING_DEPTH as usize {
-                match self.next_request(ctx) {
+                match self.next_request(ctx, q) {
                     Err(true) => {
                         stop = true;
                         break;
@@ -889,7 +913,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -926,17 +950,24 @@ impl VirtioDevice for Block {
             if let Some(l) = &mut self.limiter {
                 l.timer_fired();
             }
-            self.process_queue(0, ctx);
+            // One limiter for the drive: every queue may go on now.
+            for q in 0..self.queue_sizes.len() {
+                self.process_queue(q as u16, ctx);
+            }
         }
     }
 
-    fn process_queue(&mut self, _index: u16, ctx: &mut QueueCtx<'_>) {
-        #[cfg(target_os = "linux")]
-        if self.uring.is_some() {
-            self.process_queue_uring(ctx);
+    fn process_queue(&mut self, index: u16, ctx: &mut QueueCtx<'_>) {
+        let q = usize::from(index);
+        if q >= self.queue_sizes.len() {
             return;
         }
-        self.process_queue_sync(ctx);
+        #[cfg(target_os = "linux")]
+        if self.uring.is_some() {
+            self.process_queue_uring(ctx, q);
+            return;
+        }
+        self.process_queue_sync(ctx, q);
     }
 
     fn save(&self) -> DeviceState {
@@ -1015,6 +1046,7 @@ mod tests {
             read_only,
             rate_limiter: limiter,
             engine,
+            num_queues: 1,
         };
         (Driver::new(Box::new(Block::new(&cfg).unwrap())), f)
     }
@@ -1207,6 +1239,72 @@ mod tests {
             waited += 1;
         }
         assert_eq!(d.take_used(0).len(), 1);
+    }
+
+    /// Two request queues: offered with VIRTIO_BLK_F_MQ and `num_queues` 2, each request
+    /// completes on the queue it came on, with both engines; 0 or 17 queues are refused.
+    #[test]
+    fn requests_complete_on_the_queue_they_came_on() {
+        for engine in [IoEngine::Sync, IoEngine::Uring] {
+            let f = TempFile::new().unwrap();
+            f.as_file().set_len(1 << 20).unwrap();
+            let cfg = BlockConfig {
+                id: "mq".into(),
+                path: f.as_path().to_path_buf(),
+                read_only: false,
+                rate_limiter: None,
+                engine,
+                num_queues: 2,
+            };
+            let blk = match Block::new(&cfg) {
+                Ok(b) => b,
+                Err(BlockError::Uring(..)) => continue, // no io_uring here: the Sync pass ran
+                Err(e) => panic!("{e}"),
+            };
+            assert_ne!(blk.features() & F_MQ, 0);
+            let mut d = Driver::new(Box::new(blk));
+            let mut nq = [0u8; 2];
+            d.dev.read(0x100 + 34, &mut nq);
+            assert_eq!(u16::from_le_bytes(nq), 2);
+            // A write on queue 1, read back on queue 0.
+            let mut hdr = [0u8; 16];
+            hdr[0..4].copy_from_slice(&T_OUT.to_le_bytes());
+            hdr[8..16].copy_from_slice(&4u64.to_le_bytes());
+            d.write(HDR, &hdr);
+            d.write(BUF, &[0x5a; 512]);
+            d.chain(
+                1,
+                0,
+                &[(HDR, 16, false), (BUF, 512, false), (STATUS, 1, true)],
+            );
+            d.offer(1, 0);
+            assert_eq!(d.take_used(1), vec![(0, 1)], "{engine:?}");
+            assert!(d.take_used(0).is_empty());
+            assert_eq!(d.read(STATUS, 1)[0], S_OK);
+            d.write(BUF, &[0; 512]);
+            assert_eq!(request(&mut d, 0, T_IN, 4, 512), Some((S_OK, 513)));
+            assert_eq!(d.read(BUF, 512), vec![0x5a; 512]);
+            assert!(d.take_used(1).is_empty());
+        }
+        for n in [0, MAX_QUEUES + 1] {
+            let f = TempFile::new().unwrap();
+            let cfg = BlockConfig {
+                id: "mq".into(),
+                path: f.as_path().to_path_buf(),
+                read_only: false,
+                rate_limiter: None,
+                engine: IoEngine::Sync,
+                num_queues: n,
+            };
+            assert!(matches!(Block::new(&cfg), Err(BlockError::Queues(..))));
+        }
+        // One queue: no VIRTIO_BLK_F_MQ.
+        let (d, _f) = drive(1 << 20, false, None);
+        let mut feats = [0u8; 4];
+        let mut dev = d.dev;
+        dev.write(0x14, &0u32.to_le_bytes());
+        dev.read(0x10, &mut feats);
+        assert_eq!(u64::from(u32::from_le_bytes(feats)) & F_MQ, 0);
     }
 
     /// Write-zeroes goes through the bandwidth limiter for the bytes it zeroes (wave 1 charged
