@@ -136,6 +136,19 @@ impl DeviceSide {
         self.rearm(before);
     }
 
+    /// Lets the device process queue `i`; returns which queues got used buffers (not yet
+    /// signalled).
+    fn run_queue(&mut self, i: usize) -> u64 {
+        let mut ctx = QueueCtx::new(
+            &mut self.queues,
+            &self.mem,
+            &self.poller,
+            self.dirty.as_deref(),
+        );
+        self.device.process_queue(i as u16, &mut ctx);
+        ctx.used
+    }
+
     /// Each queue's available index now (`None`: not ready, or unreadable).
     fn avail_indices(&self) -> Vec<Option<u16>> {
         self.queues
@@ -184,14 +197,7 @@ impl DeviceSide {
                 if again & (1 << i) == 0 {
                     continue;
                 }
-                let mut ctx = QueueCtx::new(
-                    &mut self.queues,
-                    &self.mem,
-                    &self.poller,
-                    self.dirty.as_deref(),
-                );
-                self.device.process_queue(i as u16, &mut ctx);
-                let used = ctx.used;
+                let used = self.run_queue(i);
                 self.signal_used(used);
             }
         }
@@ -302,14 +308,7 @@ impl DeviceSide {
             if !pending {
                 continue;
             }
-            let mut ctx = QueueCtx::new(
-                &mut self.queues,
-                &self.mem,
-                &self.poller,
-                self.dirty.as_deref(),
-            );
-            self.device.process_queue(i as u16, &mut ctx);
-            let used = ctx.used;
+            let used = self.run_queue(i);
             if used != 0 {
                 self.recovered(&format!("queue {i} had work no notification announced"));
                 self.signal_used(used);

@@ -182,53 +182,41 @@ impl From<&DescriptorTable> for kvm_dtable {
     }
 }
 
+/// The same fields both ways: segments and tables converted, the rest copied.
+macro_rules! sregs {
+    ($s:expr, $to:ident) => {
+        $to {
+            cs: (&$s.cs).into(),
+            ds: (&$s.ds).into(),
+            es: (&$s.es).into(),
+            fs: (&$s.fs).into(),
+            gs: (&$s.gs).into(),
+            ss: (&$s.ss).into(),
+            tr: (&$s.tr).into(),
+            ldt: (&$s.ldt).into(),
+            gdt: (&$s.gdt).into(),
+            idt: (&$s.idt).into(),
+            cr0: $s.cr0,
+            cr2: $s.cr2,
+            cr3: $s.cr3,
+            cr4: $s.cr4,
+            cr8: $s.cr8,
+            efer: $s.efer,
+            apic_base: $s.apic_base,
+            interrupt_bitmap: $s.interrupt_bitmap,
+        }
+    };
+}
+
 impl From<&kvm_sregs> for SpecialRegs {
     fn from(s: &kvm_sregs) -> Self {
-        Self {
-            cs: (&s.cs).into(),
-            ds: (&s.ds).into(),
-            es: (&s.es).into(),
-            fs: (&s.fs).into(),
-            gs: (&s.gs).into(),
-            ss: (&s.ss).into(),
-            tr: (&s.tr).into(),
-            ldt: (&s.ldt).into(),
-            gdt: (&s.gdt).into(),
-            idt: (&s.idt).into(),
-            cr0: s.cr0,
-            cr2: s.cr2,
-            cr3: s.cr3,
-            cr4: s.cr4,
-            cr8: s.cr8,
-            efer: s.efer,
-            apic_base: s.apic_base,
-            interrupt_bitmap: s.interrupt_bitmap,
-        }
+        sregs!(s, SpecialRegs)
     }
 }
 
 impl From<&SpecialRegs> for kvm_sregs {
     fn from(s: &SpecialRegs) -> Self {
-        Self {
-            cs: (&s.cs).into(),
-            ds: (&s.ds).into(),
-            es: (&s.es).into(),
-            fs: (&s.fs).into(),
-            gs: (&s.gs).into(),
-            ss: (&s.ss).into(),
-            tr: (&s.tr).into(),
-            ldt: (&s.ldt).into(),
-            gdt: (&s.gdt).into(),
-            idt: (&s.idt).into(),
-            cr0: s.cr0,
-            cr2: s.cr2,
-            cr3: s.cr3,
-            cr4: s.cr4,
-            cr8: s.cr8,
-            efer: s.efer,
-            apic_base: s.apic_base,
-            interrupt_bitmap: s.interrupt_bitmap,
-        }
+        sregs!(s, kvm_sregs)
     }
 }
 
