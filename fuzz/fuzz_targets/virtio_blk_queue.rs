@@ -1,4 +1,5 @@
-//! Any bytes as a virtio-blk queue (see common.rs), on a 64 KiB scratch image.
+//! Any bytes as a virtio-blk queue (see common.rs), on a 64 KiB scratch image, with one to
+//! four request queues.
 #![no_main]
 
 mod common;
@@ -25,6 +26,9 @@ fuzz_target!(|data: &[u8]| {
         } else {
             IoEngine::Sync
         },
+        // Bits 1-2 of the second byte pick one to four request queues (the selector in
+        // common.rs then picks which of them gets the descriptors).
+        num_queues: 1 + u16::from(data.get(1).map_or(0, |b| (b >> 1) & 3)),
     };
     if let Ok(blk) = Block::new(&cfg) {
         common::run(Box::new(blk), data);
