@@ -35,6 +35,10 @@ pub struct DeviceSide {
     /// Interrupts raised so far, and what [`DeviceSide::idle_check`] saw last time.
     triggers: u64,
     idle_seen: Option<(u32, u64)>,
+    /// Each queue's (available index, next to take) when the last idle check found buffers
+    /// there and left them: the guest may have written the index with its notification still
+    /// on the way (a vCPU between the two writes), and that is not a lost one.
+    idle_queues: Vec<Option<(u16, u16)>>,
     /// Where written guest pages are marked, when the VM tracks dirty pages.
     pub(super) dirty: Option<Arc<crate::dirty::DirtyLog>>,
     /// The VM is paused (its own flag until the VMM shares the VM's).
@@ -70,6 +74,7 @@ impl DeviceSide {
             device,
             mem,
             interrupt,
+            idle_queues: vec![None; queues.len()],
             queues,
             poller,
             queue_evts,
@@ -261,7 +266,9 @@ impl DeviceSide {
 
     /// The worker calls this after [`IDLE_CHECK_MS`] without events. It recovers from a lost
     /// wake-up, and says so: an interrupt the driver never acknowledged is raised again, and
-    /// buffers made available without a notification are processed. Neither happens with a
+    /// buffers made available without a notification are processed. Both must be seen at two
+    /// idle checks in a row (the same status, the same buffers waiting), so a wake-up still on
+    /// its way at the first is not taken for a lost one. Neither happens with a
     /// correct driver and hypervisor; both would stall a lock-step protocol (vsock) for good.
     /// Each recovery is a warning starting with [`RECOVERY_LOG`] and is counted in
     /// `virtio.recovered_interrupts` or `virtio.recovered_notifications`: a safety net that the
@@ -302,10 +309,17 @@ impl DeviceSide {
         self.signal_used(used);
         for i in 0..self.queues.len() {
             let q = &self.queues[i];
-            let pending = q.ready()
-                && q.avail_idx(&self.mem, Ordering::Acquire)
-                    .is_ok_and(|a| a.0 != q.next_avail());
-            if !pending {
+            let waiting = q
+                .ready()
+                .then(|| q.avail_idx(&self.mem, Ordering::Acquire).ok())
+                .flatten()
+                .map(|a| (a.0, q.next_avail()))
+                .filter(|(a, next)| a != next);
+            // Buffers are taken here only when they were already waiting, untouched, at the
+            // previous idle check: a whole quiet period in which their notification could
+            // have come.
+            let seen = std::mem::replace(&mut self.idle_queues[i], waiting);
+            if waiting.is_none() || waiting != seen {
                 continue;
             }
             let used = self.run_queue(i);

@@ -640,6 +640,10 @@ mod tests {
         g.avail_idx = 1;
         g.dev.run_ready(0);
         assert_eq!(g.used().0, 0);
+        // The first idle check leaves it: its notification may still be on the way...
+        idle_check(&g);
+        assert_eq!(g.used().0, 0);
+        // ...the second, a whole quiet period later, takes it.
         idle_check(&g);
         assert_eq!(g.used(), (1, vec![(0, 32)]));
         assert_eq!(g.irq.count(), 1);
@@ -662,6 +666,25 @@ mod tests {
         idle_check(&g);
         assert_eq!(g.used().0, 2);
         assert_eq!(g.irq.count(), 3);
+    }
+
+    #[test]
+    fn work_whose_notification_comes_after_an_idle_check_is_not_a_recovery() {
+        let mut g = guest();
+        // The guest wrote the available index; its QueueNotify is still on the way when the
+        // idle check looks.
+        g.desc(0, 0x8000, 32, F_WRITE, 0);
+        g.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        g.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        g.avail_idx = 1;
+        idle_check(&g);
+        assert_eq!(g.used().0, 0, "the idle check took buffers seen only once");
+        w(&mut g.dev, REG_QUEUE_NOTIFY, 0);
+        while g.dev.run_ready(0) > 0 {}
+        assert_eq!(g.used(), (1, vec![(0, 32)]));
+        idle_check(&g);
+        idle_check(&g);
+        assert_eq!(g.used().0, 1);
     }
 
     #[test]

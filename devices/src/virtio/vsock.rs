@@ -252,6 +252,9 @@ pub struct Vsock {
     ctrl: VecDeque<Header>,
     /// Restored from a snapshot: tell the guest its connections are gone once active.
     restored: bool,
+    /// Connections (token, bytes waiting) the last idle check found waiting for EPOLLOUT: the
+    /// next one retries those still waiting with the same bytes (see [`VirtioDevice::idle`]).
+    idle_stuck: Vec<(u64, usize)>,
     /// Counters.
     pub stats: VsockStats,
 }
@@ -276,6 +279,7 @@ impl Vsock {
             next_local_port: FIRST_LOCAL_PORT,
             ctrl: VecDeque::new(),
             restored: false,
+            idle_stuck: Vec::new(),
             stats: VsockStats::default(),
         })
     }
@@ -905,15 +909,18 @@ impl VirtioDevice for Vsock {
     }
 
     fn idle(&mut self, ctx: &mut QueueCtx<'_>) -> Option<String> {
-        // A write that would block waits for EPOLLOUT; try once more in case it was lost.
-        let stuck: Vec<u64> = self
+        // A write that would block waits for EPOLLOUT; try once more in case it was lost, if
+        // it was already waiting, with the same bytes, at the previous idle check (an EPOLLOUT
+        // on its way at the first is not a lost one).
+        let stuck: Vec<(u64, usize)> = self
             .conns
             .iter()
             .filter(|(_, c)| !c.writable && !c.pending.is_empty())
-            .map(|(t, _)| *t)
+            .map(|(t, c)| (*t, c.pending.len()))
             .collect();
+        let seen = std::mem::replace(&mut self.idle_stuck, stuck.clone());
         let mut flushed = 0;
-        for t in stuck {
+        for t in stuck.into_iter().filter(|s| seen.contains(s)).map(|s| s.0) {
             let Some(c) = self.conns.get_mut(&t) else {
                 continue;
             };
@@ -1176,7 +1183,14 @@ mod tests {
             v.conns.values().map(|c| c.pending.len()).sum::<usize>()
         });
         assert_eq!(pending, 4);
-        // ...until the worker's idle check retries the write.
+        // ...past the first idle check (an EPOLLOUT may be on its way)...
+        side.lock().unwrap().idle_check();
+        let pending_now = side.lock().unwrap().with_device(|d, _| {
+            let v = d.as_any_mut().downcast_mut::<Vsock>().unwrap();
+            v.conns.values().map(|c| c.pending.len()).sum::<usize>()
+        });
+        assert_eq!(pending_now, 4, "retried at the first idle check");
+        // ...until the second retries the write.
         side.lock().unwrap().idle_check();
         let mut buf = [0u8; 4];
         host.read_exact(&mut buf).unwrap();
