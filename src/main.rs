@@ -17,6 +17,25 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Exit code when the guest kernel panicked.
 const EXIT_GUEST_PANIC: u8 = 2;
+/// Exit code when a thread of tern's own panicked (a bug in tern: report it).
+const EXIT_TERN_PANIC: i32 = 70;
+
+/// A panic in any of tern's threads (a vCPU, a device worker, the API) ends the process, its
+/// message on stderr and in the log: a VM left running without one of its threads would hang
+/// its guest or its API clients with nothing saying why.
+fn end_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let thread = std::thread::current();
+        log::error!(
+            "thread {} panicked: {info}; tern ends (exit code {EXIT_TERN_PANIC}); this is a bug in tern",
+            thread.name().unwrap_or("(unnamed)")
+        );
+        logger::flush();
+        std::process::exit(EXIT_TERN_PANIC);
+    }));
+}
 
 /// tern: a micro-VMM. One process runs one VM.
 #[derive(Parser, Debug)]
@@ -64,6 +83,7 @@ fn open_log(path: &std::path::Path) -> std::io::Result<vmm::sink::Sink> {
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    end_on_panic();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

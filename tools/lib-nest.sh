@@ -4,7 +4,7 @@
 # nest_write_init FILE: L1's /init. It mounts the usual file systems, loads the modules named
 # in /etc/nest-modules (if any), says whether /dev/kvm is there, runs /nest-cmd.sh in /nest,
 # prints "NEST EXIT rc=<N>" and powers L1 off.
-# With nest.stuck=S on L1's command line (nest_append), a process named tern or qemu-* that has
+# With nest.stuck=S on L1's command line (nest_append), a process named tern, tern-bench or qemu-* that has
 # run longer than S seconds is reported once, as evidence of where it hangs: every thread's
 # state, wait channel, CPU time and kernel stack, and the kernel log's tail ("NEST STUCK" lines).
 nest_write_init() {
@@ -37,21 +37,32 @@ if [ -n "$stuck" ]; then
             for d in /proc/[0-9]*; do
                 p=${d#/proc/}
                 read -r comm < "$d/comm" 2>/dev/null || continue
-                case $comm in tern|qemu-system-*) ;; *) continue ;; esac
+                case $comm in tern|tern-bench|qemu-system-*) ;; *) continue ;; esac
                 case $reported in *" $p "*) continue ;; esac
                 # field 22 of stat: start time in clock ticks (100 a second)
                 age=$(awk -v up="$up" '{sub(/^.*\) /, ""); printf "%d", up - $20 / 100}' "$d/stat" 2>/dev/null) || continue
                 [ "${age:-0}" -gt "$stuck" ] || continue
                 reported="$reported$p "
-                echo "NEST STUCK pid $p ($comm) running ${age} s (> ${stuck} s): its threads"
+                echo "NEST STUCK pid $p ($comm) running ${age} s (> ${stuck} s): $(grep -E '^ShdPnd' "$d/status" | tr -s '\t' ' '), its threads"
                 for t in "$d"/task/*; do
                     read -r tc < "$t/comm"
-                    st=$(awk '{sub(/^.*\) /, ""); print "state " $1 " utime " $12 " stime " $13}' "$t/stat")
-                    echo "NEST STUCK  thread ${t##*/} ($tc) $st wchan $(cat "$t/wchan" 2>/dev/null)"
+                    st=$(awk '{sub(/^.*\) /, ""); print "state " $1 " utime " $12 " stime " $13 " cpu " $37}' "$t/stat")
+                    echo "NEST STUCK  thread ${t##*/} ($tc) $st $(grep -E '^SigPnd' "$t/status" | tr -s '\t' ' ') wchan $(cat "$t/wchan" 2>/dev/null)"
                     sed 's/^/NEST STUCK    /' "$t/stack" 2>/dev/null
                 done
+                # What the process said last (tern-bench's --live copy in the scenario's
+                # directory: its stderr holds a panic or an error).
+                live=$(ls -t "$(readlink "$d/cwd")"/*.live 2>/dev/null | head -n 1)
+                if [ -n "$live" ]; then
+                    echo "NEST STUCK last lines of $live:"
+                    tail -n 40 "$live" | sed 's/^/NEST STUCK    /'
+                fi
+                # Every CPU's backtrace (a CPU that no longer schedules leaves killed threads
+                # alive), then the kernel log's tail.
+                { echo l > /proc/sysrq-trigger; } 2>/dev/null
+                sleep 1
                 echo "NEST STUCK kernel log tail:"
-                dmesg | tail -n 40 | sed 's/^/NEST STUCK    /'
+                dmesg | tail -n 80 | sed 's/^/NEST STUCK    /'
             done
         done
     ) &

@@ -297,13 +297,15 @@ struct Args {
     kill_after: Option<String>,
     api_sock: Option<std::path::PathBuf>,
     steps: Option<std::path::PathBuf>,
+    /// Every line also goes here as it comes (for a report on a run that never ends).
+    live: Option<std::path::PathBuf>,
     cmd: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     if it.next().as_deref() != Some("run") {
-        return Err("usage: tern-bench run [--timeout S] [--marker TEXT]... [--mem-sample-after TEXT --guest-mib N] [--kill-after TEXT] [--api-sock SOCK --steps FILE] -- COMMAND...".into());
+        return Err("usage: tern-bench run [--timeout S] [--marker TEXT]... [--mem-sample-after TEXT --guest-mib N] [--kill-after TEXT] [--api-sock SOCK --steps FILE] [--live FILE] -- COMMAND...".into());
     }
     let mut a = Args {
         timeout: Duration::from_secs(120),
@@ -313,6 +315,7 @@ fn parse_args() -> Result<Args, String> {
         kill_after: None,
         api_sock: None,
         steps: None,
+        live: None,
         cmd: vec![],
     };
     while let Some(arg) = it.next() {
@@ -330,6 +333,7 @@ fn parse_args() -> Result<Args, String> {
             "--kill-after" => a.kill_after = Some(val()?),
             "--api-sock" => a.api_sock = Some(val()?.into()),
             "--steps" => a.steps = Some(val()?.into()),
+            "--live" => a.live = Some(val()?.into()),
             "--" => {
                 a.cmd = it.by_ref().collect();
                 break;
@@ -466,6 +470,19 @@ fn main() {
         markers: args.markers.iter().map(|m| (m.clone(), None)).collect(),
         ..Default::default()
     };
+    let mut live = args
+        .live
+        .as_ref()
+        .and_then(|p| match std::fs::File::create(p) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!(
+                    "tern-bench: --live {}: {e} (going on without it)",
+                    p.display()
+                );
+                None
+            }
+        });
     let deadline = t0 + args.timeout;
     loop {
         let now = Instant::now();
@@ -500,6 +517,10 @@ fn main() {
                 let kill = args.kill_after.as_deref().is_some_and(|m| line.contains(m));
                 if let Ok(mut s) = seen.lock() {
                     s.push(line.clone());
+                }
+                if let Some(f) = &mut live {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{:.0} {tag} {line}", ms(t));
                 }
                 report.lines.push((ms(t), tag, line));
                 if kill && (args.mem_after.is_none() || report.mem_sample.is_some()) {

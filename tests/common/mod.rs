@@ -634,7 +634,7 @@ fn stage(
             None => (String::new(), format!("--no-api --config-file {n}.json")),
         };
         let body = format!(
-            "{pre}\n./tern-bench run --timeout {t}{markers}{kill}{api} -- ./tern {tern_args}{flags} > {n}.result 2>&1\n\
+            "{pre}\n./tern-bench run --timeout {t} --live {n}.live{markers}{kill}{api} -- ./tern {tern_args}{flags} > {n}.result 2>&1\n\
              echo '@@SCENARIO {n}'; cat {n}.result; echo; echo '@@POST'\n{post}\necho '@@END {n}'\n",
             pre = s.pre,
             post = s.post,
