@@ -101,6 +101,47 @@ const SCENARIOS: &[Scenario] = &[
         ),
         ..Scenario::new("blk_ratelimit")
     },
+    // Two queue pairs on a multi-queue TAP, two vCPUs: the guest's driver takes both into use,
+    // and two flows each way at once, one sender on each vCPU (virtio-net's XPS maps vCPU i
+    // to transmit queue i), arrive intact.
+    Scenario {
+        guest_cmd: "shell",
+        vcpus: 2,
+        mem_mib: 512,
+        netns: true,
+        timeout_s: 300,
+        config_extra: r#""network-interfaces": [
+            {"iface_id": "eth0", "host_dev_name": "mq0", "guest_mac": "06:00:ac:10:02:02", "num_queue_pairs": 2}]"#,
+        pre: "./tern-bench mktap --multi-queue mq0\n\
+              ip link set lo up\n\
+              ip addr add 172.16.2.1/24 dev mq0 && ip link set mq0 up\n\
+              dd if=/dev/urandom of=mq_c.bin bs=1M count=16 2>/dev/null\n\
+              dd if=/dev/urandom of=mq_d.bin bs=1M count=16 2>/dev/null\n\
+              nc -l -p 5011 -e sh -c 'cat > mq_a.bin' &\n\
+              nc -l -p 5012 -e sh -c 'cat > mq_b.bin' &\n\
+              nc -l -p 5013 -e sh -c 'cat mq_c.bin' &\n\
+              nc -l -p 5014 -e sh -c 'cat mq_d.bin' &\n",
+        script: Some(
+            "ip addr add 172.16.2.2/24 dev eth0 && ip link set eth0 up\n\
+             echo \"GUEST QUEUES $(ls /sys/class/net/eth0/queues | tr '\\n' ' ')\"\n\
+             dd if=/dev/urandom of=/tmp/a.bin bs=1M count=16 2>/dev/null\n\
+             dd if=/dev/urandom of=/tmp/b.bin bs=1M count=16 2>/dev/null\n\
+             echo \"GUEST A_MD5 $(md5sum < /tmp/a.bin)\"\n\
+             echo \"GUEST B_MD5 $(md5sum < /tmp/b.bin)\"\n\
+             taskset 1 nc 172.16.2.1 5011 -e sh -c 'cat /tmp/a.bin' &\n\
+             taskset 2 nc 172.16.2.1 5012 -e sh -c 'cat /tmp/b.bin' &\n\
+             wait\n\
+             rm /tmp/a.bin /tmp/b.bin\n\
+             taskset 1 nc 172.16.2.1 5013 -e sh -c 'cat > /tmp/c.bin' &\n\
+             taskset 2 nc 172.16.2.1 5014 -e sh -c 'cat > /tmp/d.bin' &\n\
+             wait\n\
+             echo \"GUEST C_MD5 $(md5sum < /tmp/c.bin)\"\n\
+             echo \"GUEST D_MD5 $(md5sum < /tmp/d.bin)\"\n",
+        ),
+        post: "sleep 1; for f in a b c d; do echo \"HOST MQ_$f $(md5sum < mq_$f.bin)\"; done\n\
+               rm -f mq_a.bin mq_b.bin mq_c.bin mq_d.bin",
+        ..Scenario::new("net_multiqueue")
+    },
     // Two TAPs in a private network namespace; ping both, 100 MiB each way on the first.
     Scenario {
         guest_cmd: "shell",
@@ -305,6 +346,43 @@ fn blk_two_queues_serve_two_writers_on(o: &'static Outcome) {
     );
     let guest = o.guest_value("MQ_MD5").expect("the guest's md5");
     assert_eq!(host_value(o, "MQ_MD5"), Some(guest), "{ctx}");
+}
+
+#[test]
+fn net_two_queue_pairs_carry_two_flows_each_way() {
+    for o in runs("net_multiqueue") {
+        net_two_queue_pairs_carry_two_flows_each_way_on(o);
+    }
+}
+
+fn net_two_queue_pairs_carry_two_flows_each_way_on(o: &'static Outcome) {
+    assert_clean_exit(o);
+    let ctx = format!("{}\npost:\n{}", o.console(), o.post);
+    assert_eq!(
+        o.guest_value("QUEUES").as_deref(),
+        Some("rx-0 rx-1 tx-0 tx-1"),
+        "the guest's driver has two queue pairs\n{ctx}"
+    );
+    assert!(
+        o.has_line("net eth0: the driver uses 2 of its 2 queue pairs"),
+        "the driver took both pairs into use (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET)\n{ctx}"
+    );
+    for (guest, host) in [("A_MD5", "MQ_a"), ("B_MD5", "MQ_b")] {
+        let sent = o.guest_value(guest).expect("the guest's md5");
+        assert_eq!(
+            host_value(o, host),
+            Some(sent),
+            "guest -> host {host}: {ctx}"
+        );
+    }
+    for (guest, host) in [("C_MD5", "MQ_c"), ("D_MD5", "MQ_d")] {
+        let sent = host_value(o, host).expect("the host's md5");
+        assert_eq!(
+            o.guest_value(guest),
+            Some(sent),
+            "host -> guest {host}: {ctx}"
+        );
+    }
 }
 
 #[test]

@@ -272,6 +272,18 @@ mod tests {
         assert!(e.contains("guest_mac"), "{e}");
         let e = parse(&doc("", r#", "network-interfaces": [{"iface_id": "a", "host_dev_name": "tap0"}, {"iface_id": "b", "host_dev_name": "tap0"}]"#)).unwrap_err();
         assert!(e.contains("already uses"), "{e}");
+        // num_queue_pairs (a tern extension): 1 by default, 1 to 8.
+        let one = r#", "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]"#;
+        assert_eq!(parse(&doc("", one)).unwrap().net[0].num_queue_pairs, 1);
+        let mq = one.replace("\"tap0\"", "\"tap0\", \"num_queue_pairs\": 4");
+        assert_eq!(parse(&doc("", &mq)).unwrap().net[0].num_queue_pairs, 4);
+        for bad in ["0", "9"] {
+            let e = parse(&doc("", &mq.replace(": 4", &format!(": {bad}")))).unwrap_err();
+            assert!(
+                e.contains("network-interfaces[eth0].num_queue_pairs") && e.contains("1 to 8"),
+                "{e}"
+            );
+        }
         let e = parse(&doc(
             "",
             r#", "vsock": {"guest_cid": 2, "uds_path": "/tmp/v"}"#,

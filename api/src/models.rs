@@ -666,6 +666,9 @@ pub struct NetworkInterface {
     /// Limits traffic from the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// Queue pairs (a tern extension; Firecracker's interfaces have one). 1 by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queue_pairs: Option<u16>,
 }
 
 /// Parses "aa:bb:cc:dd:ee:ff".
@@ -708,6 +711,7 @@ impl NetworkInterface {
             guest_mac,
             rx_rate_limiter: self.rx_rate_limiter,
             tx_rate_limiter: self.tx_rate_limiter,
+            num_queue_pairs: self.num_queue_pairs.unwrap_or(1),
         })
     }
 
@@ -719,6 +723,7 @@ impl NetworkInterface {
             guest_mac: n.guest_mac.as_ref().map(format_mac),
             rx_rate_limiter: n.rx_rate_limiter,
             tx_rate_limiter: n.tx_rate_limiter,
+            num_queue_pairs: (n.num_queue_pairs != 1).then_some(n.num_queue_pairs),
         }
     }
 }

@@ -396,10 +396,17 @@ fn main() {
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("mktap") {
-        // `tern-bench mktap NAME...`: persistent TAP devices (what `ip tuntap add` does; busybox
-        // ip cannot), for the network scenarios.
+        // `tern-bench mktap [--multi-queue] NAME...`: persistent TAP devices (what `ip tuntap
+        // add [multi_queue]` does; busybox ip cannot), for the network scenarios.
+        let mut queues = 1;
         for name in std::env::args().skip(2) {
-            if let Err(e) = devices::virtio::net::Tap::open(&name).and_then(|t| t.persist()) {
+            if name == "--multi-queue" {
+                queues = 2;
+                continue;
+            }
+            let made = devices::virtio::net::Tap::open_queues(&name, queues)
+                .and_then(|t| t.first().map_or(Ok(()), |t| t.persist()));
+            if let Err(e) = made {
                 eprintln!("tern-bench mktap {name}: {e}");
                 std::process::exit(2);
             }

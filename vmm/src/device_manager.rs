@@ -102,18 +102,29 @@ impl DeviceManager {
             )?;
         }
         for n in &res.net {
-            let tap = net::Tap::open(&n.host_dev_name).map_err(|e| {
+            let pairs = usize::from(n.num_queue_pairs);
+            let taps = net::Tap::open_queues(&n.host_dev_name, pairs).map_err(|e| {
+                let multi = if pairs > 1 {
+                    format!(
+                        "; {pairs} queue pairs need a multi-queue TAP (`ip tuntap add {} mode tap multi_queue`, or none by that name)",
+                        n.host_dev_name
+                    )
+                } else {
+                    String::new()
+                };
                 config_err(
                     format!("network-interfaces[{}].host_dev_name", n.iface_id),
                     format!(
-                        "cannot open TAP {}: {e} (does tern have CAP_NET_ADMIN, and is the TAP free?)",
+                        "cannot open TAP {}: {e} (does tern have CAP_NET_ADMIN, and is the TAP free?{multi})",
                         n.host_dev_name
                     ),
                 )
             })?;
-            let dev = net::Net::new(
+            let dev = net::Net::with_queue_pairs(
                 &n.iface_id,
-                Box::new(tap),
+                taps.into_iter()
+                    .map(|t| Box::new(t) as Box<dyn net::NetBackend>)
+                    .collect(),
                 n.guest_mac,
                 n.rx_rate_limiter,
                 n.tx_rate_limiter,

@@ -151,6 +151,9 @@ pub struct NetConfig {
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     /// Limits what the guest sends.
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// Queue pairs (1 to `devices::virtio::net::MAX_QUEUE_PAIRS`; a tern extension): more
+    /// than one opens the TAP as a multi-queue TAP, one queue per pair.
+    pub num_queue_pairs: u16,
 }
 
 /// The vsock device (`PUT /vsock`).
@@ -250,6 +253,13 @@ impl NetConfig {
                     "is a multicast address: the lowest bit of the first byte must be 0",
                 ));
             }
+        }
+        let max = devices::virtio::net::MAX_QUEUE_PAIRS as u16;
+        if !(1..=max).contains(&self.num_queue_pairs) {
+            return Err(ConfigError::new(
+                format!("network-interfaces[{}].num_queue_pairs", self.iface_id),
+                format!("{} is out of range: give 1 to {max}", self.num_queue_pairs),
+            ));
         }
         for (name, r) in [
             ("rx_rate_limiter", &self.rx_rate_limiter),
@@ -638,6 +648,7 @@ mod tests {
                 guest_mac: None,
                 rx_rate_limiter: None,
                 tx_rate_limiter: None,
+                num_queue_pairs: 1,
             });
         }
         assert_eq!(r.validate(&HOST), Ok(()));

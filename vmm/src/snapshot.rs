@@ -629,6 +629,79 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::tempdir::TempDir;
 
+    /// The state file's format as serde sees it (every struct's fields in order, every enum's
+    /// variants, every type), traced by serde-reflection and compared with the one committed
+    /// beside the format version that describes it (`vmm/snapshot-schema/ARCH.json`). postcard
+    /// is not self-describing: a field added anywhere (a drive's `num_queues` once went in
+    /// unnoticed this way) changes what a file means, so it must come with a new version.
+    #[test]
+    fn the_state_format_is_the_one_its_version_names() {
+        use serde_reflection::{Tracer, TracerConfig};
+        let mut tracer = Tracer::new(TracerConfig::default());
+        // Every enum is traced on its own first, so that all its variants are known.
+        tracer
+            .trace_simple_type::<devices::virtio::DeviceState>()
+            .unwrap();
+        tracer
+            .trace_simple_type::<crate::resources::IoEngineKind>()
+            .unwrap();
+        tracer.trace_simple_type::<VirtioKind>().unwrap();
+        #[cfg(target_arch = "x86_64")]
+        tracer
+            .trace_simple_type::<crate::hypervisor::x86_state::MpState>()
+            .unwrap();
+        #[cfg(target_arch = "aarch64")]
+        {
+            use crate::hypervisor::arm_state::{ArmPower, ArmReg, GicReg};
+            tracer.trace_simple_type::<ArmReg>().unwrap();
+            tracer.trace_simple_type::<ArmPower>().unwrap();
+            tracer.trace_simple_type::<GicReg>().unwrap();
+        }
+        // Enums deeper inside are explored one variant a pass.
+        let mut passes = 0;
+        while let Err(e) = tracer.trace_simple_type::<VmState>() {
+            passes += 1;
+            assert!(passes < 64, "tracing the state: {e}");
+        }
+        let registry = tracer.registry().unwrap();
+        let schema = serde_json::to_string_pretty(&registry).unwrap();
+        let arch = std::env::consts::ARCH;
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("snapshot-schema/{arch}.json"));
+        let now = format!(
+            "{{\"format_version\": {},\n\"types\": {schema}}}\n",
+            crate::snapshot_file::FORMAT_VERSION
+        );
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        if committed == now {
+            return;
+        }
+        let committed_version = committed
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("{\"format_version\": "))
+            .and_then(|v| v.trim_end_matches(',').parse::<u32>().ok());
+        let same_version = committed_version == Some(crate::snapshot_file::FORMAT_VERSION);
+        if std::env::var_os("TERN_BLESS_SCHEMA").is_some() && !same_version {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, now).unwrap();
+            return;
+        }
+        panic!(
+            "the snapshot state's format differs from {} ({}). A change to any type in the state \
+             is a format change: bump FORMAT_VERSION in vmm/src/snapshot_file.rs, note it in \
+             docs/snapshot-format.md, make the fixture again (cargo test --test payload -- \
+             --ignored fixture::make), then write this file with TERN_BLESS_SCHEMA=1 cargo test \
+             -p vmm the_state_format (it refuses to while the version is the same).\nnow:\n{now}",
+            path.display(),
+            if same_version {
+                "same version"
+            } else {
+                "another version"
+            }
+        );
+    }
+
     fn state(memory: Vec<(u64, u64)>) -> VmState {
         VmState {
             machine: MachineConfig::default(),

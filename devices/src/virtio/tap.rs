@@ -11,7 +11,11 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const IFF_TAP: i16 = 0x0002;
+const IFF_MULTI_QUEUE: i16 = 0x0100;
+const IFF_ATTACH_QUEUE: i16 = 0x0200;
+const IFF_DETACH_QUEUE: i16 = 0x0400;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
 
@@ -24,6 +28,22 @@ pub struct Tap {
 impl Tap {
     /// Opens (creating if needed) the TAP `name`, non-blocking, with virtio-net headers.
     pub fn open(name: &str) -> std::io::Result<Self> {
+        Self::open_with(name, 0)
+    }
+
+    /// Opens `n` queues of the multi-queue TAP `name` (`IFF_MULTI_QUEUE`; created if needed),
+    /// one descriptor each, for a virtio-net device with `n` queue pairs. With `n` = 1 it is
+    /// [`Tap::open`] (a TAP made without `IFF_MULTI_QUEUE` opens only that way).
+    pub fn open_queues(name: &str, n: usize) -> std::io::Result<Vec<Self>> {
+        if n <= 1 {
+            return Ok(vec![Self::open(name)?]);
+        }
+        (0..n)
+            .map(|_| Self::open_with(name, IFF_MULTI_QUEUE))
+            .collect()
+    }
+
+    fn open_with(name: &str, extra: i16) -> std::io::Result<Self> {
         if name.is_empty() || name.len() >= 16 || name.contains('\0') {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -44,7 +64,7 @@ impl Tap {
         let file = unsafe { File::from_raw_fd(fd) };
         let mut ifr = [0u8; 40];
         ifr[..name.len()].copy_from_slice(name.as_bytes());
-        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
+        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | extra).to_ne_bytes());
         // SAFETY: TUNSETIFF reads and writes a 40-byte `struct ifreq`, which `ifr` is.
         if unsafe { libc::ioctl(fd, TUNSETIFF as _, ifr.as_mut_ptr()) } < 0 {
             return Err(std::io::Error::last_os_error());
@@ -72,6 +92,23 @@ impl Tap {
             )
         } < 0
         {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Attaches this queue to its multi-queue TAP, or detaches it: the kernel spreads incoming
+    /// frames over the attached queues only.
+    pub fn set_queue_attached(&self, attached: bool) -> std::io::Result<()> {
+        let mut ifr = [0u8; 40];
+        let flags = if attached {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        };
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETQUEUE reads a 40-byte `struct ifreq` (its flags), which `ifr` is.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE as _, ifr.as_mut_ptr()) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
@@ -119,5 +156,8 @@ impl NetBackend for Tap {
     }
     fn set_offload(&self, flags: u32) -> std::io::Result<()> {
         Tap::set_offload(self, flags)
+    }
+    fn set_enabled(&self, enabled: bool) -> std::io::Result<()> {
+        self.set_queue_attached(enabled)
     }
 }
