@@ -367,6 +367,10 @@ fn net_two_queue_pairs_carry_two_flows_each_way_on(o: &'static Outcome) {
         o.has_line("net eth0: the driver uses 2 of its 2 queue pairs"),
         "the driver took both pairs into use (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET)\n{ctx}"
     );
+    assert!(
+        !o.has_line("net eth0: TAP queue"),
+        "attaching and detaching TAP queues went without an error\n{ctx}"
+    );
     for (guest, host) in [("A_MD5", "MQ_a"), ("B_MD5", "MQ_b")] {
         let sent = o.guest_value(guest).expect("the guest's md5");
         assert_eq!(

@@ -137,6 +137,8 @@ struct Pair {
     rx_pending: Option<usize>,
     /// The pending frame's tokens were taken already.
     rx_paid: bool,
+    /// The TAP queue is attached (as it is once opened): the host kernel may send frames to it.
+    attached: bool,
 }
 
 /// The network device: one queue pair per TAP queue, and with more than one pair the control
@@ -212,6 +214,7 @@ impl Net {
                     rx_frame: vec![0; MAX_FRAME],
                     rx_pending: None,
                     rx_paid: false,
+                    attached: true,
                 })
                 .collect(),
             active: 1,
@@ -257,22 +260,24 @@ impl Net {
         self.pairs.len()
     }
 
-    /// Attaches the TAP queues of the pairs in use and detaches the others.
-    fn apply_active(&self) {
+    /// Attaches the TAP queues of the pairs in use and detaches the others (a TAP refuses to
+    /// attach a queue twice, so only changes are made).
+    fn apply_active(&mut self) {
         if self.pairs.len() == 1 {
             return;
         }
-        for (i, p) in self.pairs.iter().enumerate() {
-            if let Err(e) = p.backend.set_enabled(i < self.active) {
-                log::warn!(
+        for (i, p) in self.pairs.iter_mut().enumerate() {
+            let want = i < self.active;
+            if p.attached == want {
+                continue;
+            }
+            match p.backend.set_enabled(want) {
+                Ok(()) => p.attached = want,
+                Err(e) => log::warn!(
                     "net {}: TAP queue {i}: {} it: {e}",
                     self.id,
-                    if i < self.active {
-                        "attaching"
-                    } else {
-                        "detaching"
-                    }
-                );
+                    if want { "attaching" } else { "detaching" }
+                ),
             }
         }
     }
@@ -885,7 +890,13 @@ mod tests {
             self.0.raw_fd()
         }
         fn set_enabled(&self, enabled: bool) -> std::io::Result<()> {
-            self.1.store(enabled, Ordering::SeqCst);
+            // A TAP refuses to attach an attached queue (or detach a detached one), and the
+            // device would only log it: fail the test instead.
+            assert_ne!(
+                self.1.swap(enabled, Ordering::SeqCst),
+                enabled,
+                "the device set a TAP queue's state to the one it had"
+            );
             Ok(())
         }
     }
