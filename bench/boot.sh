@@ -4,6 +4,8 @@
 #   boot time: spawn -> the guest's "GUEST BOOTED" console line (guest.cmd=poweroff), and -> exit
 #   memory:    VMM RSS minus the RSS of its guest-RAM mappings, 200 ms after "GUEST BOOTED"
 #              (guest.cmd=shell; the VMM is killed after the sample)
+# With FIRECRACKER=/path/to/firecracker (built from source: ../shared/notes/peers.md says how),
+# Firecracker boots the same guest from the same configuration file, interleaved with the others.
 # Runs directly on hardware KVM, otherwise inside the nest (tools/nest-x86_64.sh), like the tests.
 #   bench/boot.sh [-n RUNS] [-m MIB]     (default 10 runs, 256 MiB, 1 vCPU)
 # Prints a Markdown table; raw JSON lines go to target/bench/boot/results.jsonl.
@@ -25,11 +27,19 @@ Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-s
 {
     echo 'for i in $(seq '"$N"'); do'
     echo '  echo "@@R tern boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- ./tern --no-api --level Warning --config-file tern-poweroff.json)"'
+    if [ -n "${FIRECRACKER:-}" ]; then
+        echo '  echo "@@R firecracker boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- ./firecracker --no-api --level Warning --config-file tern-poweroff.json)"'
+    fi
     echo '  echo "@@R qemu boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- '"$Q"' -append "'"$ARGS"' guest.cmd=poweroff")"'
     echo '  echo "@@R tern mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- ./tern --no-api --level Warning --config-file tern-shell.json)"'
+    if [ -n "${FIRECRACKER:-}" ]; then
+        echo '  echo "@@R firecracker mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- ./firecracker --no-api --level Warning --config-file tern-shell.json)"'
+    fi
     echo '  echo "@@R qemu mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- '"$Q"' -append "'"$ARGS"' guest.cmd=shell")"'
     echo 'done'
 } > "$D/run.sh"
+fc=()
+if [ -n "${FIRECRACKER:-}" ]; then cp "$FIRECRACKER" "$D/firecracker"; fc=("$D/firecracker"); fi
 if hw_kvm; then
     where="directly on hardware KVM"
     (cd "$D" && sh run.sh) > "$D/out.txt"
@@ -37,7 +47,7 @@ else
     where="nested: L1 under QEMU TCG (-cpu max,+svm), both VMMs inside L1 with its KVM"
     L1_MEM=$((MEM + 2048)) NEST_TIMEOUT=$((N * 240 + 300)) bash tools/nest-x86_64.sh -s "$D/run.sh" \
         "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/initramfs.cpio.gz" "$D/tern-poweroff.json" \
-        "$D/tern-shell.json" "$D/qemu-system-x86_64" "$D/fw" > "$D/out.txt"
+        "$D/tern-shell.json" "$D/qemu-system-x86_64" "$D/fw" "${fc[@]}" > "$D/out.txt"
 fi
 grep -a '^@@R ' "$D/out.txt" | sed 's/^@@R //' > "$D/results.jsonl"
 python3 bench/summarize.py "$D/results.jsonl" --where "$where" --runs "$N" --mem "$MEM" \

@@ -24,7 +24,9 @@ for line in open(a.results):
         if booted is None or r["timed_out"]:
             failures.append(f"{vmm} boot: no GUEST BOOTED (exit {r['exit_code']})")
             continue
-        boot.setdefault(vmm, []).append((booted, r["wall_ms"], r["max_rss_kib"]))
+        uptime = next((float(l.split()[2]) for _, _, l in r["lines"]
+                       if l.startswith("GUEST UPTIME ")), float("nan"))
+        boot.setdefault(vmm, []).append((booted, r["wall_ms"], r["max_rss_kib"], uptime))
     else:
         s = r.get("mem_sample")
         if not s:
@@ -36,14 +38,14 @@ def mmm(xs):
     return f"{min(xs):.0f} / {statistics.median(xs):.0f} / {max(xs):.0f}"
 
 print(f"Runs: {a.runs} per VMM, 1 vCPU, {a.mem} MiB, {a.where}. Kernel {a.kernel}; {a.qemu}.\n")
-print("| VMM | to `GUEST BOOTED` (ms) | to exit (ms) | peak RSS (MiB) | RSS at boot (MiB) | guest RAM resident (MiB) | VMM overhead (MiB) |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
-for vmm in ("tern", "qemu"):
+print("| VMM | to `GUEST BOOTED` (ms) | guest uptime then (s, median) | to exit (ms) | peak RSS (MiB) | RSS at boot (MiB) | guest RAM resident (MiB) | VMM overhead (MiB) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for vmm in [v for v in ("tern", "firecracker", "qemu") if v in boot or v in mem]:
     b, m = boot.get(vmm, []), mem.get(vmm, [])
     if not b or not m:
-        print(f"| {vmm} | no data | | | | | |")
+        print(f"| {vmm} | no data | | | | | | |")
         continue
-    print(f"| {vmm} | {mmm([x[0] for x in b])} | {mmm([x[1] for x in b])} | "
+    print(f"| {vmm} | {mmm([x[0] for x in b])} | {statistics.median([x[3] for x in b]):.2f} | {mmm([x[1] for x in b])} | "
           f"{statistics.median([x[2] for x in b]) / 1024:.1f} | "
           f"{statistics.median([s['rss_kib'] for s in m]) / 1024:.1f} | "
           f"{statistics.median([s['guest_rss_kib'] for s in m]) / 1024:.1f} | "
