@@ -213,6 +213,8 @@ const SCENARIOS: &[Scenario] = &[
             {"req": "GET /balloon/statistics", "until": "\"actual_pages\":65536,"},
             {"rss": "inflated"},
             {"req": "GET /balloon/statistics", "until_changed": true},
+            {"wait_next": "GUEST AVAIL"},
+            {"wait_next": "GUEST AVAIL"},
             {"req": "GET /balloon"},
             {"req": "PATCH /balloon", "body": {"amount_mib": 0}},
             {"req": "GET /balloon/statistics", "until": "\"actual_pages\":0,"},
@@ -495,6 +497,9 @@ fn balloon_inflates_deflates_and_reports_statistics_on(o: &'static Outcome) {
     let inflate = call(o, "PATCH /balloon", 0);
     let deflate = call(o, "PATCH /balloon", 1);
     assert_eq!((inflate.status, deflate.status), (204, 204), "{ctx}");
+    // The steps waited for two more of the guest's MemAvailable lines once the balloon had
+    // reached its size (the second one read at least one 0.5 s period after that), so the last
+    // line before the deflate request was read at the full size.
     let before = avail_before(o, inflate.sent_ms);
     let during = avail_before(o, deflate.sent_ms);
     let after = avail_before(o, f64::MAX);

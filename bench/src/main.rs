@@ -57,8 +57,13 @@ struct ApiCall {
 #[derive(serde::Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Step {
+    /// Wait until a console line so far contains this text.
     #[serde(default)]
     pub(crate) wait: Option<String>,
+    /// Wait for a console line containing this text that comes after this step began (the
+    /// guest's next report of something, once the previous steps changed it).
+    #[serde(default)]
+    pub(crate) wait_next: Option<String>,
     #[serde(default)]
     pub(crate) sleep_ms: Option<u64>,
     #[serde(default)]
@@ -102,10 +107,18 @@ fn run_steps(
     let ms = |t: Instant| (t - t0).as_secs_f64() * 1000.0;
     let mut calls = Vec::new();
     for step in steps {
-        if let Some(m) = &step.wait {
+        let waits = [
+            (step.wait.as_ref(), 0),
+            (
+                step.wait_next.as_ref(),
+                lines.lock().map(|l| l.len()).unwrap_or(0),
+            ),
+        ];
+        for (m, from) in waits {
+            let Some(m) = m else { continue };
             while !lines
                 .lock()
-                .map(|l| l.iter().any(|x| x.contains(m.as_str())))
+                .map(|l| l.iter().skip(from).any(|x| x.contains(m.as_str())))
                 .unwrap_or(false)
             {
                 if Instant::now() >= deadline {
