@@ -3,7 +3,9 @@
 # command line, same run, one boot each (-n RUNS: more, one after the other):
 #   - the guest's uptime at "GUEST BOOTED" (guest/init prints it as GUEST UPTIME);
 #   - the KVM exits of each whole boot by kind: KVM's debugfs counters (exits, io_exits,
-#     mmio_exits, halt_exits, irq_exits, ...) on the host that runs both VMMs (L1 in the nest);
+#     mmio_exits, halt_exits, irq_exits, ...) on the host that runs both VMMs (L1 in the nest),
+#     and the most frequent port I/O and MMIO exits by port and address (ftrace hist triggers
+#     on kvm_pio and kvm_mmio): bench/kvm-counters.sh;
 #   - the guest's initcalls that took 5 ms or more (`initcall_debug`, read from dmesg by a
 #     script on a small drive once booted: the console stays `quiet`, as in bench/boot.sh).
 # With FIRECRACKER=/path/to/firecracker, Firecracker boots the same guest from the same
@@ -33,20 +35,20 @@ vmms="tern qemu" fc=()
 if [ -n "${FIRECRACKER:-}" ]; then
     cp "$FIRECRACKER" "$D/firecracker"; fc=("$D/firecracker"); vmms="tern firecracker qemu"
 fi
+cp bench/kvm-counters.sh "$D/"
 cat > "$D/run.sh" <<SH
-mount -t debugfs none /sys/kernel/debug 2>/dev/null
-K=/sys/kernel/debug/kvm
-counters() { for c in exits io_exits mmio_exits halt_exits irq_exits irq_window_exits signal_exits request_irq_exits hypercalls; do printf '%s=%s ' \$c "\$(cat \$K/\$c 2>/dev/null || echo -)"; done; }
+. ./kvm-counters.sh
 for i in \$(seq $N); do
   for vmm in $vmms; do
-    before=\$(counters)
+    kvm_sample_start; kvm_hist_start
     if [ \$vmm != qemu ]; then
       ./tern-bench run --timeout 120 --marker "GUEST BOOTED" -- ./\$vmm --no-api --level Warning --config-file tern.json > out.\$vmm
     else
       ./tern-bench run --timeout 120 --marker "GUEST BOOTED" -- $Q -append "$ARGS guest.cmd=shell" > out.\$vmm
     fi
-    echo "@@X \$vmm before \$before"
-    echo "@@X \$vmm after \$(counters)"
+    echo "@@X \$vmm \$(kvm_sample_stop)"
+    kvm_hist_stop | sed "s/^/@@H \$vmm /"
+    grep -q 'BENCH dmesg_lines' out.\$vmm || { echo "@@F \$vmm did not boot or its script did not end:"; tail -c 3000 out.\$vmm | sed 's/^/@@F /'; }
     grep -o 'GUEST UPTIME [0-9. ]*' out.\$vmm | sed "s/^/@@B \$vmm /"
     grep -o '"GUEST BOOTED",[0-9.]*' out.\$vmm | sed "s/^/@@B \$vmm marker_ms /"
     grep -o 'BENCH [^"\\\\]*' out.\$vmm | sed "s/^/@@B \$vmm /"
@@ -60,19 +62,13 @@ else
     where="nested: L1 under QEMU TCG (-cpu max,+svm), both VMMs inside L1 with its KVM"
     L1_MEM=2048 NEST_TIMEOUT=$((N * 600 + 300)) bash tools/nest-x86_64.sh -s "$D/run.sh" \
         "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/initramfs.cpio.gz" "$D/tern.json" \
-        "$D/trace.img" "$D/qemu-system-x86_64" "$D/fw" "${fc[@]}" > "$D/out.txt"
+        "$D/trace.img" "$D/qemu-system-x86_64" "$D/fw" "$D/kvm-counters.sh" "${fc[@]}" > "$D/out.txt"
 fi
 echo "# bench/boot-trace.sh -n $N ($where)"
 echo "# qemu: $("$QEMU" --version | head -1); kernel: $KERNEL"
 grep -a '^@@B ' "$D/out.txt" | sed 's/^@@B //'
-echo "# KVM exits of each whole boot (after - before), by kind"
-grep -a '^@@X ' "$D/out.txt" | awk '
-    $3 == "before" { for (i = 4; i <= NF; i++) { split($i, kv, "="); b[kv[1]] = kv[2] } }
-    $3 == "after" {
-        line = $2
-        for (i = 4; i <= NF; i++) {
-            split($i, kv, "=")
-            line = line " " kv[1] "=" ((kv[2] == "-" || b[kv[1]] == "-") ? "-" : kv[2] - b[kv[1]])
-        }
-        print line
-    }'
+echo "# KVM exits of each whole boot, by kind (bench/kvm-counters.sh)"
+grep -a '^@@X ' "$D/out.txt" | sed 's/^@@X //'
+echo "# the most frequent port I/O and MMIO exits of each boot (KVM's kvm_pio and kvm_mmio events)"
+grep -a '^@@H ' "$D/out.txt" | sed 's/^@@H //'
+grep -a '^@@F ' "$D/out.txt" | sed 's/^@@F //' >&2 || true

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Boot time and VMM memory overhead of tern beside QEMU's microvm machine, same kernel, initramfs
 # and command line, same run, both measured by tern-bench:
-#   boot time: spawn -> the guest's "GUEST BOOTED" console line (guest.cmd=poweroff), and -> exit
+#   boot time: spawn -> the guest's "GUEST BOOTED" console line, and -> exit (guest.cmd=poweroff,
+#              for Firecracker guest.cmd=reboot: it has no poweroff on x86, and QEMU's microvm
+#              no i8042 for reboot=k)
 #   memory:    VMM RSS minus the RSS of its guest-RAM mappings, 200 ms after "GUEST BOOTED"
 #              (guest.cmd=shell; the VMM is killed after the sample)
 # With FIRECRACKER=/path/to/firecracker (built from source: ../shared/notes/peers.md says how),
@@ -16,11 +18,11 @@ while getopts 'n:m:' o; do case $o in n) N=$OPTARG ;; m) MEM=$OPTARG ;; *) exit 
 . bench/lib.sh
 bench_setup boot
 ARGS="console=ttyS0 reboot=k panic=1 pci=off quiet"
-for cmd in poweroff shell; do
+for cmd in poweroff reboot shell; do
 cat > "$D/tern-$cmd.json" <<JSON
 {"boot-source": {"kernel_image_path": "vmlinux", "initrd_path": "initramfs.cpio.gz",
   "boot_args": "$ARGS guest.cmd=$cmd"},
- "machine-config": {"vcpu_count": 1, "mem_size_mib": $MEM}}
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": $MEM}, "drives": []}
 JSON
 done
 Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m $MEM -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -initrd initramfs.cpio.gz"
@@ -28,7 +30,7 @@ Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-s
     echo 'for i in $(seq '"$N"'); do'
     echo '  echo "@@R tern boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- ./tern --no-api --level Warning --config-file tern-poweroff.json)"'
     if [ -n "${FIRECRACKER:-}" ]; then
-        echo '  echo "@@R firecracker boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- ./firecracker --no-api --level Warning --config-file tern-poweroff.json)"'
+        echo '  echo "@@R firecracker boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- ./firecracker --no-api --level Warning --config-file tern-reboot.json)"'
     fi
     echo '  echo "@@R qemu boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- '"$Q"' -append "'"$ARGS"' guest.cmd=poweroff")"'
     echo '  echo "@@R tern mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- ./tern --no-api --level Warning --config-file tern-shell.json)"'
@@ -46,7 +48,7 @@ if hw_kvm; then
 else
     where="nested: L1 under QEMU TCG (-cpu max,+svm), both VMMs inside L1 with its KVM"
     L1_MEM=$((MEM + 2048)) NEST_TIMEOUT=$((N * 240 + 300)) bash tools/nest-x86_64.sh -s "$D/run.sh" \
-        "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/initramfs.cpio.gz" "$D/tern-poweroff.json" \
+        "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/initramfs.cpio.gz" "$D/tern-poweroff.json" "$D/tern-reboot.json" \
         "$D/tern-shell.json" "$D/qemu-system-x86_64" "$D/fw" "${fc[@]}" > "$D/out.txt"
 fi
 grep -a '^@@R ' "$D/out.txt" | sed 's/^@@R //' > "$D/results.jsonl"

@@ -8,7 +8,8 @@
 #   iperf3 guest -> host and host -> guest over a TAP (QEMU: vhost=off, userspace virtio-net
 #   like tern), inside a network namespace of its own.
 #   Per VMM, the KVM exits of its whole run (boot included; KVM's debugfs `exits` counter on
-#   the host that runs it, L1 in the nest) and the MiB fio and iperf3 moved, and their ratio.
+#   the host that runs it, L1 in the nest, sampled while the VM lives: bench/kvm-counters.sh)
+#   and the MiB fio and iperf3 moved, and their ratio.
 # Needs the guest kit's rootfs.ext4 (fio and iperf3 inside): $TERN_GUEST_DIR or ../shared/guest.
 # Runs directly on hardware KVM, otherwise inside the nest, like the tests.
 #   bench/io.sh [-t SECONDS]     (default 10 s per fio job, 5 s per iperf3 direction)
@@ -21,7 +22,7 @@ command -v iperf3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -
 bench_setup io
 G=${TERN_GUEST_DIR:-../shared/guest}
 [ -f "$G/rootfs.ext4" ] || { echo "bench/io.sh: needs $G/rootfs.ext4 (the guest kit's root filesystem with fio and iperf3)" >&2; exit 1; }
-cp "$(command -v iperf3)" "$D/"
+cp "$(command -v iperf3)" bench/kvm-counters.sh "$D/"
 IT=$(( T / 2 > 0 ? T / 2 : 1 ))
 cat > "$D/bench.sh" <<SH
 ip addr add 172.16.0.2/24 dev eth0 && ip link set eth0 up
@@ -50,20 +51,19 @@ done
 # The root disk first, so that it is /dev/vda for both VMMs.
 Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m 512 -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -drive id=root,file=root.img,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root -drive id=data,file=data.img,format=raw,if=none -device virtio-blk-device,drive=data -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0,mac=06:00:ac:10:00:02"
 cat > "$D/run.sh" <<SH
-mount -t debugfs none /sys/kernel/debug 2>/dev/null
-exits() { cat /sys/kernel/debug/kvm/exits 2>/dev/null || echo -; }
+. ./kvm-counters.sh
 ./tern-bench mktap tap0
 ip link set lo up; ip addr add 172.16.0.1/24 dev tap0; ip link set tap0 up
 ./iperf3 -s -D
 for vmm in tern-Sync tern-Async qemu; do
   cp rootfs.ext4 root.img; rm -f data.img; dd if=/dev/zero of=data.img bs=1M count=512 2>/dev/null
-  e0=\$(exits)
+  kvm_sample_start
   if [ \$vmm != qemu ]; then
     ./tern-bench run --timeout 600 -- ./tern --no-api --level Warning --config-file \$vmm.json > out.\$vmm
   else
     ./tern-bench run --timeout 600 -- $Q -append "$ARGS root=/dev/vda ro" > out.\$vmm
   fi
-  echo "@@X \$vmm \$e0 \$(exits)"
+  echo "@@X \$vmm \$(kvm_sample_stop)"
   echo "@@R \$vmm \$(tail -1 out.\$vmm)"
   grep -o 'BENCH [^"\\\\]*' out.\$vmm | sed "s/^/@@B \$vmm /"
 done
@@ -76,7 +76,7 @@ else
     echo 'unshare -n sh run-inner.sh' > "$D/run-outer.sh"; mv "$D/run.sh" "$D/run-inner.sh"
     L1_MEM=3072 NEST_TIMEOUT=1800 bash tools/nest-x86_64.sh -s "$D/run-outer.sh" \
         "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/tern-Sync.json" "$D/tern-Async.json" "$D/rootfs.ext4" "$D/iperf3" \
-        "$D/run-inner.sh" "$D/qemu-system-x86_64" "$D/fw" > "$D/out.txt"
+        "$D/run-inner.sh" "$D/qemu-system-x86_64" "$D/fw" "$D/kvm-counters.sh" > "$D/out.txt"
 fi
 echo "# bench/io.sh -t $T ($where)"
 echo "# qemu: $("$QEMU" --version | head -1); kernel: $KERNEL"

@@ -16,6 +16,9 @@ bench_setup() {
     D=target/bench/$1; rm -rf "$D"; mkdir -p "$D/fw"
     local f
     for f in bios-microvm.bin qboot.rom; do cp -L "/usr/share/qemu/$f" "$D/fw/" 2>/dev/null || true; done
+    # microvm's firmware is qboot: QEMU 10's data package (bookworm-backports) ships it only as
+    # qboot.rom, while the machine still asks for bios-microvm.bin.
+    [ -f "$D/fw/bios-microvm.bin" ] || cp "$D/fw/qboot.rom" "$D/fw/bios-microvm.bin" 2>/dev/null || true
     cp target/release/tern target/release/tern-bench "$KERNEL" "$INITRD" "$QEMU" "$D/"
 }
 hw_kvm() { [ -c /dev/kvm ] && { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; }; }
