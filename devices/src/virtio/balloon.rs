@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use crate::os::EventSet;
 use crate::os::TimerFd;
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::{
@@ -168,10 +167,7 @@ impl Balloon {
     fn process_pfns(&mut self, q: usize, ctx: &mut QueueCtx<'_>) {
         let mem = ctx.mem;
         loop {
-            let Some(queue) = ctx.queues.get_mut(q) else {
-                return;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = ctx.pop(q) else {
                 return;
             };
             let head = chain.head_index();
@@ -225,10 +221,7 @@ impl Balloon {
     fn process_stats(&mut self, q: usize, ctx: &mut QueueCtx<'_>) {
         let mem = ctx.mem;
         loop {
-            let Some(queue) = ctx.queues.get_mut(q) else {
-                return;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = ctx.pop(q) else {
                 return;
             };
             let head = chain.head_index();
@@ -261,10 +254,7 @@ impl Balloon {
     fn process_reports(&mut self, q: usize, ctx: &mut QueueCtx<'_>) {
         let mem = ctx.mem;
         loop {
-            let Some(queue) = ctx.queues.get_mut(q) else {
-                return;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = ctx.pop(q) else {
                 return;
             };
             let head = chain.head_index();

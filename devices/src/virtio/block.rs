@@ -9,7 +9,6 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::os::EventSet;
-use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
@@ -665,10 +664,7 @@ impl Block {
     /// a usable status buffer was given back (try the next).
     fn next_request(&mut self, ctx: &mut QueueCtx<'_>, q: usize) -> Result<Request, bool> {
         let mem = ctx.mem;
-        let Some(queue) = ctx.queues.get_mut(q) else {
-            return Err(true);
-        };
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let Some(chain) = ctx.pop(q) else {
             return Err(true);
         };
         let req = match Self::parse(chain, mem, q) {
@@ -692,7 +688,7 @@ impl Block {
         if let Some(l) = &mut self.limiter {
             if !l.consume(charge) {
                 self.stats.throttled = self.stats.throttled.wrapping_add(1);
-                super::unpop(queue);
+                ctx.unpop(q);
                 return Err(true);
             }
         }

@@ -553,14 +553,20 @@ mod tests {
             self.mem.write_obj(next, base.unchecked_add(14)).unwrap();
         }
 
-        /// Makes chain `head` available and notifies.
-        fn offer(&mut self, head: u16) {
+        /// Makes chain `head` available without notifying (a QueueNotify lost, or not yet
+        /// written).
+        fn make_available(&mut self, head: u16) {
             let slot = AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
             self.mem.write_obj(head, GuestAddress(slot)).unwrap();
             self.avail_idx = self.avail_idx.wrapping_add(1);
             self.mem
                 .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
                 .unwrap();
+        }
+
+        /// Makes chain `head` available and notifies.
+        fn offer(&mut self, head: u16) {
+            self.make_available(head);
             w(&mut self.dev, REG_QUEUE_NOTIFY, 0);
             self.dev.run_ready(0);
         }
@@ -635,9 +641,7 @@ mod tests {
         // A buffer made available without writing QueueNotify: nothing happens until the
         // worker's idle check finds it.
         g.desc(0, 0x8000, 32, F_WRITE, 0);
-        g.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-        g.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
-        g.avail_idx = 1;
+        g.make_available(0);
         g.dev.run_ready(0);
         assert_eq!(g.used().0, 0);
         // The first idle check leaves it: its notification may still be on the way...
@@ -674,9 +678,7 @@ mod tests {
         // The guest wrote the available index; its QueueNotify is still on the way when the
         // idle check looks.
         g.desc(0, 0x8000, 32, F_WRITE, 0);
-        g.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-        g.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
-        g.avail_idx = 1;
+        g.make_available(0);
         idle_check(&g);
         assert_eq!(g.used().0, 0, "the idle check took buffers seen only once");
         w(&mut g.dev, REG_QUEUE_NOTIFY, 0);

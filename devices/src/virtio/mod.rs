@@ -33,7 +33,7 @@ pub mod worker;
 use std::any::Any;
 
 use crate::os::EventSet;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// `VIRTIO_F_VERSION_1`: the device speaks virtio 1.x (required over MMIO version 2).
@@ -59,11 +59,6 @@ pub use crate::os::Poller;
 /// paused guest acknowledges nothing. The VMM's device manager holds one per VM and sets it
 /// when it pauses and resumes the vCPUs ([`mmio::MmioTransport::set_pause_flag`]).
 pub type PauseFlag = std::sync::Arc<std::sync::atomic::AtomicBool>;
-
-/// Un-pops the chain last taken from `queue` (a rate-limited request waits for its tokens).
-pub fn unpop(queue: &mut Queue) {
-    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-}
 
 /// What a device works with while it handles an event: its queues, guest memory, the epoll
 /// set, and a record of which queues got used buffers (the transport interrupts for those).
@@ -94,6 +89,20 @@ impl<'a> QueueCtx<'a> {
             poller,
             used: 0,
             dirty,
+        }
+    }
+
+    /// The next chain the driver made available on queue `q` (`None`: none, or no such
+    /// queue). The chain borrows guest memory, not the context.
+    pub fn pop(&mut self, q: usize) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+        self.queues.get_mut(q)?.pop_descriptor_chain(self.mem)
+    }
+
+    /// Gives back the chain last taken from queue `q` (a rate-limited request waits for its
+    /// tokens): the next [`QueueCtx::pop`] returns it again.
+    pub fn unpop(&mut self, q: usize) {
+        if let Some(queue) = self.queues.get_mut(q) {
+            queue.set_next_avail(queue.next_avail().wrapping_sub(1));
         }
     }
 

@@ -7,14 +7,13 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 
 use crate::os::EventSet;
-use virtio_queue::QueueT;
 use vm_memory::Bytes;
 
 #[cfg(target_os = "linux")]
 pub use super::tap::Tap;
 use super::{
     DEVICE_TOKEN_BASE, DeviceState, DeviceStateError, Poller, QueueCtx, VIRTIO_F_VERSION_1,
-    VirtioDevice, read_config_bytes, unpop,
+    VirtioDevice, read_config_bytes,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 
@@ -317,10 +316,7 @@ impl Net {
                 pair.rx_paid = true;
             }
             let mem = ctx.mem;
-            let Some(queue) = ctx.queues.get_mut(rxq(p)) else {
-                return;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = ctx.pop(rxq(p)) else {
                 // No buffers: keep the frame until the driver gives some (rx notify).
                 return;
             };
@@ -371,10 +367,7 @@ impl Net {
             return;
         };
         loop {
-            let Some(queue) = ctx.queues.get_mut(txq(p)) else {
-                return;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = ctx.pop(txq(p)) else {
                 return;
             };
             let head = chain.head_index();
@@ -400,7 +393,7 @@ impl Net {
             if ok {
                 if let Some(l) = &mut self.tx_limiter {
                     if !l.consume(len as u64) {
-                        unpop(queue);
+                        ctx.unpop(txq(p));
                         return;
                     }
                 }
@@ -435,10 +428,7 @@ impl Net {
     fn process_ctrl(&mut self, q: usize, ctx: &mut QueueCtx<'_>) {
         let mem = ctx.mem;
         loop {
-            let Some(queue) = ctx.queues.get_mut(q) else {
-                return;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = ctx.pop(q) else {
                 return;
             };
             let head = chain.head_index();

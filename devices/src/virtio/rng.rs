@@ -2,7 +2,6 @@
 //! host's `getrandom(2)`.
 
 use crate::os::EventSet;
-use virtio_queue::QueueT;
 use vm_memory::Bytes;
 
 use super::{
@@ -126,10 +125,7 @@ impl VirtioDevice for Rng {
     fn process_queue(&mut self, _index: u16, ctx: &mut QueueCtx<'_>) {
         let mem = ctx.mem;
         loop {
-            let Some(queue) = ctx.queues.get_mut(0) else {
-                return;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = ctx.pop(0) else {
                 return;
             };
             let head = chain.head_index();
@@ -146,7 +142,7 @@ impl VirtioDevice for Rng {
             if let Some(l) = &mut self.limiter {
                 if !l.consume(wanted) {
                     // Try again when the limiter's timer fires.
-                    super::unpop(queue);
+                    ctx.unpop(0);
                     return;
                 }
             }

@@ -18,7 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use crate::os::EventSet;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueOwnedT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::{
@@ -558,10 +558,7 @@ impl Vsock {
     /// Writes one packet into the next receive chain; false when there is none.
     fn put_rx(&mut self, ctx: &mut QueueCtx<'_>, h: &Header, payload: &[u8]) -> bool {
         let mem = ctx.mem;
-        let Some(queue) = ctx.queues.get_mut(RXQ) else {
-            return false;
-        };
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let Some(chain) = ctx.pop(RXQ) else {
             return false;
         };
         let head = chain.head_index();
@@ -706,10 +703,7 @@ impl Vsock {
             if self.ctrl.len() >= MAX_CTRL {
                 return; // the guest must read first (its receive buffers bring us back)
             }
-            let Some(queue) = ctx.queues.get_mut(TXQ) else {
-                return;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = ctx.pop(TXQ) else {
                 return;
             };
             let head = chain.head_index();
@@ -786,11 +780,7 @@ impl Vsock {
     /// none, and keeps its stale connections until they time out).
     fn transport_reset(&mut self, ctx: &mut QueueCtx<'_>) {
         let mem = ctx.mem;
-        let Some(chain) = ctx
-            .queues
-            .get_mut(EVQ)
-            .and_then(|q| q.pop_descriptor_chain(mem))
-        else {
+        let Some(chain) = ctx.pop(EVQ) else {
             log::warn!("vsock: no event buffer for the transport reset after restore");
             return;
         };
