@@ -374,6 +374,9 @@ impl DeviceSide {
         self.device.reset(&self.poller);
         self.activated = false;
         self.interrupt.clear();
+        // What the idle check saw belongs to the queues the driver just gave up.
+        self.idle_queues.fill(None);
+        self.idle_seen = None;
     }
 
     /// Raises again what the driver has not seen (after a restore).
