@@ -360,6 +360,39 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
+/// "TIMEOUT thread <tid> (<name>) state <S> wchan <fn> stack <frames>" for each thread of
+/// `pid`, from /proc (the kernel stack needs root; without it the field is empty).
+fn thread_states(pid: libc::pid_t) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    for t in dir.flatten() {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, r)| r.split(' ').next())
+            .unwrap_or("?")
+            .to_string();
+        let stack: Vec<String> = read("stack")
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .take(12)
+            .collect();
+        out.push(format!(
+            "TIMEOUT thread {} ({}) state {state} wchan {} stack {}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim(),
+            stack.join(" < ")
+        ));
+    }
+    out.sort();
+    out
+}
+
 fn pump(r: impl Read + Send + 'static, tag: char, tx: mpsc::Sender<(Instant, char, String)>) {
     std::thread::spawn(move || {
         let mut r = BufReader::new(r);
@@ -508,6 +541,11 @@ fn main() {
         let now = Instant::now();
         if now >= deadline {
             report.timed_out = true;
+            // Where each of the VMM's threads is, before it goes: a vCPU in KVM_RUN or one
+            // blocked in tern tells a frozen guest from a stuck VMM.
+            for line in thread_states(pid) {
+                report.lines.push((ms(Instant::now()), 'e', line));
+            }
             // SAFETY: plain kill(2) of our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             break;
