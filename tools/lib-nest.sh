@@ -52,6 +52,8 @@ if [ -n "$stuck" ]; then
                 done
                 # What the process said last (tern-bench's --live copy in the scenario's
                 # directory: its stderr holds a panic or an error).
+                # tern-bench sits in the same directory: its report needs only its threads.
+                [ "$comm" = tern-bench ] && continue
                 live=$(ls -t "$(readlink "$d/cwd")"/*.live 2>/dev/null | head -n 1)
                 if [ -n "$live" ]; then
                     echo "NEST STUCK last lines of $live:"
