@@ -225,6 +225,9 @@ const SCENARIOS: &[Scenario] = &[
     },
     // vsock, both directions at once: the guest echoes 10 000 messages the host sends through
     // `CONNECT 5000`, and sends 10 000 to the host's `vsock.sock_5001`, checking each echo.
+    // Every 5 s the guest prints its timer and virtio interrupt counts (`GUEST TICK`): when
+    // the traffic stops (run 12), they tell a frozen guest from one whose device interrupt no
+    // longer arrives.
     Scenario {
         guest_cmd: "shell",
         timeout_s: 300,
@@ -241,8 +244,11 @@ const SCENARIOS: &[Scenario] = &[
             "cat /dev/vda > /tmp/ve && chmod +x /tmp/ve\n\
              /tmp/ve server 5000 10000 > /tmp/srv.log 2>&1 &\n\
              srv=$!\n\
+             (while sleep 5; do echo \"GUEST TICK $(cut -d' ' -f1 /proc/uptime) $(grep -E 'LOC|virtio' /proc/interrupts | tr -s ' ' | tr '\\n' ';')\"; done) &\n\
+             tick=$!\n\
              /tmp/ve client 2 5001 10000 | sed 's/^/GUEST /'\n\
              wait $srv\n\
+             kill $tick\n\
              sed 's/^/GUEST /' /tmp/srv.log\n",
         ),
         post: "for i in 1 2 3 4 5 6 7 8 9 10; do grep -q 'CLIENT' vsock_cli.out && break; sleep 1; done\n\

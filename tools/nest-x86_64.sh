@@ -126,16 +126,27 @@ cat "$BASE" "$RUN/run.cpio" > "$RUN/initramfs.cpio"
 # come with them (a soft lockup's, every CPU's), without the boot chatter.
 LOG=$RUN/console.log
 : > "$LOG"
+# L1's command writes to a virtio console whose QEMU end is a file, streamed from there:
+# QEMU drops what a virtio console writes while its chardev cannot take it, and a stdio pipe
+# whose reader lags fills up (run 12's report lost its tail that way); a file always takes it.
+CMDOUT=$RUN/command.out
+: > "$CMDOUT"
 nest_watchdog
 set +e
 timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu max,+svm \
     -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
     -serial "file:$RUN/kernel.log" \
-    -device virtio-serial-pci -chardev stdio,id=nestcon -device virtconsole,chardev=nestcon \
+    -device virtio-serial-pci -chardev "file,id=nestcon,path=$CMDOUT" -device virtconsole,chardev=nestcon \
     -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
-    -append "console=ttyS0 panic=-1 quiet loglevel=5 softlockup_all_cpu_backtrace=1 nest.console=hvc0 $(nest_append)" </dev/null 2>&1 |
-    # no \r, and no terminal resets/escapes (SeaBIOS, kernel) before markers
+    -append "console=ttyS0 panic=-1 quiet loglevel=5 softlockup_all_cpu_backtrace=1 nest.console=hvc0 $(nest_append)" \
+    </dev/null > "$RUN/qemu.out" 2>&1 &
+qpid=$!
+# no \r, and no terminal resets/escapes (SeaBIOS, kernel) before markers
+tail -n +1 -F --pid="$qpid" "$CMDOUT" 2>/dev/null |
     sed -u 's/\r//g; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g' | tee -a "$LOG"
-qrc=${PIPESTATUS[0]}
+wait "$qpid"
+qrc=$?
 set -e
+# QEMU's own words (an error, the signal that ended it) after the command's output.
+if [ -s "$RUN/qemu.out" ]; then tee -a "$LOG" < "$RUN/qemu.out"; fi
 nest_finish "$qrc" "${NEST_LOG:-$TERN_CACHE/nest-x86_64/last-console.log}"

@@ -839,6 +839,12 @@ fn execute(
             if let Some(m) = &guest.l1_modules {
                 nest.env("L1_MODULES", m);
             }
+            // The x86 L1 traces its KVM's exits and injections and prints the last of them at
+            // an L2 triple fault (docs/testing.md), unless L1_APPEND says otherwise: the
+            // triple faults seen in CI so far came without any evidence of what was delivered.
+            if guest.arch == Arch::X86_64 && std::env::var_os("L1_APPEND").is_none() {
+                nest.env("L1_APPEND", "nest.kvmtrace=1");
+            }
             nest.arg(
                 workspace()
                     .join("tools")
