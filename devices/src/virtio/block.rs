@@ -135,6 +135,20 @@ fn new_ring() -> std::io::Result<Ring> {
 #[cfg(target_os = "linux")]
 const URING_DEPTH: u32 = 128;
 
+/// Reads and writes from this size up, in a batch of more than one request, go to the kernel's
+/// io_uring workers (`IOSQE_ASYNC`), which run them side by side; smaller ones, or one alone,
+/// run inline in the submitting call, where a page-cache hit costs least (docs/benchmarks.md).
+#[cfg(target_os = "linux")]
+const URING_ASYNC_BYTES: u64 = 64 * 1024;
+
+/// Whether a request of `bytes` in a batch of `batch_len` requests is handed to io_uring's
+/// workers instead of running inline: inline, the page-cache copies of a batch run one after
+/// another on the drive's thread.
+#[cfg(target_os = "linux")]
+fn uring_punts(batch_len: usize, bytes: u64) -> bool {
+    batch_len > 1 && bytes >= URING_ASYNC_BYTES
+}
+
 /// What a drive keeps across a snapshot (its backing file is opened again from the
 /// configuration, and must have as many sectors).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -794,7 +808,13 @@ impl Block {
             return false;
         };
         let mut results: Vec<Option<i32>> = vec![None; batch.len()];
+        let batch_len = batch.len();
         for (i, (req, iov, off)) in batch.iter().enumerate() {
+            let flags = if uring_punts(batch_len, Self::data_len(req)) {
+                io_uring::squeue::Flags::ASYNC
+            } else {
+                io_uring::squeue::Flags::empty()
+            };
             let entry = if req.kind == T_IN {
                 io_uring::opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
                     .offset(*off)
@@ -804,6 +824,7 @@ impl Block {
                     .offset(*off)
                     .build()
             }
+            .flags(flags)
             .user_data(i as u64);
             // SAFETY: the iovecs point into guest memory, mapped for the VM's lifetime, and
             // the iovec arrays live in `batch` until every completion of this batch was reaped
@@ -1139,6 +1160,86 @@ mod tests {
         assert_eq!(request(&mut d, 0, 99, 0, 0), Some((S_UNSUPP, 1)));
         assert!(!d.offer_malformed(0).is_empty());
         assert_eq!(request(&mut d, 0, T_GET_ID, 0, 20), Some((S_OK, 21)));
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn io_uring_batches_of_large_requests_go_to_its_workers_and_complete_alike() {
+        // Only a batch of more than one request hands its large ones to the workers.
+        assert!(!uring_punts(1, 1 << 20));
+        assert!(!uring_punts(8, URING_ASYNC_BYTES - 1));
+        assert!(uring_punts(2, URING_ASYNC_BYTES));
+        if let Err(e) = io_uring::IoUring::new(8) {
+            eprintln!(
+                "SKIPPED io_uring_batches_of_large_requests: io_uring is not available here: {e}"
+            );
+            return;
+        }
+        let (mut d, f) = drive_with(1 << 20, false, None, IoEngine::Uring);
+        const BIG: u32 = 128 * 1024;
+        let hdr_at = |k: u64| 0x20_0000 + k * 0x100;
+        let status_at = |k: u64| 0x20_0800 + k;
+        let buf_at = |k: u64| 0x21_0000 + k * u64::from(BIG);
+        let offer_batch = |d: &mut Driver, kind: u32, reqs: &[(u64, u32)]| {
+            for (k, &(sector, len)) in reqs.iter().enumerate() {
+                let k = k as u64;
+                let mut hdr = [0u8; 16];
+                hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+                hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+                d.write(hdr_at(k), &hdr);
+                d.write(status_at(k), &[0xff]);
+                let first = (k * 3) as u16;
+                d.chain(
+                    0,
+                    first,
+                    &[
+                        (hdr_at(k), 16, false),
+                        (buf_at(k), len, kind == T_IN),
+                        (status_at(k), 1, true),
+                    ],
+                );
+                d.make_available(0, first);
+            }
+            // One notification for the whole batch.
+            d.notify(0);
+            let mut used = d.take_used(0);
+            used.sort();
+            used
+        };
+        // Two large writes and a small one, in one batch.
+        let data: Vec<Vec<u8>> = (0..3u32)
+            .map(|k| {
+                (0..BIG)
+                    .map(|i| (i.wrapping_mul(k + 3) % 251) as u8)
+                    .collect()
+            })
+            .collect();
+        for (k, v) in data.iter().enumerate() {
+            d.write(buf_at(k as u64), v);
+        }
+        let writes = [(0, BIG), (512, BIG), (1024, 4096)];
+        assert_eq!(
+            offer_batch(&mut d, T_OUT, &writes),
+            vec![(0, 1), (3, 1), (6, 1)]
+        );
+        for k in 0..3 {
+            assert_eq!(d.read(status_at(k), 1)[0], S_OK, "write {k}");
+        }
+        let on_disk = std::fs::read(f.as_path()).unwrap();
+        assert_eq!(&on_disk[..BIG as usize], &data[0][..]);
+        assert_eq!(&on_disk[512 * 512..512 * 512 + BIG as usize], &data[1][..]);
+        assert_eq!(&on_disk[1024 * 512..1024 * 512 + 4096], &data[2][..4096]);
+        // The same back as one batch of reads, into cleared buffers.
+        for k in 0..3 {
+            d.write(buf_at(k), &vec![0u8; BIG as usize]);
+        }
+        assert_eq!(
+            offer_batch(&mut d, T_IN, &writes),
+            vec![(0, BIG + 1), (3, BIG + 1), (6, 4096 + 1)]
+        );
+        assert_eq!(d.read(buf_at(0), BIG as usize), data[0]);
+        assert_eq!(d.read(buf_at(1), BIG as usize), data[1]);
+        assert_eq!(d.read(buf_at(2), 4096), &data[2][..4096]);
     }
 
     #[test]
