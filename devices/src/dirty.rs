@@ -116,6 +116,22 @@ impl DirtyLog {
     }
 }
 
+/// Marks device-writable buffers `(address, length)` of one chain. A chain claiming more
+/// writable room than there is RAM marks everything once, instead of marking all of RAM again
+/// per buffer.
+pub fn mark_buffers(log: &DirtyLog, bufs: &[(u64, u32)]) {
+    let ram: u64 = log.regions.iter().map(|r| r.len).sum();
+    let mut claimed = 0u64;
+    for &(addr, len) in bufs {
+        claimed = claimed.saturating_add(u64::from(len));
+        if claimed > ram {
+            log.mark_all();
+            return;
+        }
+        log.mark(addr, u64::from(len));
+    }
+}
+
 /// Marks what a device may have written for descriptor chain `head` of a split queue: every
 /// device-writable buffer of the chain, indirect tables included. The walk is bounded (a
 /// looped chain ends it) and ignores what guest memory cannot hold.
@@ -146,12 +162,11 @@ pub fn mark_chain<M: vm_memory::GuestMemory>(
     let mut indirect = false;
     // At most one pass over the direct table plus one over an indirect table.
     let mut budget = u64::from(queue_size) + 1;
-    let ram: u64 = log.regions.iter().map(|r| r.len).sum();
-    let mut claimed = 0u64;
+    let mut writable = Vec::new();
     while budget > 0 && i < size {
         budget -= 1;
         let Some((addr, len, flags, next)) = read(table, i) else {
-            return;
+            break;
         };
         if flags & F_INDIRECT != 0 && !indirect {
             indirect = true;
@@ -163,20 +178,14 @@ pub fn mark_chain<M: vm_memory::GuestMemory>(
             continue;
         }
         if flags & F_WRITE != 0 {
-            // A chain claiming more writable room than there is RAM marks everything once,
-            // instead of marking all of RAM again per descriptor.
-            claimed = claimed.saturating_add(u64::from(len));
-            if claimed > ram {
-                log.mark_all();
-                return;
-            }
-            log.mark(addr, u64::from(len));
+            writable.push((addr, len));
         }
         if flags & F_NEXT == 0 {
-            return;
+            break;
         }
         i = u64::from(next);
     }
+    mark_buffers(log, &writable);
 }
 
 #[cfg(test)]

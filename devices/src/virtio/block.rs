@@ -399,11 +399,7 @@ impl Block {
         c
     }
 
-    fn parse(
-        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-        queue: usize,
-    ) -> Result<Request, u16> {
+    fn parse(chain: super::Chain, mem: &GuestMemoryMmap, queue: usize) -> Result<Request, u16> {
         let head = chain.head_index();
         let descs: Vec<_> = chain.collect();
         let (Some(first), Some(last)) = (descs.first(), descs.last()) else {

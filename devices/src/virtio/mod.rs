@@ -33,6 +33,7 @@ pub mod worker;
 use std::any::Any;
 
 use crate::os::EventSet;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -73,6 +74,36 @@ pub struct QueueCtx<'a> {
     pub used: u64,
     /// Where the pages the device writes are marked, when the VM tracks dirty pages.
     pub dirty: Option<&'a crate::dirty::DirtyLog>,
+    /// With `dirty`: the device-writable buffers of each chain taken in this context and not
+    /// yet used, (queue, head, buffers), as the device got them from [`QueueCtx::pop`].
+    written: Vec<(usize, u16, WritableBuffers)>,
+}
+
+/// A chain's device-writable buffers, `(guest address, length)`.
+type WritableBuffers = Vec<(u64, u32)>;
+
+/// A descriptor chain as a device gets it from [`QueueCtx::pop`]: its descriptors were read
+/// from guest memory once, when it was taken. What the device writes and what the dirty log
+/// marks at [`QueueCtx::add_used`] are then the same buffers, even if the guest rewrites its
+/// descriptor table in between (the table is guest memory).
+pub struct Chain {
+    head: u16,
+    descs: std::vec::IntoIter<Descriptor>,
+}
+
+impl Chain {
+    /// The index of the chain's first descriptor: what [`QueueCtx::add_used`] takes back.
+    pub fn head_index(&self) -> u16 {
+        self.head
+    }
+}
+
+impl Iterator for Chain {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        self.descs.next()
+    }
 }
 
 impl<'a> QueueCtx<'a> {
@@ -89,13 +120,32 @@ impl<'a> QueueCtx<'a> {
             poller,
             used: 0,
             dirty,
+            written: Vec::new(),
         }
     }
 
     /// The next chain the driver made available on queue `q` (`None`: none, or no such
-    /// queue). The chain borrows guest memory, not the context.
-    pub fn pop(&mut self, q: usize) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
-        self.queues.get_mut(q)?.pop_descriptor_chain(self.mem)
+    /// queue), its descriptors read now (a looped or broken chain ends where virtio-queue's
+    /// walk stops).
+    pub fn pop(&mut self, q: usize) -> Option<Chain> {
+        let chain: DescriptorChain<&GuestMemoryMmap> =
+            self.queues.get_mut(q)?.pop_descriptor_chain(self.mem)?;
+        let head = chain.head_index();
+        let descs: Vec<Descriptor> = chain.collect();
+        if self.dirty.is_some() {
+            let writable = descs
+                .iter()
+                .filter(|d| d.is_write_only())
+                .map(|d| (d.addr().0, d.len()))
+                .collect();
+            // A chain given back (unpop) and taken again replaces its first record.
+            self.written.retain(|(wq, wh, _)| (*wq, *wh) != (q, head));
+            self.written.push((q, head, writable));
+        }
+        Some(Chain {
+            head,
+            descs: descs.into_iter(),
+        })
     }
 
     /// Gives back the chain last taken from queue `q` (a rate-limited request waits for its
@@ -121,9 +171,21 @@ impl<'a> QueueCtx<'a> {
             return false;
         };
         if let Some(log) = self.dirty {
-            // What the device wrote into the chain, and the used ring entry it is about to
-            // write (the whole ring: flags, index, entries, avail event).
-            crate::dirty::mark_chain(log, self.mem, queue.desc_table(), queue.size(), head);
+            // What the device may have written into the chain: the writable buffers it got
+            // at pop. A chain taken in an earlier context (none of tern's devices keeps one)
+            // has no record here, and its descriptors are read again from guest memory.
+            match self
+                .written
+                .iter()
+                .position(|(wq, wh, _)| (*wq, *wh) == (q, head))
+            {
+                Some(i) => crate::dirty::mark_buffers(log, &self.written.swap_remove(i).2),
+                None => {
+                    crate::dirty::mark_chain(log, self.mem, queue.desc_table(), queue.size(), head)
+                }
+            }
+            // The used ring entry it is about to write (the whole ring: flags, index,
+            // entries, avail event).
             log.mark(queue.used_ring(), 6 + 8 * u64::from(queue.size()) + 2);
         }
         match queue.add_used(self.mem, head, len) {
@@ -272,4 +334,90 @@ pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(cfg.len() - start);
     data[..n].copy_from_slice(&cfg[start..start + n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirty::{DirtyLog, PAGE_SIZE};
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Writes descriptor `i` of the table at 0x1000: one device-writable buffer, no next.
+    fn writable_desc(mem: &GuestMemoryMmap, i: u64, addr: u64, len: u32) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&2u16.to_le_bytes()); // VIRTQ_DESC_F_WRITE
+        mem.write_slice(&d, GuestAddress(0x1000 + i * 16)).unwrap();
+    }
+
+    fn marked(log: &DirtyLog, gpa: u64) -> bool {
+        let page = gpa / PAGE_SIZE;
+        log.bitmap(0)[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// The dirty log marks the buffer the device got at pop, not what the descriptor table
+    /// says when the chain is used: a guest rewriting its descriptor in between cannot keep a
+    /// page the device wrote out of a diff snapshot (review: "mark_chain re-reads").
+    #[test]
+    fn used_chains_mark_the_buffers_the_device_got() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0x2000), Some(0));
+        q.set_used_ring_address(Some(0x3000), Some(0));
+        q.set_ready(true);
+        writable_desc(&mem, 0, 0x10_0000, 4096);
+        // Available ring: flags 0, idx 1, ring[0] = descriptor 0.
+        mem.write_slice(&[0, 0, 1, 0, 0, 0], GuestAddress(0x2000))
+            .unwrap();
+        let log = DirtyLog::new(&[(0, 0x40_0000)]);
+        let poller = Poller::new().unwrap();
+        let mut queues = [q];
+        let mut ctx = QueueCtx::new(&mut queues, &mem, &poller, Some(&log));
+        let chain = ctx.pop(0).unwrap();
+        let head = chain.head_index();
+        let descs: Vec<Descriptor> = chain.collect();
+        assert_eq!(descs.len(), 1);
+        assert_eq!(descs[0].addr().0, 0x10_0000);
+        // The device writes its buffer; the guest points the descriptor elsewhere.
+        mem.write_slice(&[0xaa; 4096], descs[0].addr()).unwrap();
+        writable_desc(&mem, 0, 0x20_0000, 4096);
+        assert!(ctx.add_used(0, head, 4096));
+        assert!(
+            marked(&log, 0x10_0000),
+            "the page the device wrote is marked"
+        );
+        assert!(!marked(&log, 0x20_0000), "the page it did not write is not");
+        assert!(marked(&log, 0x3000), "the used ring is marked");
+        assert_eq!(ctx.used, 1);
+    }
+
+    /// A chain given back (a rate-limited request) and taken again is marked once, at its use.
+    #[test]
+    fn a_chain_taken_twice_is_recorded_once() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0x2000), Some(0));
+        q.set_used_ring_address(Some(0x3000), Some(0));
+        q.set_ready(true);
+        writable_desc(&mem, 0, 0x10_0000, 4096);
+        mem.write_slice(&[0, 0, 1, 0, 0, 0], GuestAddress(0x2000))
+            .unwrap();
+        let log = DirtyLog::new(&[(0, 0x40_0000)]);
+        let poller = Poller::new().unwrap();
+        let mut queues = [q];
+        let mut ctx = QueueCtx::new(&mut queues, &mem, &poller, Some(&log));
+        let first = ctx.pop(0).unwrap();
+        ctx.unpop(0);
+        let again = ctx.pop(0).unwrap();
+        assert_eq!(first.head_index(), again.head_index());
+        assert_eq!(ctx.written.len(), 1);
+        assert!(ctx.add_used(0, again.head_index(), 0));
+        assert!(ctx.written.is_empty());
+        assert!(marked(&log, 0x10_0000));
+    }
 }

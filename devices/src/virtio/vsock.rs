@@ -791,11 +791,7 @@ impl Vsock {
 }
 
 /// Copies a readable chain's bytes (at most `max`); stops at a device-writable buffer.
-fn gather(
-    mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    max: usize,
-) -> Vec<u8> {
+fn gather(mem: &GuestMemoryMmap, chain: super::Chain, max: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for d in chain {
         if d.is_write_only() {
@@ -816,11 +812,7 @@ fn gather(
 }
 
 /// Writes `data` across a chain's writable buffers; returns the bytes written.
-fn scatter(
-    mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    data: &[u8],
-) -> usize {
+fn scatter(mem: &GuestMemoryMmap, chain: super::Chain, data: &[u8]) -> usize {
     let mut done = 0;
     for d in chain {
         if done == data.len() || !d.is_write_only() {
