@@ -552,6 +552,51 @@ fn entropy() {
     refused(&t, "PUT", "/entropy", Some("[1]"), "entropy");
 }
 
+/// `PUT /tern/v1/smbios` (a tern extension): stored and shown in `GET /vm/config` on x86;
+/// bad strings, UUIDs and fields refused with the field named; ARM64 refuses it (no UEFI).
+#[test]
+fn smbios() {
+    let t = Tern::start("smbios");
+    let good = r#"{"manufacturer": "Acme", "serial": "SN-1", "uuid": "12345678-9abc-def0-1122-334455667788", "oem_strings": ["a=1", "b=2"]}"#;
+    if cfg!(target_arch = "x86_64") {
+        assert_eq!(t.req("PUT", "/tern/v1/smbios", Some(good)).status, 204);
+        let c = t.config();
+        assert!(
+            c.contains(r#""smbios":{"manufacturer":"Acme","oem_strings":["a=1","b=2"],"serial":"SN-1","uuid":"12345678-9abc-def0-1122-334455667788"}"#),
+            "{c}"
+        );
+    } else {
+        refused(
+            &t,
+            "PUT",
+            "/tern/v1/smbios",
+            Some(good),
+            "leave smbios out on ARM64",
+        );
+    }
+    refused(
+        &t,
+        "PUT",
+        "/tern/v1/smbios",
+        Some(r#"{"serial": "tab\there"}"#),
+        "smbios.serial: character 3 is '\\t', a control character",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/tern/v1/smbios",
+        Some(r#"{"uuid": "not-a-uuid"}"#),
+        "smbios.uuid: \"not-a-uuid\" is not a UUID",
+    );
+    refused(
+        &t,
+        "PUT",
+        "/tern/v1/smbios",
+        Some(r#"{"serial_number": "x"}"#),
+        "unknown field",
+    );
+}
+
 #[test]
 fn cpu_config() {
     let t = Tern::start("cpu-config");

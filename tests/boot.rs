@@ -69,7 +69,29 @@ const SCENARIOS: &[Scenario] = &[
         guest_cmd: "panic",
         ..Scenario::new("guest_panic")
     },
+    // SMBIOS identity (x86 direct boot: the tables in the F-segment), as the guest kernel
+    // reads it into /sys/class/dmi/id and /sys/firmware/dmi/tables.
+    Scenario {
+        guest_cmd: "shell",
+        x86_only: true,
+        config_extra: SMBIOS,
+        script: Some(
+            "for f in sys_vendor product_name product_version product_serial product_uuid \
+             product_sku product_family board_vendor board_serial chassis_serial \
+             chassis_asset_tag bios_vendor; do echo \"GUEST DMI_$f $(cat /sys/class/dmi/id/$f)\"; done\n\
+             echo \"GUEST DMI_EP $(head -c 5 /sys/firmware/dmi/tables/smbios_entry_point)\"\n\
+             tr '\\000' '\\n' < /sys/firmware/dmi/tables/DMI | grep '^oem-' | \
+             while read -r l; do echo \"GUEST DMI_OEM $l\"; done\n",
+        ),
+        ..Scenario::new("smbios_identity")
+    },
 ];
+
+/// The `smbios` section of the `smbios_identity` scenario.
+const SMBIOS: &str = r#""smbios": {"manufacturer": "Acme Corp", "product": "Roadrunner",
+    "version": "7.1", "serial": "RR-0042", "uuid": "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9",
+    "sku": "RR-SKU", "family": "Birds", "chassis_serial": "CH-7", "chassis_asset_tag": "AT-9",
+    "oem_strings": ["oem-first=1", "oem-second=two words"]}"#;
 
 /// Firecracker's custom CPU template format: clear CPUID.1:ECX bit 0 (SSE3, "pni" in
 /// /proc/cpuinfo), a feature every x86-64 host has and this guest does not need.
@@ -268,6 +290,45 @@ fn cpu_template_changes_what_the_guest_sees() {
         "nothing else was touched: {b:?}"
     );
     assert_eq!(templ.exit_code, Some(0), "{}", templ.console());
+}
+
+#[test]
+fn smbios_identity_reaches_the_guests_dmi() {
+    for o in runs("smbios_identity") {
+        let v = |k: &str| o.guest_value(&format!("DMI_{k}"));
+        for (k, want) in [
+            ("sys_vendor", "Acme Corp"),
+            ("product_name", "Roadrunner"),
+            ("product_version", "7.1"),
+            ("product_serial", "RR-0042"),
+            ("product_uuid", "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9"),
+            ("product_sku", "RR-SKU"),
+            ("product_family", "Birds"),
+            ("board_vendor", "Acme Corp"),
+            ("board_serial", "RR-0042"),
+            ("chassis_serial", "CH-7"),
+            ("chassis_asset_tag", "AT-9"),
+            ("bios_vendor", "tern"),
+            ("EP", "_SM3_"),
+        ] {
+            assert_eq!(v(k).as_deref(), Some(want), "DMI {k}; {}", o.console());
+        }
+        let oem: Vec<String> = o
+            .lines
+            .iter()
+            .filter_map(|(_, _, l)| {
+                l.split_once("GUEST DMI_OEM ")
+                    .map(|(_, r)| r.trim().to_string())
+            })
+            .collect();
+        assert_eq!(
+            oem,
+            ["oem-first=1", "oem-second=two words"],
+            "{}",
+            o.console()
+        );
+        assert_eq!(o.exit_code, Some(0), "{}", o.console());
+    }
 }
 
 #[test]

@@ -199,6 +199,35 @@ fn bad_device_sections_are_refused_before_kvm() {
     );
 }
 
+/// An SMBIOS section that cannot be written is refused before anything is built: a string
+/// too long for the F-segment (x86), a control character, a bad UUID.
+#[test]
+fn bad_smbios_sections_are_refused() {
+    let with = |smbios: &str| {
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "smbios": {smbios}}}"#,
+            elf()
+        )
+    };
+    if cfg!(target_arch = "x86_64") {
+        refused(
+            "smbios-big.json",
+            &with(&format!(r#"{{"oem_strings": ["{}"]}}"#, "x".repeat(70_000))),
+            &["smbios:", "at most 65536 fit", "shorten the strings"],
+        );
+    }
+    refused(
+        "smbios-nul.json",
+        &with(r#"{"product": "a\u0000b"}"#),
+        &["smbios.product:", "a control character"],
+    );
+    refused(
+        "smbios-uuid.json",
+        &with(r#"{"uuid": "0a1b2c3d4e5f60718293a4b5c6d7e8f9"}"#),
+        &["smbios.uuid:", "is not a UUID"],
+    );
+}
+
 #[test]
 fn missing_config_file_and_bad_flags() {
     let (code, _, stderr) = tern(&["--no-api", "--config-file", "/no/vm.json"]);

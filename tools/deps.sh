@@ -17,6 +17,8 @@ need depmod kmod
 need xz xz-utils
 need zstd zstd
 need lz4 lz4
+# The SMBIOS unit test decodes tern's tables with dmidecode (--from-dump).
+need dmidecode dmidecode
 need python3 python3
 need cc gcc
 # userfaultfd-sys generates its bindings with bindgen, which needs libclang.

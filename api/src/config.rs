@@ -105,6 +105,9 @@ pub fn parse_config(
         res.entropy = true;
         res.entropy_rate_limiter = e.rate_limiter;
     }
+    if let Some(s) = cfg.smbios {
+        res.put_smbios(s).map_err(|e| invalid(e.field, e.message))?;
+    }
     for d in cfg.drives {
         let d = d
             .into_vmm()

@@ -135,6 +135,9 @@ pub struct VmConfig {
     /// Entropy device.
     #[serde(default)]
     pub entropy: Option<Entropy>,
+    /// The SMBIOS identity (a tern extension; `PUT /tern/v1/smbios`).
+    #[serde(default)]
+    pub smbios: Option<vmm::resources::SmbiosConfig>,
     /// Metrics sink.
     #[serde(default)]
     pub metrics: Option<serde_json::Value>,

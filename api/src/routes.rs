@@ -205,6 +205,10 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Route, Reply> {
             body: Some(metrics::METRICS.prometheus()),
             text: true,
         }),
+        ("PUT", ["tern", "v1", "smbios"]) => {
+            let c = parse::<vmm::resources::SmbiosConfig>("smbios", body)?;
+            A(VmmAction::PutSmbios(Box::new(c)))
+        }
         ("PUT", ["cpu-config"]) => {
             let c = parse::<models::CpuConfig>("cpu-config", body)?;
             A(VmmAction::PutCpuConfig(
@@ -366,6 +370,9 @@ pub fn render(result: Result<VmmData, ActionError>) -> Reply {
             }
             if r.entropy {
                 v["entropy"] = serde_json::json!({ "rate_limiter": r.entropy_rate_limiter });
+            }
+            if let Some(s) = &r.smbios {
+                v["smbios"] = serde_json::to_value(s).unwrap_or_default();
             }
             if let Some(b) = &r.boot_source {
                 v["boot-source"] =

@@ -5,6 +5,7 @@
 
 // Plain data on every host (unit-tested on x86_64 too); used by the aarch64 build.
 pub mod aarch64;
+pub mod smbios;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
@@ -24,6 +25,9 @@ pub enum Error {
         /// The memory error.
         source: vm_memory::GuestMemoryError,
     },
+    /// The SMBIOS configuration cannot be written.
+    #[error("{field}: {0}", field = .0.field())]
+    Smbios(#[from] smbios::SmbiosError),
     /// Too many vCPUs for the platform description.
     #[error("{0} vCPUs do not fit the platform tables (at most {1})")]
     TooManyVcpus(usize, usize),

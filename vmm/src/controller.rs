@@ -60,6 +60,8 @@ pub enum VmmAction {
     PutCpuConfig(crate::resources::CpuTemplate),
     /// Add the virtio-rng entropy device (pre-boot), optionally rate-limited.
     PutEntropy(Option<crate::resources::RateLimiterConfig>),
+    /// The SMBIOS identity (pre-boot).
+    PutSmbios(Box<crate::resources::SmbiosConfig>),
     /// Add or replace a drive (pre-boot).
     PutDrive(crate::resources::DriveConfig),
     /// Change a running VM's drive: backing file and/or rate limiter.
@@ -301,6 +303,11 @@ impl Controller {
                 }
                 self.resources.entropy = true;
                 self.resources.entropy_rate_limiter = limiter;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutSmbios(c) => {
+                pre_boot(&self.vm, "PUT /tern/v1/smbios")?;
+                self.resources.put_smbios(*c)?;
                 Ok(VmmData::Empty)
             }
             VmmAction::PutDrive(d) => {

@@ -112,6 +112,41 @@ pub struct VmResources {
     pub vsock: Option<VsockConfig>,
     /// The virtio-balloon device.
     pub balloon: Option<BalloonConfig>,
+    /// The SMBIOS identity (`PUT /tern/v1/smbios`); tern's defaults when absent. Not in
+    /// snapshots: the tables live in guest memory, which the snapshot keeps.
+    pub smbios: Option<SmbiosConfig>,
+}
+
+pub use arch::smbios::SmbiosConfig;
+
+impl VmResources {
+    /// Sets the SMBIOS identity, once it is known to fit the platform.
+    pub fn put_smbios(&mut self, cfg: SmbiosConfig) -> Result<(), ConfigError> {
+        check_smbios(&cfg)?;
+        self.smbios = Some(cfg);
+        Ok(())
+    }
+}
+
+/// Whether `cfg` can be written: every string, the UUID and the size (x86_64: the F-segment).
+#[cfg(target_arch = "x86_64")]
+fn check_smbios(cfg: &SmbiosConfig) -> Result<(), ConfigError> {
+    use arch::x86_64::{SMBIOS_ROOM, layout::SMBIOS_START};
+    arch::smbios::build(cfg, [0; 16], SMBIOS_START, SMBIOS_ROOM)
+        .map(|_| ())
+        .map_err(|e| ConfigError::new(e.field(), e.to_string()))
+}
+
+/// ARM64 guests find SMBIOS through UEFI, which direct boot does not have.
+#[cfg(not(target_arch = "x86_64"))]
+fn check_smbios(cfg: &SmbiosConfig) -> Result<(), ConfigError> {
+    cfg.check()
+        .map_err(|e| ConfigError::new(e.field(), e.to_string()))?;
+    Err(ConfigError::new(
+        "smbios",
+        "an ARM64 guest finds SMBIOS tables through UEFI firmware, and a directly booted \
+         one has none; leave smbios out on ARM64",
+    ))
 }
 
 pub use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
@@ -601,6 +636,46 @@ mod tests {
         } else {
             std::env::current_exe().unwrap()
         }
+    }
+
+    /// x86_64 keeps a configuration that fits and refuses what does not, naming the field;
+    /// ARM64 refuses any (no UEFI, so no way to hand the guest SMBIOS), after the same checks.
+    #[test]
+    fn smbios_is_checked_when_put() {
+        let mut r = VmResources::default();
+        let good = SmbiosConfig {
+            serial: Some("SN-1".into()),
+            ..Default::default()
+        };
+        let put = r.put_smbios(good.clone());
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(put, Ok(()));
+            assert_eq!(r.smbios, Some(good));
+        } else {
+            let e = put.unwrap_err();
+            assert_eq!(e.field, "smbios");
+            assert!(e.message.contains("leave smbios out on ARM64"), "{e}");
+            assert_eq!(r.smbios, None);
+        }
+        let mut r = VmResources::default();
+        let e = r
+            .put_smbios(SmbiosConfig {
+                uuid: Some("nope".into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.field, "smbios.uuid");
+        if cfg!(target_arch = "x86_64") {
+            let e = r
+                .put_smbios(SmbiosConfig {
+                    oem_strings: vec!["x".repeat(40_000), "y".repeat(40_000)],
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert_eq!(e.field, "smbios");
+            assert!(e.message.contains("at most 65536 fit"), "{e}");
+        }
+        assert_eq!(r.smbios, None, "nothing half-set");
     }
 
     fn with_kernel() -> VmResources {

@@ -5,7 +5,8 @@
 //! 0x0000_0520  IDT (empty)              0x0000_7000  zero page (boot_params) / PVH memory map
 //! 0x0000_8ff0  boot stack top           0x0000_9000  PML4, 0xa000 PDPTE, 0xb000 PDE
 //! 0x0002_0000  kernel command line      0x0009_fc00  EBDA start (end of low RAM)
-//! 0x000e_0000  ACPI tables (RSDP first) 0x0010_0000  high memory: kernel, initrd, RAM
+//! 0x000e_0000  ACPI tables (RSDP first) 0x000f_0000  SMBIOS (entry point, then tables)
+//! 0x0010_0000  high memory: kernel, initrd, RAM
 //! 0xc000_0000  MMIO hole start: boot timer, then device windows (0xd000_0000 virtio-mmio)
 //! 0xfec0_0000  IOAPIC                   0xfee0_0000  LAPIC
 //! 0x1_0000_0000 RAM above 4 GiB when the guest has more than the hole leaves below it
@@ -38,7 +39,11 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the BIOS read-only area where the kernel also scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
 /// End of the ACPI area.
-pub const ACPI_END: u64 = 0x100000;
+pub const ACPI_END: u64 = 0xf0000;
+/// SMBIOS: the F-segment, where Linux scans for the entry point on 16-byte boundaries.
+pub const SMBIOS_START: u64 = 0xf0000;
+/// End of the SMBIOS area.
+pub const SMBIOS_END: u64 = 0x100000;
 /// First address of high memory.
 pub const HIMEM_START: u64 = 0x100000;
 /// Start of the 32-bit MMIO hole.

@@ -224,6 +224,16 @@ fn load_linux(
         })
         .collect();
     let rsdp = arch::x86_64::acpi::write_tables(mem, vcpu_count, &tables)?;
+    let smbios = res.smbios.clone().unwrap_or_default();
+    let mut uuid = [0u8; 16];
+    if smbios.uuid.is_none() {
+        // A random (version 4) UUID per VM, as a VM manager would give it.
+        devices::os::fill_random(&mut uuid)
+            .map_err(|e| Error::Device(format!("random bytes for the SMBIOS UUID: {e}")))?;
+        uuid[6] = (uuid[6] & 0x0f) | 0x40;
+        uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    }
+    arch::x86_64::write_smbios(mem, &smbios, uuid)?;
     let e820 = arch::x86_64::memory::e820_map(&regions);
     boot::write_boot_info(mem, &kernel, cmdline_len, initrd, &e820, rsdp)?;
     log::info!(
