@@ -134,6 +134,33 @@ pub enum VmmAction {
     },
 }
 
+impl VmmAction {
+    /// What the request is called, when it is only allowed before the VM starts.
+    fn pre_boot_only(&self) -> Option<&'static str> {
+        Some(match self {
+            VmmAction::PutBootSource(_) => "PUT /boot-source",
+            VmmAction::PutMachineConfig(_) => "PUT /machine-config",
+            VmmAction::PatchMachineConfig(_) => "PATCH /machine-config",
+            VmmAction::PutEntropy(_) => "PUT /entropy",
+            VmmAction::PutSmbios(_) => "PUT /tern/v1/smbios",
+            VmmAction::PutDrive(_) => "PUT /drives",
+            VmmAction::PutNet(_) => "PUT /network-interfaces",
+            VmmAction::PutVsock(_) => "PUT /vsock",
+            VmmAction::PutBalloon(_) => "PUT /balloon",
+            VmmAction::PutCpuConfig(_) => "PUT /cpu-config",
+            VmmAction::PutSerial(_) => "PUT /serial",
+            VmmAction::InstanceStart => "InstanceStart",
+            VmmAction::LoadSnapshot { .. } => "loading a snapshot",
+            _ => return None,
+        })
+    }
+}
+
+/// The host's limits for a machine configuration.
+fn limits() -> HostLimits {
+    HostLimits::probe(usize::from(crate::resources::MAX_VCPUS))
+}
+
 /// What an action returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmmData {
@@ -259,7 +286,9 @@ impl Controller {
         action: VmmAction,
         em: &mut EventLoop,
     ) -> Result<VmmData, ActionError> {
-        let limits = || HostLimits::probe(usize::from(crate::resources::MAX_VCPUS));
+        if let Some(what) = action.pre_boot_only() {
+            pre_boot(&self.vm, what)?;
+        }
         match action {
             VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo {
                 id: self.id.clone(),
@@ -270,8 +299,34 @@ impl Controller {
             VmmAction::GetMachineConfig => Ok(VmmData::MachineConfig(
                 self.resources.machine_config.clone(),
             )),
+            a @ (VmmAction::PutBootSource(_)
+            | VmmAction::PutMachineConfig(_)
+            | VmmAction::PatchMachineConfig(_)
+            | VmmAction::PutEntropy(_)
+            | VmmAction::PutSmbios(_)
+            | VmmAction::PutDrive(_)
+            | VmmAction::PutNet(_)
+            | VmmAction::PutVsock(_)
+            | VmmAction::PutBalloon(_)
+            | VmmAction::PutCpuConfig(_)
+            | VmmAction::PutSerial(_)) => self.configure(a),
+            a @ (VmmAction::PatchDrive { .. }
+            | VmmAction::PatchNet { .. }
+            | VmmAction::GetBalloon
+            | VmmAction::PatchBalloon(_)
+            | VmmAction::GetBalloonStats
+            | VmmAction::PatchBalloonStats(_)) => self.update_running(a),
+            a @ (VmmAction::PutLogger(_) | VmmAction::PutMetrics(_) | VmmAction::FlushMetrics) => {
+                self.outputs(a)
+            }
+            a => self.lifecycle(a, em),
+        }
+    }
+
+    /// The configuration of a VM not started yet (its `pre_boot` check is done).
+    fn configure(&mut self, action: VmmAction) -> Result<VmmData, ActionError> {
+        match action {
             VmmAction::PutBootSource(b) => {
-                pre_boot(&self.vm, "PUT /boot-source")?;
                 let mut candidate = self.resources.clone();
                 candidate.boot_source = Some(b);
                 candidate.validate_boot_source()?;
@@ -279,13 +334,11 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             VmmAction::PutMachineConfig(m) => {
-                pre_boot(&self.vm, "PUT /machine-config")?;
                 m.validate(&limits())?;
                 self.resources.machine_config = m;
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchMachineConfig(u) => {
-                pre_boot(&self.vm, "PATCH /machine-config")?;
                 let mut m = self.resources.machine_config.clone();
                 m.vcpu_count = u.vcpu_count.unwrap_or(m.vcpu_count);
                 m.mem_size_mib = u.mem_size_mib.unwrap_or(m.mem_size_mib);
@@ -296,7 +349,6 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             VmmAction::PutEntropy(limiter) => {
-                pre_boot(&self.vm, "PUT /entropy")?;
                 if let Some(l) = &limiter {
                     l.check("entropy.rate_limiter")
                         .map_err(|m| ConfigError::new("entropy.rate_limiter", m))?;
@@ -306,15 +358,43 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             VmmAction::PutSmbios(c) => {
-                pre_boot(&self.vm, "PUT /tern/v1/smbios")?;
                 self.resources.put_smbios(*c)?;
                 Ok(VmmData::Empty)
             }
             VmmAction::PutDrive(d) => {
-                pre_boot(&self.vm, "PUT /drives")?;
                 self.resources.put_drive(d)?;
                 Ok(VmmData::Empty)
             }
+            VmmAction::PutNet(n) => {
+                self.resources.put_net(n)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutVsock(v) => {
+                v.validate()?;
+                self.resources.vsock = Some(v);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutBalloon(b) => {
+                self.resources.balloon = Some(b);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutCpuConfig(t) => {
+                self.resources.cpu_template = Some(t);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutSerial(path) => {
+                self.resources.serial_out_path = path;
+                Ok(VmmData::Empty)
+            }
+            other => Err(ActionError::Internal(format!(
+                "{other:?} reached the wrong handler"
+            ))),
+        }
+    }
+
+    /// Changes to a running VM's devices, and what they report.
+    fn update_running(&mut self, action: VmmAction) -> Result<VmmData, ActionError> {
+        match action {
             VmmAction::PatchDrive {
                 drive_id,
                 path_on_host,
@@ -348,11 +428,6 @@ impl Controller {
                 }
                 Ok(VmmData::Empty)
             }
-            VmmAction::PutNet(n) => {
-                pre_boot(&self.vm, "PUT /network-interfaces")?;
-                self.resources.put_net(n)?;
-                Ok(VmmData::Empty)
-            }
             VmmAction::PatchNet { iface_id, rx, tx } => {
                 let vm = self.vm.as_ref().ok_or_else(|| {
                     ActionError::InvalidState(
@@ -380,17 +455,6 @@ impl Controller {
                         n.tx_rate_limiter = tx;
                     }
                 }
-                Ok(VmmData::Empty)
-            }
-            VmmAction::PutVsock(v) => {
-                pre_boot(&self.vm, "PUT /vsock")?;
-                v.validate()?;
-                self.resources.vsock = Some(v);
-                Ok(VmmData::Empty)
-            }
-            VmmAction::PutBalloon(b) => {
-                pre_boot(&self.vm, "PUT /balloon")?;
-                self.resources.balloon = Some(b);
                 Ok(VmmData::Empty)
             }
             VmmAction::GetBalloon => match &self.resources.balloon {
@@ -468,16 +532,15 @@ impl Controller {
                 b.stats_polling_interval_s = secs;
                 Ok(VmmData::Empty)
             }
-            VmmAction::PutCpuConfig(t) => {
-                pre_boot(&self.vm, "PUT /cpu-config")?;
-                self.resources.cpu_template = Some(t);
-                Ok(VmmData::Empty)
-            }
-            VmmAction::PutSerial(path) => {
-                pre_boot(&self.vm, "PUT /serial")?;
-                self.resources.serial_out_path = path;
-                Ok(VmmData::Empty)
-            }
+            other => Err(ActionError::Internal(format!(
+                "{other:?} reached the wrong handler"
+            ))),
+        }
+    }
+
+    /// Where logs and metrics go.
+    fn outputs(&mut self, action: VmmAction) -> Result<VmmData, ActionError> {
+        match action {
             VmmAction::PutLogger(u) => {
                 let mut cfg = self.logger.clone();
                 if let Some(l) = &u.level {
@@ -524,8 +587,16 @@ impl Controller {
                 }
                 Ok(VmmData::Empty)
             }
+            other => Err(ActionError::Internal(format!(
+                "{other:?} reached the wrong handler"
+            ))),
+        }
+    }
+
+    /// Start, snapshot, restore, pause, resume and Ctrl+Alt+Del.
+    fn lifecycle(&mut self, action: VmmAction, em: &mut EventLoop) -> Result<VmmData, ActionError> {
+        match action {
             VmmAction::InstanceStart => {
-                pre_boot(&self.vm, "InstanceStart")?;
                 let t = Instant::now();
                 self.resources.validate(&limits())?;
                 let hv = (self.hypervisor)().map_err(ActionError::Start)?;
@@ -590,7 +661,6 @@ impl Controller {
                 resume_vm,
                 track_dirty_pages,
             } => {
-                pre_boot(&self.vm, "loading a snapshot")?;
                 let t = Instant::now();
                 let state = crate::snapshot::load_state(&snapshot_path)
                     .and_then(|s| s.check().map(|()| s))
@@ -651,6 +721,9 @@ impl Controller {
                     Ok(VmmData::Empty)
                 }
             },
+            other => Err(ActionError::Internal(format!(
+                "{other:?} reached the wrong handler"
+            ))),
         }
     }
 }
