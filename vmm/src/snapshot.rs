@@ -196,7 +196,7 @@ impl RunningVm {
         if snapshot_path == mem_path {
             return Err(SnapshotError::SamePath(snapshot_path.to_path_buf()));
         }
-        if kind == SnapshotType::Diff && self.dirty.is_none() {
+        if kind == SnapshotType::Diff && self.machine.dirty.is_none() {
             return Err(SnapshotError::NotTracking);
         }
         let mut vcpu_states = Vec::with_capacity(self.vcpus.len());
@@ -211,14 +211,15 @@ impl RunningVm {
             vcpu_states.push(s);
         }
         #[cfg(target_arch = "x86_64")]
-        let vm_state = self._vm.save_x86_state();
+        let vm_state = self.machine._vm.save_x86_state();
         #[cfg(target_arch = "aarch64")]
         let vm_state = {
             let mpidrs: Vec<u64> = vcpu_states.iter().map(|v| v.mpidr).collect();
-            self._vm.save_arm_gic(&mpidrs)
+            self.machine._vm.save_arm_gic(&mpidrs)
         };
         let vm_state = vm_state.map_err(|e| SnapshotError::Hypervisor(e.to_string()))?;
         let memory: Vec<(u64, u64)> = self
+            .machine
             ._mem
             .iter()
             .map(|r| (r.start_addr().0, r.len()))
@@ -228,13 +229,18 @@ impl RunningVm {
         // diff. A failure below puts them back, so nothing is lost.
         let mut saved_pages = Vec::new();
         let put_back = |saved: &[Vec<u64>]| {
-            if let Some(log) = &self.dirty {
+            if let Some(log) = &self.machine.dirty {
                 for (slot, bits) in saved.iter().enumerate() {
                     log.merge(slot, bits);
                 }
             }
         };
-        let uart = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        let uart = self
+            .machine
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save();
         let io = |source| {
             SnapshotError::File(SnapshotFileError::Io {
                 path: snapshot_path.to_path_buf(),
@@ -243,10 +249,10 @@ impl RunningVm {
         };
         // Every device and its worker are held while their state and guest memory are read,
         // so none writes guest memory in between.
-        let files = self.devices.with_saved(|virtio| {
-            if let Some(log) = &self.dirty {
-                for (slot, r) in self._mem.iter().enumerate() {
-                    match self._vm.dirty_log(slot as u32, r.len()) {
+        let files = self.machine.devices.with_saved(|virtio| {
+            if let Some(log) = &self.machine.dirty {
+                for (slot, r) in self.machine._mem.iter().enumerate() {
+                    match self.machine._vm.dirty_log(slot as u32, r.len()) {
                         Ok(bits) => log.merge(slot, &bits),
                         Err(e) => {
                             // (put back below, as for every failure)
@@ -258,7 +264,7 @@ impl RunningVm {
             }
             // The state file is written first: a state path that cannot be written fails before
             // the (much longer) memory write, not after it.
-            let res = &self.resources;
+            let res = &self.machine.resources;
             let state = VmState {
                 machine: res.machine_config.clone(),
                 drives: res.ordered_drives().into_iter().cloned().collect(),
@@ -283,8 +289,10 @@ impl RunningVm {
                 });
             state_file.and_then(|state_file| {
                 let mem_file = match kind {
-                    SnapshotType::Full => write_memory(&self._mem, mem_path),
-                    SnapshotType::Diff => write_memory_diff(&self._mem, mem_path, &saved_pages),
+                    SnapshotType::Full => write_memory(&self.machine._mem, mem_path),
+                    SnapshotType::Diff => {
+                        write_memory_diff(&self.machine._mem, mem_path, &saved_pages)
+                    }
                 }?;
                 Ok((state_file, mem_file))
             })

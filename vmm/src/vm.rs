@@ -77,22 +77,28 @@ pub struct RunOptions {
 
 /// A built VM, vCPUs not yet started.
 pub struct BuiltVm {
-    _vm: Arc<dyn Vm>,
-    _mem: GuestMemoryMmap,
+    machine: Machine,
     vcpus: Vec<(u8, Box<dyn crate::hypervisor::Vcpu>)>,
     buses: Buses,
-    exit: Arc<ExitChannel>,
-    serial: Arc<Mutex<platform::Uart>>,
-    panicked: Arc<AtomicBool>,
     console_input: ConsoleInput,
     input_room: EventFd,
-    boot_timer: Option<Arc<Mutex<BootTimer>>>,
-    extra: platform::Extra,
-    devices: DeviceManager,
-    resources: VmResources,
+}
+
+/// What a VM is made of, the same before and after its vCPU threads start ([`BuiltVm`],
+/// [`RunningVm`]).
+pub(crate) struct Machine {
+    pub(crate) _vm: Arc<dyn Vm>,
+    pub(crate) _mem: GuestMemoryMmap,
+    pub(crate) exit: Arc<ExitChannel>,
+    pub(crate) panicked: Arc<AtomicBool>,
+    pub(crate) boot_timer: Option<Arc<Mutex<BootTimer>>>,
+    pub(crate) extra: platform::Extra,
+    pub(crate) devices: DeviceManager,
+    pub(crate) serial: Arc<Mutex<platform::Uart>>,
+    pub(crate) resources: VmResources,
     /// The userfaultfd of a VM restored with the Uffd back-end, and the connection to its
     /// page-fault handler (both kept open with the VM).
-    _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
+    pub(crate) _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
     /// Pages written since the last snapshot (devices' writes; KVM's are folded in when a
     /// snapshot is taken), when the VM tracks dirty pages.
     pub(crate) dirty: Option<Arc<devices::dirty::DirtyLog>>,
@@ -269,21 +275,23 @@ pub fn build(
     }
 
     Ok(BuiltVm {
-        _vm: vm,
-        _mem: mem,
+        machine: Machine {
+            _vm: vm,
+            _mem: mem,
+            exit,
+            panicked,
+            boot_timer,
+            extra,
+            devices,
+            serial,
+            resources: res.clone(),
+            _uffd: uffd,
+            dirty,
+        },
         vcpus,
         buses,
-        exit,
-        serial,
-        panicked,
         console_input: opts.console_input,
         input_room,
-        extra,
-        boot_timer,
-        devices,
-        resources: res.clone(),
-        _uffd: uffd,
-        dirty,
     })
 }
 
@@ -312,22 +320,10 @@ pub type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
 /// A VM whose vCPUs are running.
 pub struct RunningVm {
-    pub(crate) _vm: Arc<dyn Vm>,
-    pub(crate) _mem: GuestMemoryMmap,
+    pub(crate) machine: Machine,
     pub(crate) vcpus: Vec<vcpu::VcpuHandle>,
-    exit: Arc<ExitChannel>,
-    panicked: Arc<AtomicBool>,
-    boot_timer: Option<Arc<Mutex<BootTimer>>>,
     _terminal: Option<RawTerminal>,
     pub(crate) paused: bool,
-    extra: platform::Extra,
-    pub(crate) devices: DeviceManager,
-    pub(crate) serial: Arc<Mutex<platform::Uart>>,
-    pub(crate) resources: VmResources,
-    _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
-    /// Pages written since the last snapshot (devices' writes; KVM's are folded in when a
-    /// snapshot is taken), when the VM tracks dirty pages.
-    pub(crate) dirty: Option<Arc<devices::dirty::DirtyLog>>,
 }
 
 /// How long a pause may take before it is reported as failed.
@@ -357,43 +353,31 @@ impl BuiltVm {
                 stdin
             }
         };
-        em.add_subscriber(exit_listener(self.exit.clone()));
+        em.add_subscriber(exit_listener(self.machine.exit.clone()));
         if let Some(source) = input {
             em.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
-                self.serial.clone(),
+                self.machine.serial.clone(),
                 source,
                 self.input_room,
             ))));
         }
-        self.devices.start_workers()?;
+        self.machine.devices.start_workers()?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus {
             vcpus.push(vcpu::spawn(
                 index,
                 vcpu,
                 self.buses.clone(),
-                self.exit.clone(),
+                self.machine.exit.clone(),
                 paused,
             )?);
         }
+        self.machine.devices.set_paused(paused);
         Ok(RunningVm {
-            _vm: self._vm,
-            _mem: self._mem,
+            machine: self.machine,
             vcpus,
-            exit: self.exit,
-            panicked: self.panicked,
-            boot_timer: self.boot_timer,
             _terminal: terminal,
-            paused: {
-                self.devices.set_paused(paused);
-                paused
-            },
-            extra: self.extra,
-            devices: self.devices,
-            serial: self.serial,
-            resources: self.resources,
-            _uffd: self._uffd,
-            dirty: self.dirty,
+            paused,
         })
     }
 
@@ -413,10 +397,10 @@ impl BuiltVm {
 impl RunningVm {
     /// The run's report once the VM has stopped; `None` while it runs.
     pub fn finished(&self) -> Option<Result<RunReport>> {
-        let stop = self.exit.reason()?;
+        let stop = self.machine.exit.reason()?;
         let _ = std::io::stdout().flush();
         let outcome = match stop {
-            VmStop::Guest(_) if self.panicked.load(Ordering::SeqCst) => Outcome::Panic,
+            VmStop::Guest(_) if self.machine.panicked.load(Ordering::SeqCst) => Outcome::Panic,
             VmStop::Guest(GuestExit::PowerOff) => Outcome::PowerOff,
             VmStop::Guest(GuestExit::Reset) => Outcome::Reset,
             VmStop::VcpuFailed { index, reason } => {
@@ -424,6 +408,7 @@ impl RunningVm {
             }
         };
         let boot_time = self
+            .machine
             .boot_timer
             .as_ref()
             .and_then(|t| t.lock().unwrap_or_else(|p| p.into_inner()).last);
@@ -434,9 +419,9 @@ impl RunningVm {
     pub fn pause(&mut self) -> Result<()> {
         if !self.paused {
             let t = std::time::Instant::now();
-            self.devices.set_paused(true);
+            self.machine.devices.set_paused(true);
             if let Err(e) = vcpu::pause_all(&self.vcpus, PAUSE_TIMEOUT) {
-                self.devices.set_paused(false);
+                self.machine.devices.set_paused(false);
                 return Err(Error::Pause(e.to_string()));
             }
             metrics::METRICS
@@ -453,7 +438,7 @@ impl RunningVm {
         if self.paused {
             let t = std::time::Instant::now();
             vcpu::resume_all(&self.vcpus);
-            self.devices.set_paused(false);
+            self.machine.devices.set_paused(false);
             metrics::METRICS
                 .latencies_us
                 .resume_vm
@@ -464,12 +449,12 @@ impl RunningVm {
 
     /// Presses Ctrl+Alt+Del on the guest's keyboard (x86 only: an error elsewhere).
     pub fn ctrl_alt_del(&self) -> std::result::Result<(), String> {
-        self.extra.ctrl_alt_del()
+        self.machine.extra.ctrl_alt_del()
     }
 
     /// The VM's devices (PATCH, balloon, lookup by id).
     pub fn devices(&self) -> &DeviceManager {
-        &self.devices
+        &self.machine.devices
     }
 
     /// Whether the vCPUs are paused.
