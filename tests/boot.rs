@@ -70,7 +70,8 @@ const SCENARIOS: &[Scenario] = &[
         ..Scenario::new("guest_panic")
     },
     // SMBIOS identity (x86 direct boot: the tables in the F-segment), as the guest kernel
-    // reads it into /sys/class/dmi/id and /sys/firmware/dmi/tables.
+    // reads it into /sys/class/dmi/id and /sys/firmware/dmi/tables. The first OEM string
+    // follows the binary part of its structure without a NUL, hence the sed.
     Scenario {
         guest_cmd: "shell",
         x86_only: true,
@@ -80,7 +81,7 @@ const SCENARIOS: &[Scenario] = &[
              product_sku product_family board_vendor board_serial chassis_serial \
              chassis_asset_tag bios_vendor; do echo \"GUEST DMI_$f $(cat /sys/class/dmi/id/$f)\"; done\n\
              echo \"GUEST DMI_EP $(head -c 5 /sys/firmware/dmi/tables/smbios_entry_point)\"\n\
-             tr '\\000' '\\n' < /sys/firmware/dmi/tables/DMI | grep '^oem-' | \
+             tr '\\000' '\\n' < /sys/firmware/dmi/tables/DMI | sed -n 's/^.*\\(oem-\\)/\\1/p' | \
              while read -r l; do echo \"GUEST DMI_OEM $l\"; done\n",
         ),
         ..Scenario::new("smbios_identity")
