@@ -77,7 +77,10 @@ if grep -q 'nest\.kvmtrace=1' /proc/cmdline; then
     T=/sys/kernel/tracing
     mount -t tracefs nodev $T 2>/dev/null
     if [ -w $T/events/kvm/kvm_exit/enable ]; then
-        echo 8192 > $T/buffer_size_kb
+        # Per CPU; a few thousand events. Printing the trace formats the whole buffer, which
+        # under TCG took longer than the rest of a batch with 8 MiB (run 15: L1 powered off
+        # before one line of it came out).
+        echo 512 > $T/buffer_size_kb
         for e in kvm_exit kvm_inj_exception kvm_page_fault kvm_inj_virq kvm_userspace_exit; do
             echo 1 > $T/events/kvm/$e/enable 2>/dev/null || echo "NEST KVMTRACE no event $e"
         done
@@ -89,9 +92,11 @@ if grep -q 'nest\.kvmtrace=1' /proc/cmdline; then
         (
             while sleep 2; do
                 [ "$(cat $T/tracing_on)" = 0 ] || continue
+                : > /tmp/kvmtrace.printing
                 echo "NEST KVMTRACE stopped at a shutdown exit; the last 600 events:"
                 tail -n 600 $T/trace | sed 's/^/NEST KVMTRACE /'
                 echo "NEST KVMTRACE end"
+                : > /tmp/kvmtrace.done
                 break
             done
         ) &
@@ -102,7 +107,15 @@ fi
 cd /nest
 echo "NEST CMD START"
 sh /nest-cmd.sh </dev/null
-echo "NEST EXIT rc=$?"
+rc=$?
+# A shutdown trace being printed (or about to be: the printer looks every 2 s) is waited for,
+# at most 5 minutes, so that poweroff does not cut it off.
+if [ -e /sys/kernel/tracing/tracing_on ] && grep -q 'nest\.kvmtrace=1' /proc/cmdline &&
+    [ "$(cat /sys/kernel/tracing/tracing_on)" = 0 ]; then
+    n=0
+    while [ ! -e /tmp/kvmtrace.done ] && [ $n -lt 300 ]; do sleep 1; n=$((n + 1)); done
+fi
+echo "NEST EXIT rc=$rc"
 poweroff -f
 EOF
     chmod 755 "$1"
