@@ -351,16 +351,9 @@ mod tests {
         mem.write_slice(&d, GuestAddress(0x1000 + i * 16)).unwrap();
     }
 
-    fn marked(log: &DirtyLog, gpa: u64) -> bool {
-        let page = gpa / PAGE_SIZE;
-        log.bitmap(0)[(page / 64) as usize] & (1 << (page % 64)) != 0
-    }
-
-    /// The dirty log marks the buffer the device got at pop, not what the descriptor table
-    /// says when the chain is used: a guest rewriting its descriptor in between cannot keep a
-    /// page the device wrote out of a diff snapshot (review: "mark_chain re-reads").
-    #[test]
-    fn used_chains_mark_the_buffers_the_device_got() {
+    /// Guest memory and a ready queue (table 0x1000, rings 0x2000 and 0x3000) with one chain
+    /// available: descriptor 0, a 4 KiB device-writable buffer at 0x10_0000.
+    fn one_chain() -> (GuestMemoryMmap, Queue) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let mut q = Queue::new(16).unwrap();
         q.set_size(16);
@@ -372,6 +365,20 @@ mod tests {
         // Available ring: flags 0, idx 1, ring[0] = descriptor 0.
         mem.write_slice(&[0, 0, 1, 0, 0, 0], GuestAddress(0x2000))
             .unwrap();
+        (mem, q)
+    }
+
+    fn marked(log: &DirtyLog, gpa: u64) -> bool {
+        let page = gpa / PAGE_SIZE;
+        log.bitmap(0)[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// The dirty log marks the buffer the device got at pop, not what the descriptor table
+    /// says when the chain is used: a guest rewriting its descriptor in between cannot keep a
+    /// page the device wrote out of a diff snapshot (review: "mark_chain re-reads").
+    #[test]
+    fn used_chains_mark_the_buffers_the_device_got() {
+        let (mem, q) = one_chain();
         let log = DirtyLog::new(&[(0, 0x40_0000)]);
         let poller = Poller::new().unwrap();
         let mut queues = [q];
@@ -397,16 +404,7 @@ mod tests {
     /// A chain given back (a rate-limited request) and taken again is marked once, at its use.
     #[test]
     fn a_chain_taken_twice_is_recorded_once() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-        let mut q = Queue::new(16).unwrap();
-        q.set_size(16);
-        q.set_desc_table_address(Some(0x1000), Some(0));
-        q.set_avail_ring_address(Some(0x2000), Some(0));
-        q.set_used_ring_address(Some(0x3000), Some(0));
-        q.set_ready(true);
-        writable_desc(&mem, 0, 0x10_0000, 4096);
-        mem.write_slice(&[0, 0, 1, 0, 0, 0], GuestAddress(0x2000))
-            .unwrap();
+        let (mem, q) = one_chain();
         let log = DirtyLog::new(&[(0, 0x40_0000)]);
         let poller = Poller::new().unwrap();
         let mut queues = [q];
