@@ -156,6 +156,10 @@ pub fn parse_uuid(s: &str) -> Result<[u8; 16], SmbiosError> {
         return Err(bad());
     }
     let hex: String = groups.concat();
+    // from_str_radix alone would take a sign ("+f").
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
     let mut out = [0u8; 16];
     for (i, b) in out.iter_mut().enumerate() {
         let pair = hex.get(2 * i..2 * i + 2).ok_or_else(bad)?;
@@ -477,6 +481,8 @@ mod tests {
             "12345678-9abc-def0-1122-33445566778g",
             "123456789abcdef01122334455667788",
             "1234567-89abc-def0-1122-334455667788",
+            "+2345678-9abc-def0-1122-334455667788",
+            "é234567-9abc-def0-1122-334455667788",
         ] {
             let c = SmbiosConfig {
                 uuid: Some(bad.into()),
