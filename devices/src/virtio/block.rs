@@ -401,7 +401,7 @@ impl Block {
 
     fn parse(chain: super::Chain, mem: &GuestMemoryMmap, queue: usize) -> Result<Request, u16> {
         let head = chain.head_index();
-        let descs: Vec<_> = chain.collect();
+        let descs = chain.into_descriptors();
         let (Some(first), Some(last)) = (descs.first(), descs.last()) else {
             return Err(head);
         };

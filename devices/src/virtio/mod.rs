@@ -96,6 +96,11 @@ impl Chain {
     pub fn head_index(&self) -> u16 {
         self.head
     }
+
+    /// The descriptors not iterated yet, as a vector (no copy when none were).
+    pub fn into_descriptors(self) -> Vec<Descriptor> {
+        self.descs.collect()
+    }
 }
 
 impl Iterator for Chain {
