@@ -122,31 +122,10 @@ pub use arch::smbios::SmbiosConfig;
 impl VmResources {
     /// Sets the SMBIOS identity, once it is known to fit the platform.
     pub fn put_smbios(&mut self, cfg: SmbiosConfig) -> Result<(), ConfigError> {
-        check_smbios(&cfg)?;
+        crate::platform::check_smbios(&cfg)?;
         self.smbios = Some(cfg);
         Ok(())
     }
-}
-
-/// Whether `cfg` can be written: every string, the UUID and the size (x86_64: the F-segment).
-#[cfg(target_arch = "x86_64")]
-fn check_smbios(cfg: &SmbiosConfig) -> Result<(), ConfigError> {
-    use arch::x86_64::{SMBIOS_ROOM, layout::SMBIOS_START};
-    arch::smbios::build(cfg, [0; 16], SMBIOS_START, SMBIOS_ROOM)
-        .map(|_| ())
-        .map_err(|e| ConfigError::new(e.field(), e.to_string()))
-}
-
-/// ARM64 guests find SMBIOS through UEFI, which direct boot does not have.
-#[cfg(not(target_arch = "x86_64"))]
-fn check_smbios(cfg: &SmbiosConfig) -> Result<(), ConfigError> {
-    cfg.check()
-        .map_err(|e| ConfigError::new(e.field(), e.to_string()))?;
-    Err(ConfigError::new(
-        "smbios",
-        "an ARM64 guest finds SMBIOS tables through UEFI firmware, and a directly booted \
-         one has none; leave smbios out on ARM64",
-    ))
 }
 
 pub use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};

@@ -36,6 +36,21 @@ impl Extra {
     }
 }
 
+/// An ARM64 guest finds SMBIOS tables through UEFI, which direct boot does not have: `cfg` is
+/// checked as on x86, then refused.
+pub fn check_smbios(
+    cfg: &crate::resources::SmbiosConfig,
+) -> std::result::Result<(), crate::resources::ConfigError> {
+    use crate::resources::ConfigError;
+    cfg.check()
+        .map_err(|e| ConfigError::new(e.field(), e.to_string()))?;
+    Err(ConfigError::new(
+        "smbios",
+        "an ARM64 guest finds SMBIOS tables through UEFI firmware, and a directly booted \
+         one has none; leave smbios out on ARM64",
+    ))
+}
+
 /// The RAM region of a guest with `bytes` of memory.
 pub fn ram_regions(bytes: u64) -> Vec<(u64, u64)> {
     arch::aarch64::layout::ram_regions(bytes)

@@ -45,6 +45,15 @@ pub fn ram_regions(bytes: u64) -> Vec<(u64, u64)> {
     arch::x86_64::memory::ram_regions(bytes)
 }
 
+/// Whether `cfg` can be written: every string, the UUID and the size (the F-segment).
+pub fn check_smbios(
+    cfg: &crate::resources::SmbiosConfig,
+) -> std::result::Result<(), crate::resources::ConfigError> {
+    arch::smbios::build(cfg, [0; 16], SMBIOS_START, arch::x86_64::SMBIOS_ROOM)
+        .map(|_| ())
+        .map_err(|e| crate::resources::ConfigError::new(e.field(), e.to_string()))
+}
+
 /// Nothing [`boot`] needs from [`setup_early`] on x86.
 pub struct Early;
 
