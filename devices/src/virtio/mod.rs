@@ -97,7 +97,7 @@ impl Chain {
         self.head
     }
 
-    /// The descriptors not iterated yet, as a vector (no copy when none were).
+    /// The descriptors not iterated yet, as a vector (it reuses the chain's allocation).
     pub fn into_descriptors(self) -> Vec<Descriptor> {
         self.descs.collect()
     }
