@@ -67,3 +67,35 @@ impl std::io::Write for SharedBuf {
         Ok(())
     }
 }
+
+/// Delivers message-signalled interrupts (MSI, MSI-X) into the guest: KVM's MSI injection on
+/// Linux. `devid` is the requester ID (bus << 8 | device << 3 | function), which an ARM64 GICv3
+/// ITS needs to find the interrupt's translation.
+pub trait MsiSender: Send + Sync {
+    /// Writes `data` to `address` as the device would.
+    fn send_msi(&self, address: u64, data: u32, devid: u32) -> std::io::Result<()>;
+}
+
+/// Test double: records every message.
+#[cfg(any(test, feature = "test-utils"))]
+#[derive(Default)]
+pub struct RecordingMsi(pub std::sync::Mutex<Vec<(u64, u32, u32)>>);
+
+#[cfg(any(test, feature = "test-utils"))]
+impl MsiSender for RecordingMsi {
+    fn send_msi(&self, address: u64, data: u32, devid: u32) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((address, data, devid));
+        Ok(())
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl RecordingMsi {
+    /// The messages so far, and forgets them.
+    pub fn take(&self) -> Vec<(u64, u32, u32)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}

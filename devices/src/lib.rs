@@ -11,6 +11,7 @@ pub mod exit;
 pub mod interrupt;
 pub mod legacy;
 pub mod os;
+pub mod pci;
 pub mod rate_limiter;
 pub mod virtio;
 
