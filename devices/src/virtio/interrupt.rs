@@ -134,6 +134,11 @@ impl MsixVectors {
         self.config.store(vector, Ordering::SeqCst);
     }
 
+    /// The configuration-change vector, as the driver reads it back.
+    pub fn config_vector(&self) -> u16 {
+        self.config.load(Ordering::SeqCst)
+    }
+
     /// The driver assigns `vector` to queue `q` (out of range: ignored).
     pub fn set_queue_vector(&self, q: usize, vector: u16) {
         if let Some(v) = self.queues.get(q) {

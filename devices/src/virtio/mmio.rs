@@ -10,12 +10,15 @@ use vm_memory::GuestMemoryMmap;
 use super::device_side::queue_events;
 pub use super::device_side::{DeviceSide, IDLE_CHECK_MS, RECOVERY_LOG};
 use super::driver_state::DriverState;
+pub use super::state::{QueueSnapshot, RestoreError, VirtioState};
+/// The state a virtio-mmio transport saves: the virtio core's, nothing of its own.
+pub type MmioTransportState = VirtioState;
 pub use super::driver_state::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
 };
 use super::interrupt::{SharedLine, VirtioInterrupt};
-use super::{Poller, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{Poller, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::interrupt::IrqLine;
 use crate::os::EventFd;
@@ -55,92 +58,6 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
 
 /// Size of one device's window.
 pub const WINDOW_SIZE: u64 = 0x1000;
-
-/// Serde description of virtio-queue's `QueueState` (which has no serde support itself).
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(remote = "virtio_queue::QueueState")]
-struct QueueStateDef {
-    max_size: u16,
-    next_avail: u16,
-    next_used: u16,
-    event_idx_enabled: bool,
-    size: u16,
-    ready: bool,
-    desc_table: u64,
-    avail_ring: u64,
-    used_ring: u64,
-}
-
-/// One queue's state in a snapshot: virtio-queue's own `QueueState`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueSnapshot(#[serde(with = "QueueStateDef")] pub virtio_queue::QueueState);
-
-/// Everything a restored transport needs: the registers the driver set, the queues, and the
-/// device's own state.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct MmioTransportState {
-    /// The virtio device type, checked on restore.
-    pub device_type: u32,
-    /// Selected queue.
-    pub queue_sel: u32,
-    /// Device features selector.
-    pub device_features_sel: u32,
-    /// Configuration generation.
-    pub config_generation: u32,
-    /// Driver features selector.
-    pub driver_features_sel: u32,
-    /// Features the driver accepted.
-    pub driver_features: u64,
-    /// Device status.
-    pub status: u32,
-    /// Pending interrupt bits.
-    pub interrupt_status: u32,
-    /// The queues.
-    pub queues: Vec<QueueSnapshot>,
-    /// The device's own state.
-    pub device: super::DeviceState,
-}
-
-/// Why a saved transport state cannot be restored.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum RestoreError {
-    /// The state belongs to another kind of device.
-    #[error("the snapshot holds a virtio device of type {saved}, not {expected}")]
-    DeviceType {
-        /// Type in the snapshot.
-        saved: u32,
-        /// Type of the device being restored.
-        expected: u32,
-    },
-    /// The device has a different number of queues.
-    #[error("the snapshot has {saved} queues, the device {expected}")]
-    QueueCount {
-        /// Queues in the snapshot.
-        saved: usize,
-        /// Queues of the device.
-        expected: usize,
-    },
-    /// A queue's saved values are impossible.
-    #[error("queue {index}: {reason}")]
-    Queue {
-        /// Which queue.
-        index: usize,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The device refused its state.
-    #[error("device state: {0}")]
-    Device(String),
-    /// The device refused its own state.
-    #[error(transparent)]
-    DeviceState(#[from] super::DeviceStateError),
-    /// No eventfd or epoll set could be made.
-    #[error("cannot create the device's event descriptors: {0}")]
-    Io(String),
-    /// The features the driver accepted were never offered.
-    #[error("driver features {0:#x} were not offered by the device")]
-    Features(u64),
-}
 
 /// A virtio device on the MMIO bus: the registers the driver programs, and the
 /// [`DeviceSide`] its worker thread runs.
@@ -268,22 +185,7 @@ impl MmioTransport {
     /// [`MmioTransport::save`] with the device side already locked by the caller (who holds
     /// every device's lock so that no worker writes guest memory while it is saved).
     pub fn save_with(&self, side: &DeviceSide) -> MmioTransportState {
-        MmioTransportState {
-            device_type: self.driver.device_type,
-            queue_sel: self.driver.queue_sel,
-            device_features_sel: self.driver.device_features_sel,
-            config_generation: side.config_generation,
-            driver_features_sel: self.driver.driver_features_sel,
-            driver_features: self.driver.driver_features,
-            status: self.driver.status,
-            interrupt_status: self.line.status(),
-            queues: side
-                .queues
-                .iter()
-                .map(|q| QueueSnapshot(q.state()))
-                .collect(),
-            device: side.device.save(),
-        }
+        VirtioState::save(&self.driver, side, self.line.status())
     }
 
     /// A transport for `device` in the state `state` describes, checked value by value:
@@ -295,78 +197,14 @@ impl MmioTransport {
         state: &MmioTransportState,
         dirty: Option<Arc<crate::dirty::DirtyLog>>,
     ) -> Result<Self, RestoreError> {
-        let expected = device.device_type();
-        if state.device_type != expected {
-            return Err(RestoreError::DeviceType {
-                saved: state.device_type,
-                expected,
-            });
-        }
-        let maxes = device.queue_max_sizes().to_vec();
-        if state.queues.len() != maxes.len() {
-            return Err(RestoreError::QueueCount {
-                saved: state.queues.len(),
-                expected: maxes.len(),
-            });
-        }
-        if state.driver_features & !(device.features() | super::CORE_FEATURES) != 0 {
-            return Err(RestoreError::Features(state.driver_features));
-        }
-        let mut queues = Vec::with_capacity(maxes.len());
-        for (index, (q, max)) in state.queues.iter().zip(maxes).enumerate() {
-            if q.0.max_size != max {
-                return Err(RestoreError::Queue {
-                    index,
-                    reason: format!("max size {} is not the device's {max}", q.0.max_size),
-                });
-            }
-            let queue = Queue::try_from(q.0).map_err(|e| RestoreError::Queue {
-                index,
-                reason: e.to_string(),
-            })?;
-            queues.push(queue);
-        }
-        device.restore(&state.device)?;
+        let queues = state.restore_queues(device.as_mut())?;
         let io = |e: std::io::Error| RestoreError::Io(e.to_string());
         let poller = Poller::new().map_err(io)?;
         let queue_evts = queue_events(queues.len(), &poller).map_err(io)?;
         let mut t = Self::assemble(device, mem, irq, queues, poller, queue_evts).map_err(io)?;
-        t.driver.queue_sel = state.queue_sel;
-        t.driver.device_features_sel = state.device_features_sel;
-        t.driver.driver_features_sel = state.driver_features_sel;
-        t.driver.driver_features = state.driver_features;
-        t.driver.status = state.status;
+        state.restore_driver(&mut t.driver);
         t.line.set_status(state.interrupt_status);
-        {
-            let mut side = t.lock();
-            side.config_generation = state.config_generation;
-            // Before the device starts: activating can already write guest memory (vsock's
-            // transport-reset event).
-            side.dirty = dirty;
-            if t.driver.status & STATUS_DRIVER_OK != 0 && t.driver.status & STATUS_NEEDS_RESET == 0
-            {
-                // What a running driver had to pass to get here (set_status) is checked again:
-                // a forged state must not start a device on rings outside guest memory.
-                if t.driver.status & STATUS_FEATURES_OK == 0
-                    || t.driver.driver_features & VIRTIO_F_VERSION_1 == 0
-                {
-                    return Err(RestoreError::Device(
-                        "DRIVER_OK without FEATURES_OK and VERSION_1".into(),
-                    ));
-                }
-                if let Some(index) = side
-                    .queues
-                    .iter()
-                    .position(|q| q.ready() && !q.is_valid(&side.mem))
-                {
-                    return Err(RestoreError::Queue {
-                        index,
-                        reason: "ready, but its rings are not in guest memory".into(),
-                    });
-                }
-                side.activate(t.driver.driver_features);
-            }
-        }
+        state.resume(&mut t.lock(), dirty)?;
         // Buffers the driver made available just before the snapshot: the worker looks at
         // every queue once it starts.
         t.kick_queues();
@@ -815,7 +653,7 @@ mod tests {
             Some(RestoreError::Queue { index: 0, .. })
         ));
         let mut s = good.clone();
-        s.driver_features &= !VIRTIO_F_VERSION_1;
+        s.driver_features &= !crate::virtio::VIRTIO_F_VERSION_1;
         assert!(matches!(restore(&s), Some(RestoreError::Device(_))));
         assert_eq!(restore(&good), None);
     }

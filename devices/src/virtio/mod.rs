@@ -4,7 +4,8 @@
 //! [`device_side::DeviceSide`]: the device, its queues (the virtio-queue crate) and its
 //! interrupts ([`interrupt::VirtioInterrupt`]: a shared line with a status register, or per-queue
 //! vectors). A transport is a register file beside it: [`mmio::MmioTransport`] (virtio-mmio
-//! version 2) today. Guest-controlled input — registers, descriptors, buffers — is
+//! version 2) or [`pci::PciTransport`] (virtio-pci, modern); both save the core's state as
+//! [`state::VirtioState`]. Guest-controlled input — registers, descriptors, buffers — is
 //! untrusted: errors become the device's failure status or a short used length, never a panic.
 //!
 //! Each transport has a [`Poller`] (an epoll set on Linux, a kqueue on macOS: [`crate::os`]) holding one eventfd per queue — registered
@@ -20,12 +21,15 @@ pub mod driver_state;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 
 pub mod rng;
+pub mod state;
 #[cfg(target_os = "linux")]
 pub mod tap;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testutil;
+pub mod transport;
 pub mod vsock;
 
 pub mod worker;
