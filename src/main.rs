@@ -69,6 +69,10 @@ struct Cli {
     /// time since tern started.
     #[arg(long)]
     boot_timer: bool,
+    /// Put every virtio device on PCI (virtio-pci with MSI-X) instead of virtio-mmio, as
+    /// Firecracker's --enable-pci does (x86_64).
+    #[arg(long)]
+    enable_pci: bool,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -143,6 +147,7 @@ fn main() -> ExitCode {
         return fail(format!("cannot start the logger: {e}"));
     }
     resources.boot_timer = cli.boot_timer;
+    resources.enable_pci = cli.enable_pci;
 
     let outcome = if cli.no_api {
         run_without_api(&resources, start)

@@ -61,6 +61,10 @@ pub struct MachineConfig {
     /// Firecracker's deprecated static CPU template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
+    /// Virtio devices on PCI rather than virtio-mmio (a tern extension; absent: the
+    /// `--enable-pci` flag decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci: Option<bool>,
 }
 
 /// `logger` / `PUT /logger`.
@@ -177,6 +181,9 @@ pub struct MachineConfigPatch {
     /// Static CPU template.
     #[serde(default)]
     pub cpu_template: Option<String>,
+    /// Virtio devices on PCI (a tern extension).
+    #[serde(default)]
+    pub pci: Option<bool>,
 }
 
 /// `PUT /actions`.
@@ -356,6 +363,7 @@ impl MachineConfig {
             mem_size_mib: self.mem_size_mib,
             smt: self.smt,
             track_dirty_pages: self.track_dirty_pages,
+            pci: self.pci,
         })
     }
 
@@ -368,6 +376,7 @@ impl MachineConfig {
             track_dirty_pages: m.track_dirty_pages,
             huge_pages: Some(HugePages::None),
             cpu_template: None,
+            pci: m.pci,
         }
     }
 }
@@ -381,6 +390,7 @@ impl MachineConfigPatch {
             mem_size_mib: self.mem_size_mib,
             smt: self.smt,
             track_dirty_pages: self.track_dirty_pages,
+            pci: self.pci,
         })
     }
 }

@@ -354,7 +354,7 @@ pub fn render(result: Result<VmmData, ActionError>) -> Reply {
                 .map(models::NetworkInterface::from_vmm)
                 .collect();
             let mut v = serde_json::json!({
-                "machine-config": models::MachineConfig::from_vmm(&r.machine_config),
+                "machine-config": models::MachineConfig::from_vmm(&r.effective_machine_config()),
                 "drives": drives,
                 "network-interfaces": nets,
             });

@@ -24,6 +24,8 @@ pub struct MachineConfigUpdate {
     pub smt: Option<bool>,
     /// New dirty-page tracking setting.
     pub track_dirty_pages: Option<bool>,
+    /// Virtio devices on PCI (a tern extension).
+    pub pci: Option<bool>,
 }
 
 /// Logger settings from the API; absent fields stay as they are.
@@ -297,7 +299,7 @@ impl Controller {
             }),
             VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(self.resources.clone()))),
             VmmAction::GetMachineConfig => Ok(VmmData::MachineConfig(
-                self.resources.machine_config.clone(),
+                self.resources.effective_machine_config(),
             )),
             a @ (VmmAction::PutBootSource(_)
             | VmmAction::PutMachineConfig(_)
@@ -344,6 +346,7 @@ impl Controller {
                 m.mem_size_mib = u.mem_size_mib.unwrap_or(m.mem_size_mib);
                 m.smt = u.smt.unwrap_or(m.smt);
                 m.track_dirty_pages = u.track_dirty_pages.unwrap_or(m.track_dirty_pages);
+                m.pci = u.pci.or(m.pci);
                 m.validate(&limits())?;
                 self.resources.machine_config = m;
                 Ok(VmmData::Empty)

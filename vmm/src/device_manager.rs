@@ -1,7 +1,8 @@
 //! The devices of one VM: the device manager builds the virtio devices the resources describe
-//! (or restores them from a snapshot's state), puts each on the MMIO bus with its interrupt and
-//! queue notifications, finds them by kind and id for the API (PATCH, balloon), starts their
-//! workers, pauses them with the VM and hands their state to a snapshot.
+//! (or restores them from a snapshot's state), puts each on its transport — a virtio-mmio
+//! window with an interrupt line, or a virtio-pci function with MSI-X on the PCI bus — with
+//! its queue notifications, finds them by kind and id for the API (PATCH, balloon), starts
+//! their workers, pauses them with the VM and hands their state to a snapshot.
 //!
 //! `vm::build` calls [`DeviceManager::build`] once; a new virtio device is one more arm in
 //! [`DeviceManager::build`] and its own API methods here, not a change to the VM or the
@@ -13,8 +14,13 @@ use std::sync::{Arc, Mutex};
 use devices::Bus;
 use devices::dirty::DirtyLog;
 use devices::interrupt::IrqLine;
-use devices::virtio::VirtioDevice;
+use devices::pci::PciBus;
+use devices::pci::bus::BarAllocator;
+use devices::virtio::device_side::DeviceSide;
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::pci::{PciResources, PciTransport};
+use devices::virtio::transport::VirtioTransport;
+use devices::virtio::{Poller, VirtioDevice};
 use vm_memory::GuestMemoryMmap;
 
 use crate::hypervisor::Vm;
@@ -44,8 +50,40 @@ pub struct VirtioHandle {
     pub kind: VirtioKind,
     /// Its API id (drive_id, iface_id) or kind name.
     pub id: String,
-    /// Its transport (shared with the MMIO bus and the worker thread).
-    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Its transport (shared with its bus and the worker thread).
+    pub transport: Arc<Mutex<dyn VirtioTransport>>,
+}
+
+impl VirtioHandle {
+    fn side(&self) -> Arc<Mutex<DeviceSide>> {
+        lock(&self.transport).device_side()
+    }
+
+    /// Runs `f` on the device (under the device lock).
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut dyn VirtioDevice, &Poller) -> R) -> R {
+        lock(&self.side()).with_device(f)
+    }
+
+    /// True once the driver started the device and until it resets it.
+    pub fn is_active(&self) -> bool {
+        lock(&self.side()).is_active()
+    }
+
+    /// Tells the driver the configuration space changed.
+    pub fn config_changed(&self) {
+        lock(&self.side()).config_changed();
+    }
+
+    /// Makes the worker look at every queue again.
+    pub fn kick_queues(&self) {
+        lock(&self.transport).kick_queues();
+    }
+}
+
+/// Where the next virtio-pci function goes while the devices are built.
+struct PciBuild {
+    bus: PciBus,
+    bars: BarAllocator,
 }
 
 /// The virtio devices of one VM, in the order the guest sees them.
@@ -55,6 +93,7 @@ pub struct DeviceManager {
     slots: Vec<VirtioSlot>,
     virtio: Vec<VirtioHandle>,
     paused: devices::virtio::PauseFlag,
+    pci: Option<PciBuild>,
 }
 
 fn config_err(field: impl Into<String>, reason: impl Into<String>) -> Error {
@@ -62,12 +101,14 @@ fn config_err(field: impl Into<String>, reason: impl Into<String>) -> Error {
 }
 
 impl DeviceManager {
-    /// Builds the virtio devices of `res` on `mmio` (each in the next `platform::virtio_slot`):
-    /// drives first (the root device as /dev/vda), then network interfaces, vsock, balloon and
-    /// rng. With `saved`, each device takes the state a snapshot holds for it (which must name
-    /// the same device in the same place).
+    /// Builds the virtio devices of `res`: on `mmio` (each in the next
+    /// `platform::virtio_slot`), or with `res.pci()` as functions of a PCI bus the platform
+    /// puts on `pio` and `mmio`. Drives first (the root device as /dev/vda), then network
+    /// interfaces, vsock, balloon and rng. With `saved`, each device takes the state a
+    /// snapshot holds for it (which must name the same device in the same place).
     pub fn build(
         vm: &dyn Vm,
+        pio: &mut Bus,
         mmio: &mut Bus,
         mem: &GuestMemoryMmap,
         dirty: Option<Arc<DirtyLog>>,
@@ -81,6 +122,13 @@ impl DeviceManager {
             slots: Vec::new(),
             virtio: Vec::new(),
             paused: devices::virtio::PauseFlag::default(),
+            pci: res.pci().then(|| {
+                let (start, end) = platform::PCI_BAR_WINDOW;
+                PciBuild {
+                    bus: PciBus::new(),
+                    bars: BarAllocator::new(start, end),
+                }
+            }),
         };
         for d in res.ordered_drives() {
             let blk = block::Block::new(&block::BlockConfig {
@@ -163,7 +211,92 @@ impl DeviceManager {
             };
             dm.add(vm, mmio, saved, VirtioKind::Rng, "rng", Box::new(dev))?;
         }
+        if let Some(p) = dm.pci.take() {
+            platform::attach_pci(pio, mmio, Arc::new(p.bus), mem)?;
+        }
         Ok(dm)
+    }
+
+    /// The saved state of device `index`, which must be `kind` `id`.
+    fn saved_state<'a>(
+        saved: Option<&'a [VirtioSnapshot]>,
+        index: usize,
+        kind: VirtioKind,
+        id: &str,
+    ) -> Result<Option<&'a VirtioSnapshot>> {
+        let Some(states) = saved else {
+            return Ok(None);
+        };
+        let s = states.get(index).ok_or_else(|| {
+            Error::Snapshot(format!("the snapshot has no state for {kind:?} {id}"))
+        })?;
+        if s.kind != kind || s.id != id {
+            return Err(Error::Snapshot(format!(
+                "device {index} of the snapshot is {:?} {}, not {kind:?} {id}",
+                s.kind, s.id
+            )));
+        }
+        Ok(Some(s))
+    }
+
+    /// Puts `dev` in the next PCI slot: a virtio-pci function (new, or restored from `saved`)
+    /// with its BAR placed in the window and its MSI-X vectors.
+    fn add_pci(
+        &mut self,
+        vm: &dyn Vm,
+        saved: Option<&VirtioSnapshot>,
+        kind: VirtioKind,
+        id: &str,
+        dev: Box<dyn VirtioDevice>,
+    ) -> Result<()> {
+        let Some(p) = self.pci.as_mut() else {
+            return Err(Error::Device("no PCI bus".into()));
+        };
+        let too_many = |e: devices::pci::PciError| config_err("machine-config.pci", e.to_string());
+        let slot = p.bus.next_slot().map_err(too_many)?;
+        let res = PciResources {
+            devid: (slot as u32) << 3,
+            msi: vm.msi_sender(),
+            notify: vm.notify_registrar(),
+            intx: None,
+            bar_address: p
+                .bars
+                .allocate(devices::virtio::pci::BAR_SIZE)
+                .map_err(too_many)?,
+        };
+        let transport = match saved {
+            None => PciTransport::new(dev, self.mem.clone(), res)
+                .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?,
+            Some(s) => {
+                let pci = s.pci.as_ref().ok_or_else(|| {
+                    Error::Snapshot(format!(
+                        "{kind:?} {id} was on virtio-mmio when the snapshot was taken, and this VM is on PCI"
+                    ))
+                })?;
+                PciTransport::restore(
+                    dev,
+                    self.mem.clone(),
+                    res,
+                    &s.transport,
+                    pci,
+                    self.dirty.clone(),
+                )
+                .map_err(|e| Error::Snapshot(format!("{kind:?} {id}: {e}")))?
+            }
+        };
+        if let Some(log) = &self.dirty {
+            transport.set_dirty_log(log.clone());
+        }
+        transport.set_pause_flag(self.paused.clone());
+        let transport = Arc::new(Mutex::new(transport));
+        // Placing it on the bus registers its notifications where its BAR decodes.
+        p.bus.add(transport.clone()).map_err(too_many)?;
+        self.virtio.push(VirtioHandle {
+            kind,
+            id: id.to_string(),
+            transport,
+        });
+        Ok(())
     }
 
     /// Puts `dev` in the next slot: its transport (new, or restored from `saved`), interrupt
@@ -178,19 +311,19 @@ impl DeviceManager {
         dev: Box<dyn VirtioDevice>,
     ) -> Result<()> {
         let index = self.virtio.len();
+        let saved = Self::saved_state(saved, index, kind, id)?;
+        if self.pci.is_some() {
+            return self.add_pci(vm, saved, kind, id, dev);
+        }
         let slot = platform::virtio_slot(index);
         let irq = IrqLine(vm.interrupt_line(slot.irq)?);
         let transport = match saved {
             None => MmioTransport::new(dev, self.mem.clone(), irq)
                 .map_err(|e| Error::Device(format!("{kind:?} {id}: {e}")))?,
-            Some(states) => {
-                let s = states.get(index).ok_or_else(|| {
-                    Error::Snapshot(format!("the snapshot has no state for {kind:?} {id}"))
-                })?;
-                if s.kind != kind || s.id != id {
+            Some(s) => {
+                if s.pci.is_some() {
                     return Err(Error::Snapshot(format!(
-                        "device {index} of the snapshot is {:?} {}, not {kind:?} {id}",
-                        s.kind, s.id
+                        "{kind:?} {id} was on PCI when the snapshot was taken, and this VM is on virtio-mmio"
                     )));
                 }
                 MmioTransport::restore(dev, self.mem.clone(), irq, &s.transport, self.dirty.clone())
@@ -235,14 +368,14 @@ impl DeviceManager {
     /// again.
     pub fn raise_pending(&self) {
         for h in &self.virtio {
-            lock(&h.transport).raise_pending();
+            lock(&h.side()).raise_pending();
         }
     }
 
     /// Starts one worker thread per device.
     pub fn start_workers(&self) -> std::io::Result<()> {
         for h in &self.virtio {
-            let side = lock(&h.transport).device_side();
+            let side = h.side();
             devices::virtio::worker::spawn(
                 side,
                 format!("virtio-{}", h.id).chars().take(15).collect(),
@@ -268,10 +401,14 @@ impl DeviceManager {
             .iter()
             .zip(&transports)
             .zip(&guards)
-            .map(|((h, t), side)| VirtioSnapshot {
-                kind: h.kind,
-                id: h.id.clone(),
-                transport: t.save_with(side),
+            .map(|((h, t), side)| {
+                let state = t.save_with(side);
+                VirtioSnapshot {
+                    kind: h.kind,
+                    id: h.id.clone(),
+                    transport: state.core,
+                    pci: state.pci,
+                }
             })
             .collect();
         f(states)
@@ -288,7 +425,7 @@ impl DeviceManager {
         let h = self
             .get(VirtioKind::Block, id)
             .ok_or_else(|| format!("there is no drive {id:?}"))?;
-        let read_only = lock(&h.transport).with_device(|dev, _| {
+        let read_only = h.with_device(|dev, _| {
             dev.as_any_mut()
                 .downcast_mut::<Block>()
                 .map(|b| b.read_only())
@@ -300,9 +437,8 @@ impl DeviceManager {
             .map(|p| Block::open_backing(id, p, read_only))
             .transpose()
             .map_err(|e| e.to_string())?;
-        let t = lock(&h.transport);
-        let active = t.is_active();
-        let old = t.with_device(|dev, poller| {
+        let active = h.is_active();
+        let old = h.with_device(|dev, poller| {
             let blk = dev
                 .as_any_mut()
                 .downcast_mut::<Block>()
@@ -314,11 +450,10 @@ impl DeviceManager {
             Ok::<_, String>(new.map(|b| blk.swap_backing(b)))
         })?;
         if path.is_some() {
-            t.config_changed();
+            h.config_changed();
         }
         // Requests a swapped-out limiter was holding back: look at the queue again.
-        t.kick_queues();
-        drop(t);
+        h.kick_queues();
         // What went to the old file reaches the disk before it is let go.
         if let Some(old) = old {
             if let Err(e) = old.flush() {
@@ -342,38 +477,35 @@ impl DeviceManager {
         let h = self
             .get(VirtioKind::Net, id)
             .ok_or_else(|| format!("there is no network interface {id:?}"))?;
-        let t = lock(&h.transport);
-        let active = t.is_active();
-        t.with_device(|dev, poller| {
+        let active = h.is_active();
+        h.with_device(|dev, poller| {
             dev.as_any_mut()
                 .downcast_mut::<Net>()
                 .ok_or_else(|| "not a network device".to_string())?
                 .set_rate_limiters(rx, tx, poller, active)
                 .map_err(|e| e.to_string())
         })?;
-        t.kick_queues();
+        h.kick_queues();
         Ok(())
     }
 
-    /// Runs `f` on the balloon; its transport stays locked in what is returned.
+    /// Runs `f` on the balloon; returns what it returned and the balloon's handle.
     fn with_balloon<R>(
         &self,
         f: impl FnOnce(&mut devices::virtio::balloon::Balloon) -> R,
-    ) -> Option<(R, std::sync::MutexGuard<'_, MmioTransport>)> {
+    ) -> Option<(R, &VirtioHandle)> {
         let h = self.get(VirtioKind::Balloon, "balloon")?;
-        let t = lock(&h.transport);
-        let r = t.with_device(|dev, _| {
+        let r = h.with_device(|dev, _| {
             dev.as_any_mut()
                 .downcast_mut::<devices::virtio::balloon::Balloon>()
                 .map(f)
         })?;
-        Some((r, t))
+        Some((r, h))
     }
 
     /// The balloon's sizes and latest statistics; `None` without a balloon.
     pub fn balloon_stats(&self) -> Option<crate::controller::BalloonStats> {
-        let (s, guard) = self.with_balloon(|b| b.snapshot())?;
-        drop(guard);
+        let (s, _) = self.with_balloon(|b| b.snapshot())?;
         Some(crate::controller::BalloonStats {
             target_pages: s.target_pages,
             actual_pages: s.actual_pages,

@@ -58,6 +58,9 @@ pub struct MachineConfig {
     pub smt: bool,
     /// Dirty-page tracking for diff snapshots.
     pub track_dirty_pages: bool,
+    /// Virtio devices on PCI (`true`) or virtio-mmio (`false`), as an API client chose it (a
+    /// tern extension); `None`: the `--enable-pci` flag decides ([`VmResources::pci`]).
+    pub pci: Option<bool>,
 }
 
 impl Default for MachineConfig {
@@ -67,6 +70,7 @@ impl Default for MachineConfig {
             mem_size_mib: 128,
             smt: false,
             track_dirty_pages: false,
+            pci: None,
         }
     }
 }
@@ -98,6 +102,9 @@ pub struct VmResources {
     pub serial_out_path: Option<PathBuf>,
     /// Whether the boot-timer device is present.
     pub boot_timer: bool,
+    /// Firecracker's `--enable-pci`: every virtio device on PCI unless `machine-config.pci`
+    /// says otherwise.
+    pub enable_pci: bool,
     /// Custom CPU template.
     pub cpu_template: Option<CpuTemplate>,
     /// A virtio-rng entropy device.
@@ -120,6 +127,21 @@ pub struct VmResources {
 pub use arch::smbios::SmbiosConfig;
 
 impl VmResources {
+    /// Whether the virtio devices go on PCI (virtio-pci) rather than virtio-mmio.
+    pub fn pci(&self) -> bool {
+        self.machine_config.pci.unwrap_or(self.enable_pci)
+    }
+
+    /// The machine configuration as the VM gets it: `pci` says `true` when `--enable-pci`
+    /// put the devices on PCI (and stays absent for the mmio default, as Firecracker shows it).
+    pub fn effective_machine_config(&self) -> MachineConfig {
+        let mut m = self.machine_config.clone();
+        if self.pci() {
+            m.pci = Some(true);
+        }
+        m
+    }
+
     /// Sets the SMBIOS identity, once it is known to fit the platform.
     pub fn put_smbios(&mut self, cfg: SmbiosConfig) -> Result<(), ConfigError> {
         crate::platform::check_smbios(&cfg)?;
@@ -382,6 +404,11 @@ impl MachineConfig {
                 "true is not supported yet: tern gives each vCPU its own core (use false)",
             ));
         }
+        if self.pci == Some(true) {
+            // Whether this platform has a PCI bus at all (the slots are checked at start,
+            // when the devices are known).
+            crate::platform::check_pci(0)?;
+        }
         Ok(())
     }
 }
@@ -410,7 +437,9 @@ impl VmResources {
             + usize::from(self.vsock.is_some())
             + usize::from(self.balloon.is_some())
             + usize::from(self.entropy);
-        if devices > max_virtio_devices() {
+        if self.pci() {
+            crate::platform::check_pci(devices)?;
+        } else if devices > max_virtio_devices() {
             return Err(ConfigError::new(
                 "drives",
                 format!(

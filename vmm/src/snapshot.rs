@@ -26,7 +26,10 @@ pub struct VirtioSnapshot {
     /// Its API id (drive_id, iface_id) or kind name.
     pub id: String,
     /// Registers, queues and the device's own typed state.
-    pub transport: devices::virtio::mmio::MmioTransportState,
+    pub transport: devices::virtio::state::VirtioState,
+    /// The PCI function's configuration space and MSI-X table (virtio-pci); `None` on
+    /// virtio-mmio.
+    pub pci: Option<devices::virtio::pci::PciTransportState>,
 }
 
 /// Everything in a state file.
@@ -266,7 +269,9 @@ impl RunningVm {
             // the (much longer) memory write, not after it.
             let res = &self.machine.resources;
             let state = VmState {
-                machine: res.machine_config.clone(),
+                // The transport the devices are on now, whatever flags the restoring
+                // process gets.
+                machine: res.effective_machine_config(),
                 drives: res.ordered_drives().into_iter().cloned().collect(),
                 net: res.net.clone(),
                 vsock: res.vsock.clone(),
@@ -727,7 +732,8 @@ mod tests {
             virtio: vec![VirtioSnapshot {
                 kind: VirtioKind::Rng,
                 id: "rng".into(),
-                transport: devices::virtio::mmio::MmioTransportState {
+                pci: None,
+                transport: devices::virtio::state::VirtioState {
                     device_type: 4,
                     queue_sel: 0,
                     device_features_sel: 0,

@@ -257,6 +257,7 @@ pub fn build(
     };
     let devices = DeviceManager::build(
         vm.as_ref(),
+        &mut pio,
         &mut mmio,
         &mem,
         dirty.clone(),

@@ -7,10 +7,14 @@
 
 use acpi_tables::{
     Aml,
-    aml::{Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate},
+    aml::{
+        AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, IO, Interrupt,
+        Memory32Fixed, Name, Package, ResourceTemplate,
+    },
     fadt::{FADTBuilder, Flags},
     gas::{AccessSize, AddressSpace, GAS},
     madt::{EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic},
+    mcfg::MCFG,
     rsdp::Rsdp,
     sdt::Sdt,
     xsdt::XSDT,
@@ -54,7 +58,66 @@ pub struct MmioDevice {
     pub gsi: u32,
 }
 
-fn dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
+/// A PCI host bridge to describe: its ECAM window and the memory windows its BARs may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciHost {
+    /// ECAM base (bus 0).
+    pub ecam: u64,
+    /// ECAM size.
+    pub ecam_size: u64,
+    /// The 32-bit memory window, `[start, end)`.
+    pub mmio32: (u64, u64),
+    /// The 64-bit memory window, `[start, end)`.
+    pub mmio64: (u64, u64),
+}
+
+/// The root bridge `PC00` (PNP0A08, bus 0, config ports 0xCF8..0xCFF, the two memory
+/// windows) and a motherboard resource (PNP0C02) reserving ECAM, which Linux wants to see
+/// before it uses MCFG.
+fn pci_root(dsdt: &mut Sdt, pci: &PciHost) {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
+    let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
+    let zero = 0u8;
+    let adr = Name::new("_ADR".into(), &zero);
+    let seg = Name::new("_SEG".into(), &zero);
+    let uid = Name::new("_UID".into(), &zero);
+    let bbn = Name::new("_BBN".into(), &zero);
+    let buses = AmlAddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_io = IO::new(0xcf8, 0xcf8, 1, 8);
+    // Every other port (but the config ports) goes through the bridge too.
+    let io_low = AmlAddressSpace::new_io(0u16, 0xcf7u16, None);
+    let io_high = AmlAddressSpace::new_io(0xd00u16, 0xffffu16, None);
+    let m32 = AmlAddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        pci.mmio32.0 as u32,
+        (pci.mmio32.1 - 1) as u32,
+        None,
+    );
+    let m64 = AmlAddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        pci.mmio64.0,
+        pci.mmio64.1 - 1,
+        None,
+    );
+    let crs = Name::new(
+        "_CRS".into(),
+        &ResourceTemplate::new(vec![&buses, &cfg_io, &io_low, &io_high, &m32, &m64]),
+    );
+    Device::new(
+        "_SB_.PC00".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    )
+    .to_aml_bytes(dsdt);
+    let mres_hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
+    let mres_uid = Name::new("_UID".into(), &zero);
+    let ecam = Memory32Fixed::new(false, pci.ecam as u32, pci.ecam_size as u32);
+    let mres_crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&ecam]));
+    Device::new("_SB_.MRES".into(), vec![&mres_hid, &mres_uid, &mres_crs]).to_aml_bytes(dsdt);
+}
+
+fn dsdt(virtio: &[MmioDevice], pci: Option<&PciHost>) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5_type = ACPI_S5_SLEEP_TYPE;
     let s5 = Name::new("_S5_".into(), &Package::new(vec![&s5_type]));
@@ -90,6 +153,9 @@ fn dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
         let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&mem, &irq]));
         let path = format!("_SB_.V{i:03X}");
         Device::new(path.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut dsdt);
+    }
+    if let Some(pci) = pci {
+        pci_root(&mut dsdt, pci);
     }
     // Sdt::append keeps the header's length field as created; fix it up before checksumming.
     let len = dsdt.len() as u32;
@@ -127,9 +193,20 @@ fn madt(vcpu_count: u8) -> Vec<u8> {
     bytes(&madt)
 }
 
-/// Writes the ACPI tables for `vcpu_count` vCPUs at [`ACPI_START`] and returns the RSDP's
-/// address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpu_count: u8, virtio: &[MmioDevice]) -> Result<u64> {
+fn mcfg(pci: &PciHost) -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(pci.ecam, 0, 0, 0);
+    bytes(&mcfg)
+}
+
+/// Writes the ACPI tables for `vcpu_count` vCPUs, the virtio-mmio devices and the PCI host
+/// bridge (if any) at [`ACPI_START`] and returns the RSDP's address.
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    vcpu_count: u8,
+    virtio: &[MmioDevice],
+    pci: Option<&PciHost>,
+) -> Result<u64> {
     // The MADT's processor UIDs and APIC IDs are 8 bits; APIC ID 0xff is broadcast.
     if vcpu_count == u8::MAX {
         return Err(Error::TooManyVcpus(vcpu_count.into(), 254));
@@ -138,14 +215,17 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpu_count: u8, virtio: &[MmioDevice]
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
 
-    let dsdt = dsdt(virtio);
+    let dsdt = dsdt(virtio, pci);
     let madt = madt(vcpu_count);
-    // The XSDT holds two 8-byte pointers after its 36-byte header.
-    let fadt_addr = align(xsdt_addr + 36 + 2 * 8);
+    let mcfg = pci.map(mcfg).unwrap_or_default();
+    // The XSDT holds two or three 8-byte pointers after its 36-byte header.
+    let entries = if pci.is_some() { 3 } else { 2 };
+    let fadt_addr = align(xsdt_addr + 36 + entries * 8);
     let fadt_len = acpi_tables::fadt::FADT::len() as u64;
     let dsdt_addr = align(fadt_addr + fadt_len);
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
-    let end = madt_addr + madt.len() as u64;
+    let mcfg_addr = align(madt_addr + madt.len() as u64);
+    let end = mcfg_addr + mcfg.len() as u64;
     if end > ACPI_END {
         return Err(Error::TooManyVcpus(vcpu_count.into(), 254));
     }
@@ -154,6 +234,9 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpu_count: u8, virtio: &[MmioDevice]
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if pci.is_some() {
+        xsdt.add_entry(mcfg_addr);
+    }
 
     for (what, addr, data) in [
         ("ACPI RSDP", rsdp_addr, bytes(&Rsdp::new(OEM_ID, xsdt_addr))),
@@ -161,6 +244,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpu_count: u8, virtio: &[MmioDevice]
         ("ACPI FADT", fadt_addr, fadt),
         ("ACPI DSDT", dsdt_addr, dsdt),
         ("ACPI MADT", madt_addr, madt),
+        ("ACPI MCFG", mcfg_addr, mcfg),
     ] {
         mem.write_slice(&data, GuestAddress(addr))
             .map_err(|source| Error::GuestWrite { what, addr, source })?;
@@ -191,7 +275,7 @@ mod tests {
             len: 0x1000,
             gsi: 5,
         };
-        let rsdp = write_tables(&mem, 4, &[dev]).unwrap();
+        let rsdp = write_tables(&mem, 4, &[dev], None).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
@@ -226,7 +310,48 @@ mod tests {
     #[test]
     fn many_vcpus_still_fit() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        assert!(write_tables(&mem, 254, &[]).is_ok());
-        assert!(write_tables(&mem, 255, &[]).is_err());
+        assert!(write_tables(&mem, 254, &[], None).is_ok());
+        assert!(write_tables(&mem, 255, &[], None).is_err());
+        let pci = PciHost {
+            ecam: PCI_ECAM_START,
+            ecam_size: PCI_ECAM_SIZE,
+            mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
+            mmio64: (64 << 30, 128 << 30),
+        };
+        assert!(write_tables(&mem, 254, &[], Some(&pci)).is_ok());
+    }
+
+    #[test]
+    fn a_pci_host_gets_mcfg_and_a_root_bridge() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let pci = PciHost {
+            ecam: PCI_ECAM_START,
+            ecam_size: PCI_ECAM_SIZE,
+            mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
+            mmio64: (64 << 30, 128 << 30),
+        };
+        let rsdp = write_tables(&mem, 2, &[], Some(&pci)).unwrap();
+        let xsdt_addr: u64 = mem.read_obj(GuestAddress(rsdp + 24)).unwrap();
+        let xsdt = table_at(&mem, xsdt_addr);
+        assert_eq!(xsdt.len(), 36 + 3 * 8);
+        let mcfg_addr = u64::from_le_bytes(xsdt[52..60].try_into().unwrap());
+        let mcfg = table_at(&mem, mcfg_addr);
+        assert_eq!(&mcfg[..4], b"MCFG");
+        assert!(checksum_ok(&mcfg));
+        // One allocation: base, segment 0, buses 0..=0.
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(
+            u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+            PCI_ECAM_START
+        );
+        assert_eq!((mcfg[54], mcfg[55]), (0, 0));
+        let fadt_addr = u64::from_le_bytes(xsdt[36..44].try_into().unwrap());
+        let fadt = table_at(&mem, fadt_addr);
+        let dsdt = table_at(&mem, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
+        assert!(checksum_ok(&dsdt));
+        assert!(dsdt.windows(4).any(|w| w == b"PC00"));
+        assert!(dsdt.windows(4).any(|w| w == b"MRES"));
+        // PNP0A08 as an EISA ID: 0x41d0, 0x0a08.
+        assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x0a, 0x08]));
     }
 }

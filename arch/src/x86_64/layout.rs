@@ -62,6 +62,16 @@ pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_FIRST_GSI: u32 = 5;
 /// Most virtio devices: one IOAPIC pin each, GSIs 5 to 23 (KVM's IOAPIC has 24 pins).
 pub const MAX_VIRTIO_DEVICES: usize = 24 - VIRTIO_FIRST_GSI as usize;
+/// PCI ECAM (MCFG): configuration space of bus 0, 1 MiB.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Size of the ECAM window (one bus).
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// The 32-bit PCI memory window, where tern places BARs (below the IOAPIC).
+pub const PCI_MMIO32_START: u64 = 0xe100_0000;
+/// End (exclusive) of the 32-bit PCI memory window.
+pub const PCI_MMIO32_END: u64 = IOAPIC_START;
+/// Size of the 64-bit PCI memory window (it starts above RAM: [`pci_mmio64_start`]).
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
 /// IOAPIC base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// LAPIC base.
@@ -89,3 +99,9 @@ pub const I8042_PORT: u16 = 0x60;
 pub const I8042_GSI: u32 = 1;
 /// PIO: CMOS/RTC index and data ports.
 pub const CMOS_PORT: u16 = 0x70;
+
+/// Where the 64-bit PCI memory window starts for a guest whose RAM ends at `ram_end`: at
+/// 64 GiB, or at the next GiB above RAM for bigger guests.
+pub fn pci_mmio64_start(ram_end: u64) -> u64 {
+    ram_end.next_multiple_of(1 << 30).max(64 << 30)
+}

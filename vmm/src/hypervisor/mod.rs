@@ -129,6 +129,13 @@ pub trait Vm: Send + Sync {
         datamatch: u32,
     ) -> HvResult<()>;
 
+    /// Where MSI and MSI-X messages go (virtio-pci).
+    fn msi_sender(&self) -> Arc<dyn devices::interrupt::MsiSender>;
+
+    /// Registers eventfds signalled by any write to an MMIO address (virtio-pci queue
+    /// notifications, which move with their BAR).
+    fn notify_registrar(&self) -> Arc<dyn devices::pci::NotifyRegistrar>;
+
     /// x86: in-kernel LAPIC/IOAPIC/PIC and PIT, and the TSS the hypervisor needs.
     #[cfg(target_arch = "x86_64")]
     fn setup_x86_platform(&self, tss_address: u64) -> HvResult<()>;

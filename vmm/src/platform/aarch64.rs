@@ -104,6 +104,30 @@ pub fn legacy_devices(
     Ok((uart, Extra))
 }
 
+/// No PCI window on ARM64 yet (see [`check_pci`]).
+pub const PCI_BAR_WINDOW: (u64, u64) = (0, 0);
+
+/// ARM64 has no PCI bus in tern yet (the ECAM host, `ranges` and the GICv3 ITS are still to
+/// come): a VM asking for one is refused before anything is built.
+pub fn check_pci(_devices: usize) -> std::result::Result<(), crate::resources::ConfigError> {
+    Err(crate::resources::ConfigError::new(
+        "machine-config.pci",
+        "virtio-pci is not available on ARM64 in this tern yet (x86_64 only); leave --enable-pci and machine-config.pci off to use virtio-mmio",
+    ))
+}
+
+/// Never reached: [`check_pci`] refuses PCI on ARM64.
+pub fn attach_pci(
+    _pio: &mut Bus,
+    _mmio: &mut Bus,
+    _bus: Arc<devices::pci::PciBus>,
+    _mem: &GuestMemoryMmap,
+) -> Result<()> {
+    Err(Error::Device(
+        "virtio-pci is not available on ARM64 in this tern yet".into(),
+    ))
+}
+
 /// Virtio-mmio device `i`: a 4 KiB window from [`VIRTIO_MMIO_START`], SPIs from
 /// [`VIRTIO_FIRST_SPI`].
 pub fn virtio_slot(i: usize) -> VirtioSlot {

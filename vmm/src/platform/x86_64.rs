@@ -105,6 +105,80 @@ pub fn legacy_devices(
     Ok((serial, Extra { i8042 }))
 }
 
+/// Where tern places virtio-pci BARs: the 32-bit PCI window.
+pub const PCI_BAR_WINDOW: (u64, u64) = (PCI_MMIO32_START, PCI_MMIO32_END);
+
+/// Whether `devices` virtio devices fit the PCI bus (31 slots beside the host bridge).
+pub fn check_pci(devices: usize) -> std::result::Result<(), crate::resources::ConfigError> {
+    let slots = devices::pci::bus::SLOTS - 1;
+    if devices > slots {
+        return Err(crate::resources::ConfigError::new(
+            "machine-config.pci",
+            format!(
+                "{devices} virtio devices (drives, network interfaces, vsock, balloon, entropy) do not fit the PCI bus's {slots} free slots; configure fewer devices"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn pci_host(mem: &GuestMemoryMmap) -> arch::x86_64::acpi::PciHost {
+    let ram_end = mem
+        .iter()
+        .map(|r| r.start_addr().0 + r.len())
+        .max()
+        .unwrap_or(0);
+    let m64 = pci_mmio64_start(ram_end);
+    arch::x86_64::acpi::PciHost {
+        ecam: PCI_ECAM_START,
+        ecam_size: PCI_ECAM_SIZE,
+        mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
+        mmio64: (m64, m64 + PCI_MMIO64_SIZE),
+    }
+}
+
+/// Puts the PCI bus on the machine: configuration mechanism #1 at 0xCF8, ECAM, and the two
+/// memory windows BARs may be placed in (the ACPI tables describe the same).
+pub fn attach_pci(
+    pio: &mut Bus,
+    mmio: &mut Bus,
+    bus: Arc<devices::pci::PciBus>,
+    mem: &GuestMemoryMmap,
+) -> Result<()> {
+    use devices::pci::access::{BarWindow, CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigIo, Ecam};
+    let host = pci_host(mem);
+    insert(
+        pio,
+        Arc::new(Mutex::new(ConfigIo::new(bus.clone()))),
+        CONFIG_IO_PORT,
+        CONFIG_IO_LEN,
+    )?;
+    insert(
+        mmio,
+        Arc::new(Mutex::new(Ecam::new(bus.clone()))),
+        host.ecam,
+        host.ecam_size,
+    )?;
+    for (start, end) in [host.mmio32, host.mmio64] {
+        insert(
+            mmio,
+            Arc::new(Mutex::new(BarWindow::new(bus.clone(), start))),
+            start,
+            end - start,
+        )?;
+    }
+    log::info!(
+        "PCI: {} device(s) on bus 0, ECAM at {:#x}, BARs in {:#x}..{:#x} and {:#x}..{:#x}",
+        bus.occupied().len() - 1,
+        host.ecam,
+        host.mmio32.0,
+        host.mmio32.1,
+        host.mmio64.0,
+        host.mmio64.1
+    );
+    Ok(())
+}
+
 /// Virtio-mmio device `i`: a 4 KiB window from 0xd000_0000, GSIs from 5.
 pub fn virtio_slot(i: usize) -> VirtioSlot {
     VirtioSlot {
@@ -232,7 +306,8 @@ fn load_linux(
             gsi: s.irq,
         })
         .collect();
-    let rsdp = arch::x86_64::acpi::write_tables(mem, vcpu_count, &tables)?;
+    let pci = res.pci().then(|| pci_host(mem));
+    let rsdp = arch::x86_64::acpi::write_tables(mem, vcpu_count, &tables, pci.as_ref())?;
     let smbios = res.smbios.clone().unwrap_or_default();
     let mut uuid = [0u8; 16];
     if smbios.uuid.is_none() {
