@@ -228,6 +228,45 @@ fn bad_smbios_sections_are_refused() {
     );
 }
 
+/// A PCI machine is checked before anything is built: more virtio devices than the bus has
+/// slots (x86_64), or PCI at all on ARM64, is refused with the field and what to do.
+#[test]
+fn pci_machines_that_cannot_be_built_are_refused() {
+    let drives: Vec<String> = (0..31)
+        .map(|i| {
+            format!(
+                r#"{{"drive_id": "d{i}", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
+                elf()
+            )
+        })
+        .collect();
+    let json = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128, "pci": true}},
+            "drives": [{}], "entropy": {{}}}}"#,
+        elf(),
+        drives.join(", ")
+    );
+    if cfg!(target_arch = "x86_64") {
+        refused(
+            "pci-slots.json",
+            &json,
+            &[
+                "machine-config.pci:",
+                "32 virtio devices",
+                "31 free slots",
+                "configure fewer devices",
+            ],
+        );
+    } else {
+        refused(
+            "pci-arm64.json",
+            &json,
+            &["machine-config.pci:", "not available on ARM64"],
+        );
+    }
+}
+
 #[test]
 fn missing_config_file_and_bad_flags() {
     let (code, _, stderr) = tern(&["--no-api", "--config-file", "/no/vm.json"]);

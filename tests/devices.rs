@@ -1,7 +1,8 @@
 //! The virtio devices inside a booted guest (directly or nested; see tests/common): block
 //! (root filesystem, durability across SIGKILL, read-only, two request queues, rate limiter), network (two TAPs in
 //! a private network namespace, ping and 100 MiB each way), balloon (inflate, deflate,
-//! statistics). virtio-rng is in tests/boot.rs.
+//! statistics). virtio-rng is in tests/boot.rs. `pci_all_devices` puts every device on PCI
+//! under Debian's stock cloud kernel.
 
 mod common;
 
@@ -254,6 +255,85 @@ const SCENARIOS: &[Scenario] = &[
         post: "for i in 1 2 3 4 5 6 7 8 9 10; do grep -q 'CLIENT' vsock_cli.out && break; sleep 1; done\n\
                cat vsock_srv.out vsock_cli.out",
         ..Scenario::new("vsock_echo")
+    },
+    // Every device on PCI (machine-config.pci), under Debian's stock cloud kernel with its
+    // own modules: the functions the guest enumerates, their MSI-X vectors, a two-queue
+    // drive's md5 round trip with both queues' vectors taking interrupts, a ping, the rng,
+    // the balloon inflated through the API, vsock both ways; then the guest moves the drive's
+    // BAR (unbind, rewrite BAR 0 through sysfs, remove, rescan) and reads it back there.
+    Scenario {
+        kernel: common::Kernel::OwnBzImage,
+        guest_cmd: "shell",
+        vcpus: 2,
+        mem_mib: 512,
+        pci: true,
+        netns: true,
+        timeout_s: 300,
+        extra_args: "guest.hwrng=1",
+        entropy: true,
+        host_build: Some(
+            "$CC -static -O2 -o vsock-echo.img \"$TERN_WORKSPACE/tests/guest/vsock-echo.c\" && truncate -s %4096 vsock-echo.img",
+        ),
+        pre: "truncate -s 16M pci_data.img\n\
+              ./tern-bench mktap ptap0\n\
+              ip link set lo up\n\
+              ip addr add 172.16.5.1/24 dev ptap0 && ip link set ptap0 up\n\
+              ./tern-bench vsock-serve pci_vsock.sock_5001 200 > pci_vsock_srv.out 2>&1 &\n\
+              ./tern-bench vsock-connect pci_vsock.sock 5000 200 > pci_vsock_cli.out 2>&1 &\n",
+        drives: &[
+            r#"{"drive_id": "data", "path_on_host": "pci_data.img", "is_root_device": false, "num_queues": 2}"#,
+            r#"{"drive_id": "tools", "path_on_host": "vsock-echo.img", "is_root_device": false, "is_read_only": true}"#,
+        ],
+        config_extra: r#""network-interfaces": [
+            {"iface_id": "eth0", "host_dev_name": "ptap0", "guest_mac": "06:00:ac:10:05:02"}],
+            "vsock": {"guest_cid": 3, "uds_path": "pci_vsock.sock"},
+            "balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#,
+        api_with_config: true,
+        api_steps: Some(
+            r#"[
+            {"wait": "GUEST BALLOON READY"},
+            {"req": "PATCH /balloon", "body": {"amount_mib": 64}},
+            {"req": "GET /balloon/statistics", "until": "\"actual_mib\":64,"}
+        ]"#,
+        ),
+        script: Some(
+            "for d in /sys/bus/pci/devices/*; do echo \"GUEST PCI ${d##*/} $(cat $d/vendor) $(cat $d/device) $(basename \"$(readlink $d/driver)\")\"; done\n\
+             irqs() { grep virtio /proc/interrupts | tr -s ' ' | sed \"s/^/GUEST IRQ$1 /\"; }\n\
+             irqs 0\n\
+             dd if=/dev/urandom of=/tmp/a bs=1M count=4 2>/dev/null\n\
+             dd if=/dev/urandom of=/tmp/b bs=1M count=4 2>/dev/null\n\
+             taskset 1 dd if=/tmp/a of=/dev/vda bs=64k oflag=direct 2>/dev/null &\n\
+             taskset 2 dd if=/tmp/b of=/dev/vda bs=64k seek=64 oflag=direct 2>/dev/null &\n\
+             wait\n\
+             sync\n\
+             echo \"GUEST MQ $(ls /sys/block/vda/mq | wc -l)\"\n\
+             echo \"GUEST WRITTEN_MD5 $(cat /tmp/a /tmp/b | md5sum)\"\n\
+             echo \"GUEST READ_MD5 $(head -c 8388608 /dev/vda | md5sum)\"\n\
+             irqs 1\n\
+             ip addr add 172.16.5.2/24 dev eth0 && ip link set eth0 up\n\
+             ping -c 3 -W 5 172.16.5.1 >/dev/null && echo 'GUEST PING ok'\n\
+             echo 'GUEST BALLOON READY'\n\
+             cat /dev/vdb > /tmp/ve && chmod +x /tmp/ve\n\
+             /tmp/ve server 5000 200 > /tmp/srv.log 2>&1 &\n\
+             srv=$!\n\
+             /tmp/ve client 2 5001 200 | sed 's/^/GUEST /'\n\
+             wait $srv\n\
+             sed 's/^/GUEST /' /tmp/srv.log\n\
+             dev=$(readlink -f /sys/block/vda/device); dev=${dev%/*}; bdf=${dev##*/}\n\
+             echo \"GUEST BAR_BEFORE $(head -1 $dev/resource)\"\n\
+             echo $bdf > /sys/bus/pci/drivers/virtio-pci/unbind\n\
+             printf '\\000\\000\\000\\360' | dd of=$dev/config bs=4 seek=4 conv=notrunc 2>/dev/null\n\
+             echo 1 > $dev/remove\n\
+             echo 1 > /sys/bus/pci/rescan\n\
+             dev=/sys/bus/pci/devices/$bdf\n\
+             echo \"GUEST BAR_AFTER $(head -1 $dev/resource)\"\n\
+             b=$(ls $dev/virtio*/block)\n\
+             echo \"GUEST MOVED_MD5 $(head -c 8388608 /dev/$b | md5sum)\"\n",
+        ),
+        post: "for i in 1 2 3 4 5 6 7 8 9 10; do grep -q 'CLIENT' pci_vsock_cli.out && break; sleep 1; done\n\
+               cat pci_vsock_srv.out pci_vsock_cli.out\n\
+               echo \"HOST DATA_MD5 $(head -c 8388608 pci_data.img | md5sum)\"",
+        ..Scenario::new("pci_all_devices")
     },
 ];
 
@@ -566,4 +646,113 @@ fn vsock_echoes_10000_messages_each_way_in_order_on(o: &'static Outcome) {
     }
     // Recoveries by the virtio worker's idle check are listed for every scenario
     // (common::check_recoveries).
+}
+
+#[test]
+fn pci_all_devices_work_under_a_stock_kernel() {
+    for o in runs("pci_all_devices") {
+        pci_all_devices_work_under_a_stock_kernel_on(o);
+    }
+}
+
+fn pci_all_devices_work_under_a_stock_kernel_on(o: &'static Outcome) {
+    assert_clean_exit(o);
+    let ctx = format!("{}\npost:\n{}", o.console(), o.post);
+    // The functions the guest found: the host bridge and one virtio-pci function per
+    // device, each bound to virtio-pci.
+    let funcs: Vec<Vec<&str>> = o
+        .lines
+        .iter()
+        .filter_map(|(_, _, l)| l.strip_prefix("GUEST PCI "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(
+        funcs
+            .iter()
+            .any(|f| f.get(1..3) == Some(&["0x1b36", "0x0008"][..])),
+        "host bridge\n{ctx}"
+    );
+    let mut ids: Vec<&str> = funcs
+        .iter()
+        .filter(|f| f.get(1) == Some(&"0x1af4"))
+        .map(|f| {
+            assert_eq!(f.get(3), Some(&"virtio-pci"), "{f:?}\n{ctx}");
+            f[2]
+        })
+        .collect();
+    ids.sort_unstable();
+    // blk ×3 (data, tools, script), net, rng, balloon, vsock.
+    assert_eq!(
+        ids,
+        [
+            "0x1041", "0x1042", "0x1042", "0x1042", "0x1044", "0x1045", "0x1053"
+        ],
+        "{ctx}"
+    );
+    // MSI-X: the drive's two request queues have a vector each, and both took interrupts.
+    let irq = |stage: &str, name: &str| -> Option<u64> {
+        let prefix = format!("GUEST IRQ{stage} ");
+        o.lines.iter().find_map(|(_, _, l)| {
+            let f: Vec<&str> = l.strip_prefix(&prefix)?.split_whitespace().collect();
+            (f.last() == Some(&name) && l.contains("PCI-MSI"))
+                .then(|| f[1..=2].iter().filter_map(|c| c.parse::<u64>().ok()).sum())
+        })
+    };
+    let blk = o
+        .lines
+        .iter()
+        .filter_map(|(_, _, l)| l.strip_prefix("GUEST IRQ1 "))
+        .find_map(|l| {
+            l.split_whitespace()
+                .last()
+                .filter(|n| n.ends_with("-req.1"))
+        })
+        .map(|n| n.trim_end_matches("-req.1").to_string())
+        .unwrap_or_else(|| panic!("no virtio-blk request queue 1 vector\n{ctx}"));
+    for q in ["req.0", "req.1"] {
+        let name = format!("{blk}-{q}");
+        let (before, after) = (irq("0", &name).unwrap_or(0), irq("1", &name));
+        assert!(
+            after.is_some_and(|a| a > before),
+            "{name}: {before} -> {after:?} interrupts\n{ctx}"
+        );
+    }
+    assert_eq!(o.guest_value("MQ").as_deref(), Some("2"), "{ctx}");
+    let written = o.guest_value("WRITTEN_MD5");
+    assert!(written.is_some(), "{ctx}");
+    assert_eq!(o.guest_value("READ_MD5"), written, "{ctx}");
+    assert_eq!(host_value(o, "DATA_MD5"), written, "{ctx}");
+    assert!(o.has_line("GUEST PING ok"), "{ctx}");
+    assert_eq!(
+        o.guest_value("HWRNG_BYTES").as_deref(),
+        Some("1048576"),
+        "{ctx}"
+    );
+    // The balloon reached 64 MiB through the API.
+    assert_eq!(o.steps_error, None, "{ctx}");
+    assert!(
+        o.api
+            .iter()
+            .any(|c| c.request.contains("/balloon/statistics")
+                && c.body.contains("\"actual_mib\":64,")),
+        "{ctx}"
+    );
+    assert!(o.has_line("GUEST VSOCK client OK 200"), "{ctx}");
+    assert!(o.has_line("GUEST VSOCK server OK 200"), "{ctx}");
+    assert!(o.post.contains("HOST VSOCK SERVER OK 200"), "{ctx}");
+    assert!(o.post.contains("HOST VSOCK CLIENT OK 200"), "{ctx}");
+    // The guest moved the drive's BAR twice: the script to 0xf0000000, then Linux, which
+    // assigns a rescanned device's BARs anew, into the 64-bit window (64 GiB for this
+    // guest). The device works there.
+    assert!(
+        o.guest_value("BAR_BEFORE")
+            .is_some_and(|b| b.starts_with("0x00000000e1")),
+        "{ctx}"
+    );
+    assert!(
+        o.guest_value("BAR_AFTER")
+            .is_some_and(|b| b.starts_with("0x0000001000000000 ")),
+        "{ctx}"
+    );
+    assert_eq!(o.guest_value("MOVED_MD5"), written, "{ctx}");
 }

@@ -70,7 +70,9 @@ const DEV_CREATE_STEPS: &str = r#"[
     {"kill": true}
 ]"#;
 
-const DEV_PRE: &str = r#"./tern-bench mktap tap0
+macro_rules! dev_pre {
+    () => {
+        r#"./tern-bench mktap tap0
 ip link set lo up
 ip addr add 172.16.0.1/24 dev tap0 && ip link set tap0 up
 truncate -s 4M data.img
@@ -83,7 +85,11 @@ cat > dev-restore.steps.json <<'STEPS'
     {"req": "GET /balloon/statistics", "until": "\"actual_mib\":64,"}
 ]
 STEPS
-"#;
+"#
+    };
+}
+
+const DEV_PRE: &str = dev_pre!();
 
 const DEV_SCRIPT: &str = r#"dd if=/dev/urandom of=/tmp/pattern bs=1M count=1 2>/dev/null
 dd if=/tmp/pattern of=/dev/vda bs=1M oflag=direct conv=fsync 2>/dev/null
@@ -268,6 +274,38 @@ const SCENARIOS: &[Scenario] = &[
         script: Some(DEV_SCRIPT),
         post: DEV_POST,
         ..Scenario::new("snapshot_devices")
+    },
+    // The same devices on PCI (machine-config.pci): the state file records the transport,
+    // and the restoring tern (no flags, no config) builds virtio-pci functions from it, with
+    // their BARs, MSI-X tables and vectors as saved.
+    Scenario {
+        guest_cmd: "shell",
+        mem_mib: 256,
+        netns: true,
+        timeout_s: 120,
+        pci: true,
+        x86_only: true,
+        api_steps: Some(DEV_CREATE_STEPS),
+        api_with_config: true,
+        host_build: Some(
+            "$CC -static -O2 -o vsock-echo.img \"$TERN_WORKSPACE/tests/guest/vsock-echo.c\" && truncate -s %4096 vsock-echo.img",
+        ),
+        drives: &[
+            r#"{"drive_id": "data", "path_on_host": "data.img", "is_root_device": false, "is_read_only": false}"#,
+            r#"{"drive_id": "control", "path_on_host": "control.img", "is_root_device": false, "is_read_only": true}"#,
+            r#"{"drive_id": "tools", "path_on_host": "vsock-echo.img", "is_root_device": false, "is_read_only": true}"#,
+        ],
+        config_extra: r#""network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}],
+            "vsock": {"guest_cid": 3, "uds_path": "vsock.sock"},
+            "balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#,
+        // What snapshot_devices left behind (its control drive says GO) goes first.
+        pre: concat!(
+            "rm -f data.img control.img dev.state dev.mem vsock.sock vsock.sock_*\n",
+            dev_pre!()
+        ),
+        script: Some(DEV_SCRIPT),
+        post: DEV_POST,
+        ..Scenario::new("snapshot_pci_devices")
     },
     Scenario {
         guest_cmd: "shell",
@@ -478,6 +516,24 @@ fn snapshot_devices_work_after_restore_on(first: &Outcome) {
     assert_eq!(v["target_mib"], 64, "{}", ctx2());
     assert_eq!(v["actual_mib"], 64, "{}", ctx2());
     assert_eq!(second.exit_code, Some(0), "{}", ctx2());
+}
+
+#[test]
+fn snapshot_of_a_pci_vm_restores_on_pci() {
+    for first in common::outcomes(&BATCHES, "snapshot", SCENARIOS, "snapshot_pci_devices") {
+        snapshot_devices_work_after_restore_on(first);
+        let second = report(first, "RESTORE_JSON");
+        // The restoring tern had no flag and no configuration: the state file put the
+        // devices on PCI again.
+        assert!(
+            second
+                .lines
+                .iter()
+                .any(|(_, _, l)| l.contains("PCI: 7 device(s) on bus 0")),
+            "{}",
+            second.console()
+        );
+    }
 }
 
 #[test]

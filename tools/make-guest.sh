@@ -3,7 +3,7 @@
 #   $OUT/bzImage            Debian's cloud kernel (linux-image-<kver>-cloud-amd64)
 #   $OUT/initramfs.cpio.gz  busybox-static + applet links, /init = guest/init,
 #                           /dev/console, /dev/null
-#   $OUT/initramfs-virtio.cpio.gz  the same plus the kernel's virtio modules (mmio, blk,
+#   $OUT/initramfs-virtio.cpio.gz  the same plus the kernel's virtio modules (mmio, pci, blk,
 #                           net, rng, balloon, vsock) in /lib/modules/tern, which
 #                           guest/init loads; it also mounts root= and switches to it
 #   $OUT/rootfs.ext4        the same tree (with the modules) as an ext4 root
@@ -110,7 +110,7 @@ copy_modules() {
     done
 }
 
-VIRTIO_MODULES="virtio_mmio virtio_blk virtio_net virtio-rng virtio_balloon vmw_vsock_virtio_transport"
+VIRTIO_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net virtio-rng virtio_balloon vmw_vsock_virtio_transport"
 if newer "$OUT/initramfs.cpio.gz" "$INIT" "$GUEST_BUSYBOX" "$0" &&
    newer "$OUT/initramfs-virtio.cpio.gz" "$INIT" "$GUEST_BUSYBOX" "$0" "$OUT/kernel-version" &&
    newer "$OUT/rootfs.ext4" "$INIT" "$GUEST_BUSYBOX" "$0" "$OUT/kernel-version"; then
