@@ -11,12 +11,15 @@
 #   the host that runs it, L1 in the nest, sampled while the VM lives: bench/kvm-counters.sh)
 #   and the MiB fio and iperf3 moved, and their ratio.
 # Needs the guest kit's rootfs.ext4 (fio and iperf3 inside): $TERN_GUEST_DIR or ../shared/guest.
+# With -p, PCI beside virtio-mmio: tern (Async) on virtio-mmio and on PCI (machine-config.pci,
+# virtio-pci + MSI-X), QEMU's microvm (virtio-mmio) and q35 (virtio-blk-pci, virtio-net-pci),
+# the kernel without pci=off for the PCI ones.
 # Runs directly on hardware KVM, otherwise inside the nest, like the tests.
-#   bench/io.sh [-t SECONDS]     (default 10 s per fio job, 5 s per iperf3 direction)
+#   bench/io.sh [-t SECONDS] [-p]     (default 10 s per fio job, 5 s per iperf3 direction)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-T=10
-while getopts 't:' o; do case $o in t) T=$OPTARG ;; *) exit 2 ;; esac; done
+T=10 PCI=
+while getopts 't:p' o; do case $o in t) T=$OPTARG ;; p) PCI=1 ;; *) exit 2 ;; esac; done
 . bench/lib.sh
 command -v iperf3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null
 bench_setup io
@@ -38,31 +41,38 @@ SH
 cp "$G/rootfs.ext4" "$D/rootfs.ext4"
 debugfs -w -R "write $D/bench.sh /bench.sh" "$D/rootfs.ext4" >/dev/null 2>&1
 ARGS="console=ttyS0 reboot=k panic=1 pci=off quiet guest.script=/bench.sh"
-# tern twice: io_engine Sync (pread/pwrite on the drive's worker thread) and Async (io_uring).
-for engine in Sync Async; do
+PARGS="console=ttyS0 reboot=k panic=1 quiet guest.script=/bench.sh"
+# tern twice: io_engine Sync (pread/pwrite on the drive's worker thread) and Async (io_uring);
+# with -p, Async on PCI too (tern-pci).
+for engine in Sync Async pci; do
+a=$ARGS pci=
+if [ $engine = pci ]; then a=$PARGS pci=', "pci": true'; fi
 cat > "$D/tern-$engine.json" <<JSON
-{"boot-source": {"kernel_image_path": "vmlinux", "boot_args": "$ARGS"},
- "machine-config": {"vcpu_count": 1, "mem_size_mib": 512},
+{"boot-source": {"kernel_image_path": "vmlinux", "boot_args": "$a"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 512$pci},
  "drives": [{"drive_id": "rootfs", "path_on_host": "root.img", "is_root_device": true, "is_read_only": true},
-            {"drive_id": "data", "path_on_host": "data.img", "is_root_device": false, "io_engine": "$engine"}],
+            {"drive_id": "data", "path_on_host": "data.img", "is_root_device": false, "io_engine": "$( [ $engine = Sync ] && echo Sync || echo Async )"}],
  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}]}
 JSON
 done
 # The root disk first, so that it is /dev/vda for both VMMs.
 Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m 512 -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -drive id=root,file=root.img,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root -drive id=data,file=data.img,format=raw,if=none -device virtio-blk-device,drive=data -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0,mac=06:00:ac:10:00:02"
+Q35="./qemu-system-x86_64 -L fw -M q35 -enable-kvm -cpu host -m 512 -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -drive id=root,file=root.img,format=raw,if=none,readonly=on -device virtio-blk-pci,drive=root -drive id=data,file=data.img,format=raw,if=none -device virtio-blk-pci,drive=data -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,mac=06:00:ac:10:00:02,romfile="
+VMMS="tern-Sync tern-Async qemu"
+[ -n "$PCI" ] && VMMS="tern-Async tern-pci qemu qemu-q35"
 cat > "$D/run.sh" <<SH
 . ./kvm-counters.sh
 ./tern-bench mktap tap0
 ip link set lo up; ip addr add 172.16.0.1/24 dev tap0; ip link set tap0 up
 ./iperf3 -s -D
-for vmm in tern-Sync tern-Async qemu; do
+for vmm in $VMMS; do
   cp rootfs.ext4 root.img; rm -f data.img; dd if=/dev/zero of=data.img bs=1M count=512 2>/dev/null
   kvm_sample_start
-  if [ \$vmm != qemu ]; then
-    ./tern-bench run --timeout 600 -- ./tern --no-api --level Warning --config-file \$vmm.json > out.\$vmm
-  else
-    ./tern-bench run --timeout 600 -- $Q -append "$ARGS root=/dev/vda ro" > out.\$vmm
-  fi
+  case \$vmm in
+  tern-*) ./tern-bench run --timeout 600 -- ./tern --no-api --level Warning --config-file \$vmm.json > out.\$vmm ;;
+  qemu) ./tern-bench run --timeout 600 -- $Q -append "$ARGS root=/dev/vda ro" > out.\$vmm ;;
+  qemu-q35) ./tern-bench run --timeout 600 -- $Q35 -append "$PARGS root=/dev/vda ro" > out.\$vmm ;;
+  esac
   echo "@@X \$vmm \$(kvm_sample_stop)"
   echo "@@R \$vmm \$(tail -1 out.\$vmm)"
   grep -o 'BENCH [^"\\\\]*' out.\$vmm | sed "s/^/@@B \$vmm /"
@@ -75,7 +85,7 @@ else
     where="nested: L1 under QEMU TCG (-cpu max,+svm), both VMMs inside L1 with its KVM"
     echo 'unshare -n sh run-inner.sh' > "$D/run-outer.sh"; mv "$D/run.sh" "$D/run-inner.sh"
     L1_MEM=3072 NEST_TIMEOUT=1800 bash tools/nest-x86_64.sh -s "$D/run-outer.sh" \
-        "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/tern-Sync.json" "$D/tern-Async.json" "$D/rootfs.ext4" "$D/iperf3" \
+        "$D/tern" "$D/tern-bench" "$D/vmlinux" "$D/tern-Sync.json" "$D/tern-Async.json" "$D/tern-pci.json" "$D/rootfs.ext4" "$D/iperf3" \
         "$D/run-inner.sh" "$D/qemu-system-x86_64" "$D/fw" "$D/kvm-counters.sh" > "$D/out.txt"
 fi
 echo "# bench/io.sh -t $T ($where)"

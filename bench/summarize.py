@@ -40,7 +40,8 @@ def mmm(xs):
 print(f"Runs: {a.runs} per VMM, 1 vCPU, {a.mem} MiB, {a.where}. Kernel {a.kernel}; {a.qemu}.\n")
 print("| VMM | to `GUEST BOOTED` (ms) | guest uptime then (s, median) | to exit (ms) | peak RSS (MiB) | RSS at boot (MiB) | guest RAM resident (MiB) | VMM overhead (MiB) |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for vmm in [v for v in ("tern", "firecracker", "qemu") if v in boot or v in mem]:
+known = ("tern", "firecracker", "qemu", "tern-pci", "qemu-q35", "qemu-microvm-pcie")
+for vmm in [v for v in known if v in boot or v in mem] + [v for v in boot if v not in known]:
     b, m = boot.get(vmm, []), mem.get(vmm, [])
     if not b or not m:
         print(f"| {vmm} | no data | | | | | | |")
