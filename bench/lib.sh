@@ -15,10 +15,13 @@ bench_setup() {
     QEMU=$(command -v qemu-system-x86_64)
     D=target/bench/$1; rm -rf "$D"; mkdir -p "$D/fw"
     local f
-    # microvm's firmware, and what q35 needs for -kernel (SeaBIOS and the Linux boot ROM).
-    for f in bios-microvm.bin qboot.rom bios-256k.bin linuxboot_dma.bin kvmvapic.bin; do
-        cp -L "/usr/share/qemu/$f" "$D/fw/" 2>/dev/null || cp -L "/usr/share/seabios/$f" "$D/fw/" 2>/dev/null || true
+    for f in bios-microvm.bin qboot.rom linuxboot_dma.bin kvmvapic.bin; do
+        cp -L "/usr/share/qemu/$f" "$D/fw/" 2>/dev/null || true
     done
+    # q35's SeaBIOS (for bench -p); only this one from the seabios package, whose
+    # bios-microvm.bin is a SeaBIOS build that cannot boot -kernel with microvm's options.
+    cp -L /usr/share/qemu/bios-256k.bin "$D/fw/" 2>/dev/null ||
+        cp -L /usr/share/seabios/bios-256k.bin "$D/fw/" 2>/dev/null || true
     # microvm's firmware is qboot: QEMU 10's data package (bookworm-backports) ships it only as
     # qboot.rom, while the machine still asks for bios-microvm.bin.
     [ -f "$D/fw/bios-microvm.bin" ] || cp "$D/fw/qboot.rom" "$D/fw/bios-microvm.bin" 2>/dev/null || true
