@@ -239,7 +239,7 @@ fn machine_config() {
 }
 
 /// `--enable-pci` and the `machine-config.pci` extension choose the transport; the GETs say
-/// which it is; ARM64 refuses PCI.
+/// which it is.
 #[test]
 fn pci_is_chosen_by_flag_or_machine_config() {
     let pci = |t: &Tern| -> Option<bool> {
@@ -249,32 +249,20 @@ fn pci_is_chosen_by_flag_or_machine_config() {
     };
     let args: [&std::ffi::OsStr; 3] = ["--level".as_ref(), "Off".as_ref(), "--enable-pci".as_ref()];
     let t = Tern::start_args("pci-flag", &args);
-    if cfg!(target_arch = "x86_64") {
-        assert_eq!(pci(&t), Some(true), "--enable-pci");
-        // A Firecracker client's PUT without the field keeps the flag's choice.
-        let body = r#"{"vcpu_count": 1, "mem_size_mib": 128}"#;
-        assert_eq!(t.req("PUT", "/machine-config", Some(body)).status, 204);
-        assert_eq!(pci(&t), Some(true));
-        assert!(t.config().contains(r#""pci":true"#), "{}", t.config());
-        let off = r#"{"pci": false}"#;
-        assert_eq!(t.req("PATCH", "/machine-config", Some(off)).status, 204);
-        assert_eq!(pci(&t), Some(false), "turned off through the API");
-    }
+    assert_eq!(pci(&t), Some(true), "--enable-pci");
+    // A Firecracker client's PUT without the field keeps the flag's choice.
+    let body = r#"{"vcpu_count": 1, "mem_size_mib": 128}"#;
+    assert_eq!(t.req("PUT", "/machine-config", Some(body)).status, 204);
+    assert_eq!(pci(&t), Some(true));
+    assert!(t.config().contains(r#""pci":true"#), "{}", t.config());
+    let off = r#"{"pci": false}"#;
+    assert_eq!(t.req("PATCH", "/machine-config", Some(off)).status, 204);
+    assert_eq!(pci(&t), Some(false), "turned off through the API");
     let t = Tern::start("pci-api");
     let on = r#"{"vcpu_count": 1, "mem_size_mib": 128, "pci": true}"#;
-    if cfg!(target_arch = "x86_64") {
-        assert_eq!(pci(&t), None);
-        assert_eq!(t.req("PUT", "/machine-config", Some(on)).status, 204);
-        assert_eq!(pci(&t), Some(true));
-    } else {
-        refused(
-            &t,
-            "PUT",
-            "/machine-config",
-            Some(on),
-            "not available on ARM64",
-        );
-    }
+    assert_eq!(pci(&t), None);
+    assert_eq!(t.req("PUT", "/machine-config", Some(on)).status, 204);
+    assert_eq!(pci(&t), Some(true));
     refused(
         &t,
         "PATCH",

@@ -284,7 +284,6 @@ const SCENARIOS: &[Scenario] = &[
         netns: true,
         timeout_s: 120,
         pci: true,
-        x86_only: true,
         api_steps: Some(DEV_CREATE_STEPS),
         api_with_config: true,
         host_build: Some(

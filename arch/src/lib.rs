@@ -28,9 +28,26 @@ pub enum Error {
     /// The SMBIOS configuration cannot be written.
     #[error("{field}: {0}", field = .0.field())]
     Smbios(#[from] smbios::SmbiosError),
+    /// The PCI host cannot be described on this machine.
+    #[error("PCI: {0}")]
+    Pci(String),
     /// Too many vCPUs for the platform description.
     #[error("{0} vCPUs do not fit the platform tables (at most {1})")]
     TooManyVcpus(usize, usize),
+}
+
+/// A PCI host bridge as the firmware tables (ACPI on x86_64) or the device tree (ARM64)
+/// describe it: its ECAM window and the memory windows its BARs may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciHost {
+    /// ECAM base (bus 0).
+    pub ecam: u64,
+    /// ECAM size.
+    pub ecam_size: u64,
+    /// The 32-bit memory window, `[start, end)`.
+    pub mmio32: (u64, u64),
+    /// The 64-bit memory window, `[start, end)`.
+    pub mmio64: (u64, u64),
 }
 
 /// Result type of this crate.

@@ -179,10 +179,7 @@ impl Scenario {
             return arch == Arch::Aarch64;
         }
         arch == Arch::X86_64
-            || !(self.x86_only
-                || self.cpu_config.is_some()
-                || self.boot_protocol.is_some()
-                || self.kernel == Kernel::OwnBzImage)
+            || !(self.x86_only || self.cpu_config.is_some() || self.boot_protocol.is_some())
     }
 }
 
@@ -491,8 +488,9 @@ fn aarch64_guest_files(own: &Path) -> Result<GuestFiles, String> {
         } else {
             "initramfs.cpio.gz"
         }),
-        own_bzimage: PathBuf::new(),
-        own_initramfs: PathBuf::new(),
+        // Debian's cloud-arm64 kernel with its modules, whichever kernel the others boot.
+        own_bzimage: own.join("Image"),
+        own_initramfs: own.join("initramfs-virtio.cpio.gz"),
         l1_modules: own_kernel.then(|| own.join("nest-modules")),
         dir: kdir,
         own_kernel,
@@ -510,6 +508,7 @@ fn aarch64_guest_files(own: &Path) -> Result<GuestFiles, String> {
 fn config_json(s: &Scenario, own_kernel: bool, arch: Arch) -> String {
     let kernel = match (arch, s.kernel) {
         (Arch::Aarch64, Kernel::BzImage) => "Image.gz",
+        (Arch::Aarch64, Kernel::OwnBzImage) => "own-bzImage",
         (Arch::Aarch64, _) => "Image",
         (_, Kernel::Vmlinux) => "vmlinux",
         (_, Kernel::BzImage) => "bzImage",

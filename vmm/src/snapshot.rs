@@ -769,6 +769,10 @@ mod tests {
                     crate::hypervisor::arm_state::GicReg::Dist { cpu: 0, offset: 0 },
                     0x12,
                 )],
+                its: Some(crate::hypervisor::ArmItsState {
+                    regs: vec![(0x80, 0x1234)],
+                    ctlr: 1,
+                }),
             },
             vcpus: Vec::new(),
         }

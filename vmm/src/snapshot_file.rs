@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The format version this build writes and reads (history in docs/snapshot-format.md).
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// Header size.
 pub const HEADER_LEN: usize = 24;
 /// Checksum size.

@@ -1,6 +1,6 @@
 //! The flattened device tree an ARM64 guest boots with (vm-fdt): CPUs with PSCI, memory,
-//! `/chosen` (command line, initrd, console), the GIC, the architected timer, and each MMIO
-//! device.
+//! `/chosen` (command line, initrd, console), the GIC (with a GICv3 ITS when there is PCI),
+//! the architected timer, each MMIO device, and the PCI host (`pci-host-ecam-generic`).
 
 use vm_fdt::FdtWriter;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -10,6 +10,11 @@ use crate::{Error, Result};
 
 const PHANDLE_GIC: u32 = 1;
 const PHANDLE_CLOCK: u32 = 2;
+const PHANDLE_ITS: u32 = 3;
+
+// PCI address cells (the PCI bus binding): the space code in the high cell's bits 25:24.
+const PCI_SPACE_MEM32: u32 = 0x0200_0000;
+const PCI_SPACE_MEM64: u32 = 0x0300_0000;
 
 // Interrupt specifier cells (the GIC binding: type, number, flags).
 const GIC_SPI: u32 = 0;
@@ -65,6 +70,9 @@ pub struct FdtConfig<'a> {
     pub gic: GicVersion,
     /// MMIO devices.
     pub devices: &'a [MmioDevice],
+    /// The PCI host, if the VM has one; its MSIs go through a GICv3 ITS at
+    /// [`GIC_ITS_START`], which this also describes.
+    pub pci: Option<crate::PciHost>,
 }
 
 fn fdt_err(e: vm_fdt::Error) -> Error {
@@ -73,6 +81,11 @@ fn fdt_err(e: vm_fdt::Error) -> Error {
 
 /// Builds the device tree blob.
 pub fn create_fdt(cfg: &FdtConfig<'_>) -> Result<Vec<u8>> {
+    if cfg.pci.is_some() && cfg.gic != GicVersion::V3 {
+        return Err(Error::Pci(
+            "MSI-X needs a GICv3 ITS, and this VM has a GICv2".into(),
+        ));
+    }
     build(cfg).map_err(fdt_err)
 }
 
@@ -133,6 +146,15 @@ fn build(cfg: &FdtConfig<'_>) -> std::result::Result<Vec<u8>, vm_fdt::Error> {
                 ],
             )?;
             gic_common(&mut f)?;
+            if cfg.pci.is_some() {
+                let its = f.begin_node(&format!("msi-controller@{GIC_ITS_START:x}"))?;
+                f.property_string("compatible", "arm,gic-v3-its")?;
+                f.property_null("msi-controller")?;
+                f.property_u32("#msi-cells", 1)?;
+                f.property_array_u64("reg", &[GIC_ITS_START, GIC_ITS_SIZE])?;
+                f.property_phandle(PHANDLE_ITS)?;
+                f.end_node(its)?;
+            }
             f.end_node(gic)?;
         }
         GicVersion::V2 => {
@@ -218,8 +240,42 @@ fn build(cfg: &FdtConfig<'_>) -> std::result::Result<Vec<u8>, vm_fdt::Error> {
         }
     }
 
+    if let Some(pci) = &cfg.pci {
+        pci_host(&mut f, pci)?;
+    }
+
     f.end_node(root)?;
     f.finish()
+}
+
+/// The PCI host: a generic ECAM root complex with bus 0 only, its two memory windows (no I/O
+/// space), MSIs to the ITS with the requester ID (bus, device, function) as the ITS device
+/// ID. No `interrupt-map`: tern's functions raise MSI-X only (interrupt pin 0).
+fn pci_host(f: &mut FdtWriter, pci: &crate::PciHost) -> std::result::Result<(), vm_fdt::Error> {
+    let n = f.begin_node(&format!("pcie@{:x}", pci.ecam))?;
+    f.property_string("compatible", "pci-host-ecam-generic")?;
+    f.property_string("device_type", "pci")?;
+    f.property_u32("#address-cells", 3)?;
+    f.property_u32("#size-cells", 2)?;
+    f.property_u32("#interrupt-cells", 1)?;
+    f.property_array_u32("bus-range", &[0, 0])?;
+    f.property_u32("linux,pci-domain", 0)?;
+    f.property_array_u64("reg", &[pci.ecam, pci.ecam_size])?;
+    let mut ranges = Vec::new();
+    for (space, (start, end)) in [(PCI_SPACE_MEM32, pci.mmio32), (PCI_SPACE_MEM64, pci.mmio64)] {
+        if end <= start {
+            continue;
+        }
+        let (hi, lo) = ((start >> 32) as u32, start as u32);
+        let size = end - start;
+        // PCI address (3 cells), CPU address (2), size (2): identity-mapped.
+        ranges.extend_from_slice(&[space, hi, lo, hi, lo, (size >> 32) as u32, size as u32]);
+    }
+    f.property_array_u32("ranges", &ranges)?;
+    // Requester IDs 0..0x10000 map to ITS device IDs 0..0x10000.
+    f.property_array_u32("msi-map", &[0, PHANDLE_ITS, 0, 0x1_0000])?;
+    f.property_null("dma-coherent")?;
+    f.end_node(n)
 }
 
 fn gic_common(f: &mut FdtWriter) -> std::result::Result<(), vm_fdt::Error> {
@@ -265,6 +321,7 @@ mod tests {
             initrd: Some((DRAM_START + (200 << 20), 4096)),
             gic,
             devices,
+            pci: None,
         }
     }
 
@@ -322,6 +379,62 @@ mod tests {
         let v2 = create_fdt(&cfg_with(GicVersion::V2, &[0], &devices)).unwrap();
         assert!(has(&v2, b"arm,cortex-a15-gic\0"));
         assert!(!has(&v2, b"arm,gic-v3\0"));
+    }
+
+    /// The big-endian cells of `values`, as the blob stores a property.
+    fn cells(values: &[u32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_be_bytes()).collect()
+    }
+
+    #[test]
+    fn a_pci_host_comes_with_an_its_and_both_windows() {
+        let pci = crate::PciHost {
+            ecam: PCI_ECAM_START,
+            ecam_size: PCI_ECAM_SIZE,
+            mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
+            mmio64: (64 << 30, 128 << 30),
+        };
+        let mut cfg = cfg_with(GicVersion::V3, &[0], &[]);
+        let plain = create_fdt(&cfg).unwrap();
+        assert!(!has(&plain, b"pci-host-ecam-generic\0"));
+        assert!(!has(&plain, b"arm,gic-v3-its\0"));
+        cfg.pci = Some(pci);
+        let blob = create_fdt(&cfg).unwrap();
+        for s in [
+            &b"pcie@30000000\0"[..],
+            b"pci-host-ecam-generic\0",
+            b"msi-controller@3dfd0000\0",
+            b"arm,gic-v3-its\0",
+            b"msi-map",
+        ] {
+            assert!(has(&blob, s), "missing {:?}", String::from_utf8_lossy(s));
+        }
+        // The 32-bit window, then the 64-bit one (64 GiB at 64 GiB).
+        assert!(has(
+            &blob,
+            &cells(&[
+                0x0200_0000,
+                0,
+                0x1000_0000,
+                0,
+                0x1000_0000,
+                0,
+                0x2000_0000,
+                0x0300_0000,
+                0x10,
+                0,
+                0x10,
+                0,
+                0x10,
+                0
+            ])
+        ));
+        // Requester IDs map one to one onto ITS device IDs.
+        assert!(has(&blob, &cells(&[0, PHANDLE_ITS, 0, 0x1_0000])));
+        // A GICv2 has no ITS: no PCI.
+        cfg.gic = GicVersion::V2;
+        let e = create_fdt(&cfg).unwrap_err().to_string();
+        assert!(e.contains("GICv3 ITS"), "{e}");
     }
 
     #[test]

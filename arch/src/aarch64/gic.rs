@@ -7,8 +7,11 @@
 //! control first, then its per-interrupt registers; per vCPU the redistributor (its control
 //! register after the table bases) and the CPU interface (control before the active-priority
 //! registers). Only the "set" forms of set/clear register pairs are kept: a restored VM starts
-//! with everything clear, so writing the set form back is the whole state. There is no ITS
-//! (no LPIs), so no tables to flush.
+//! with everything clear, so writing the set form back is the whole state.
+//!
+//! A VM with PCI also has an ITS (`arm-vgic-its.rst`): its tables live in guest memory, which
+//! KVM writes out on a save (the ITS tables, and the redistributors' LPI pending tables) and
+//! reads back on a restore; the snapshot holds its registers, [`ITS_REGS`] then [`GITS_CTLR`].
 
 /// `KVM_DEV_ARM_VGIC_GRP_DIST_REGS`.
 pub const GRP_DIST_REGS: u32 = 1;
@@ -18,6 +21,21 @@ pub const GRP_CPU_REGS: u32 = 2;
 pub const GRP_REDIST_REGS: u32 = 5;
 /// `KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS` (GICv3 CPU interface, 64-bit values).
 pub const GRP_CPU_SYSREGS: u32 = 6;
+
+/// `KVM_DEV_ARM_VGIC_GRP_ITS_REGS` (ITS registers by their offset in the ITS control
+/// frame; every value is passed as 64 bits).
+pub const GRP_ITS_REGS: u32 = 8;
+
+/// `GITS_CTLR`: written back last, once the ITS has read its tables (it enables the ITS).
+pub const GITS_CTLR: u32 = 0x0000;
+
+/// The ITS registers a snapshot holds besides [`GITS_CTLR`], in the order they are written
+/// back (QEMU's): `GITS_IIDR` first (it picks the layout of the tables in guest memory),
+/// `GITS_CBASER` before `GITS_CREADR` (writing the base resets the read pointer),
+/// `GITS_CWRITER`, then `GITS_BASER0..7`.
+pub const ITS_REGS: [u32; 12] = [
+    0x0004, 0x0080, 0x0090, 0x0088, 0x0100, 0x0108, 0x0110, 0x0118, 0x0120, 0x0128, 0x0130, 0x0138,
+];
 
 /// One register: its group and attribute. Values are 32 bits wide except in
 /// [`GRP_CPU_SYSREGS`] (64).
@@ -32,7 +50,7 @@ pub struct GicReg {
 impl GicReg {
     /// Whether the value is 64 bits wide.
     pub fn wide(&self) -> bool {
-        self.group == GRP_CPU_SYSREGS
+        self.group == GRP_CPU_SYSREGS || self.group == GRP_ITS_REGS
     }
 }
 
@@ -257,6 +275,25 @@ mod tests {
         assert_eq!(all.len(), 8);
         assert_eq!(all[0].attr, 0xc644);
         assert_eq!(all[4].attr, 0xc648);
+    }
+
+    #[test]
+    fn its_registers_go_back_in_a_working_order() {
+        let at = |off: u32| ITS_REGS.iter().position(|&r| r == off).unwrap();
+        assert_eq!(at(0x4), 0, "GITS_IIDR first");
+        assert!(at(0x80) < at(0x90), "GITS_CBASER before GITS_CREADR");
+        // All eight GITS_BASERn, no register twice, and never GITS_CTLR.
+        assert_eq!(
+            (0..8)
+                .filter(|n| ITS_REGS.contains(&(0x100 + 8 * n)))
+                .count(),
+            8
+        );
+        let mut r = ITS_REGS.to_vec();
+        r.sort_unstable();
+        r.dedup();
+        assert_eq!(r.len(), ITS_REGS.len());
+        assert!(!ITS_REGS.contains(&GITS_CTLR));
     }
 
     #[test]

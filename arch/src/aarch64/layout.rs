@@ -1,12 +1,16 @@
 //! Fixed guest-physical addresses and interrupt numbers of the ARM64 platform.
 //!
 //! ```text
+//! 0x1000_0000  PCI 32-bit memory window (BARs), up to the ECAM
+//! 0x3000_0000  PCI ECAM, bus 0 (1 MiB)
+//! 0x3dfd_0000  GICv3 ITS (128 KiB; with PCI only)
 //! 0x3ffb_0000.. GIC redistributors (GICv3, 128 KiB per vCPU, growing down from the distributor)
 //! 0x3ffe_0000  GICv2 CPU interface (8 KiB)   0x3fff_0000  GIC distributor (64 KiB)
 //! 0x4000_0000  PL011 UART   0x4000_1000  PL031 RTC   0x4000_2000  boot timer
 //! 0x4001_0000  virtio-mmio windows (4 KiB each)
 //! 0x8000_0000  RAM: kernel at the start (2 MiB aligned + text_offset), initrd below the
 //!              device tree, the device tree in the last 2 MiB
+//! 64 GiB       PCI 64-bit memory window (64 GiB; at the next GiB above RAM for bigger guests)
 //! ```
 //!
 //! Interrupts: shared peripheral interrupt (SPI) `n` is GIC interrupt ID `32 + n`, and KVM's
@@ -56,6 +60,32 @@ pub const fn gicv3_redist_start(vcpus: u64) -> u64 {
     GIC_DIST_START - vcpus * GICV3_REDIST_SIZE
 }
 
+/// The GICv3 ITS (MSI translation for PCI) frame size: control and translation, 64 KiB each.
+pub const GIC_ITS_SIZE: u64 = 0x2_0000;
+/// The GICv3 ITS, below the largest redistributor region.
+pub const GIC_ITS_START: u64 = gicv3_redist_start(MAX_VCPUS as u64) - GIC_ITS_SIZE;
+/// Where an MSI is written to be translated by the ITS (`GITS_TRANSLATER`).
+pub const GIC_ITS_TRANSLATER: u64 = GIC_ITS_START + 0x1_0040;
+
+/// PCI ECAM: configuration space of bus 0, 1 MiB.
+pub const PCI_ECAM_START: u64 = 0x3000_0000;
+/// Size of the ECAM window.
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// The 32-bit PCI memory window, where tern places BARs.
+pub const PCI_MMIO32_START: u64 = 0x1000_0000;
+/// End (exclusive) of the 32-bit PCI memory window.
+pub const PCI_MMIO32_END: u64 = PCI_ECAM_START;
+/// Size of the 64-bit PCI memory window (it starts above RAM: [`pci_mmio64_start`]).
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+/// The guest-physical address space KVM gives an ARM64 VM by default (40 bits).
+pub const IPA_LIMIT: u64 = 1 << 40;
+
+/// Where the 64-bit PCI memory window starts for a guest whose RAM ends at `ram_end`: at
+/// 64 GiB, or at the next GiB above RAM for bigger guests.
+pub fn pci_mmio64_start(ram_end: u64) -> u64 {
+    ram_end.next_multiple_of(1 << 30).max(64 << 30)
+}
+
 /// Interrupts the GIC implements: 32 private + 96 shared.
 pub const GIC_NR_IRQS: u32 = 128;
 /// SPI of the UART.
@@ -94,6 +124,9 @@ pub fn fdt_addr(regions: &[(u64, u64)]) -> Option<u64> {
 const _: () = {
     assert!(gicv3_redist_start(MAX_VCPUS as u64) > 0x2000_0000);
     assert!(GICV2_CPU_START + GICV2_CPU_SIZE <= GIC_DIST_START);
+    assert!(GIC_ITS_START + GIC_ITS_SIZE <= gicv3_redist_start(MAX_VCPUS as u64));
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= GIC_ITS_START);
+    assert!(PCI_MMIO32_END <= PCI_ECAM_START);
     assert!(GIC_DIST_START + GIC_DIST_SIZE == MMIO_START);
     assert!(BOOT_TIMER_START + BOOT_TIMER_SIZE <= VIRTIO_MMIO_START);
     assert!(VIRTIO_MMIO_START + MAX_VIRTIO_DEVICES as u64 * 0x1000 <= DRAM_START);

@@ -58,18 +58,7 @@ pub struct MmioDevice {
     pub gsi: u32,
 }
 
-/// A PCI host bridge to describe: its ECAM window and the memory windows its BARs may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PciHost {
-    /// ECAM base (bus 0).
-    pub ecam: u64,
-    /// ECAM size.
-    pub ecam_size: u64,
-    /// The 32-bit memory window, `[start, end)`.
-    pub mmio32: (u64, u64),
-    /// The 64-bit memory window, `[start, end)`.
-    pub mmio64: (u64, u64),
-}
+pub use crate::PciHost;
 
 /// The root bridge `PC00` (PNP0A08, bus 0, config ports 0xCF8..0xCFF, the two memory
 /// windows) and a motherboard resource (PNP0C02) reserving ECAM, which Linux wants to see

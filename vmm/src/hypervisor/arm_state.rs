@@ -116,4 +116,17 @@ pub struct ArmGicState {
     pub version: u8,
     /// The registers.
     pub regs: Vec<(GicReg, u64)>,
+    /// The ITS of a VM with PCI (its tables are in guest memory).
+    pub its: Option<ArmItsState>,
+}
+
+/// A GICv3 ITS's registers, for a snapshot; the device, collection and interrupt translation
+/// tables it points to are in guest memory, written there when the snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArmItsState {
+    /// Each register but `GITS_CTLR`, by its offset in the ITS control frame, with its
+    /// value, in the order they are written back (`arch::aarch64::gic::ITS_REGS`).
+    pub regs: Vec<(u32, u64)>,
+    /// `GITS_CTLR`, written back once the ITS has read its tables.
+    pub ctlr: u64,
 }

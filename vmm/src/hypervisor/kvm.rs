@@ -69,6 +69,8 @@ impl Hypervisor for KvmHypervisor {
             msr_list: Arc::new(msr_list),
             #[cfg(target_arch = "aarch64")]
             gic: std::sync::Mutex::new(None),
+            #[cfg(target_arch = "aarch64")]
+            its: std::sync::Mutex::new(None),
         }))
     }
 }
@@ -84,6 +86,9 @@ struct KvmVm {
     /// The GIC device (kept open as long as the VM) and its version.
     #[cfg(target_arch = "aarch64")]
     gic: std::sync::Mutex<Option<(kvm_ioctls::DeviceFd, arch::aarch64::fdt::GicVersion)>>,
+    /// The GICv3 ITS of a VM with PCI.
+    #[cfg(target_arch = "aarch64")]
+    its: std::sync::Mutex<Option<kvm_ioctls::DeviceFd>>,
 }
 
 /// An irqfd: writing the eventfd raises the GSI in the in-kernel irqchip.
@@ -315,7 +320,7 @@ impl Vm for KvmVm {
     }
 
     #[cfg(target_arch = "aarch64")]
-    fn setup_arm_gic(&self, vcpus: u64) -> HvResult<arch::aarch64::fdt::GicVersion> {
+    fn setup_arm_gic(&self, vcpus: u64, its: bool) -> HvResult<arch::aarch64::fdt::GicVersion> {
         use arch::aarch64::fdt::GicVersion;
         use arch::aarch64::layout::*;
         use kvm_bindings::*;
@@ -330,6 +335,13 @@ impl Vm for KvmVm {
         let (fd, version) = match self.create_gic(kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, &v3) {
             Ok(fd) => (fd, GicVersion::V3),
             Err(e3) => {
+                if its {
+                    return Err(HypervisorError::Unsupported(format!(
+                        "PCI on ARM64 needs a GICv3 with an ITS for MSI-X, and this host's KVM \
+                         has no GICv3 ({e3}); virtio-pci with INTx is not in tern yet: leave \
+                         --enable-pci and machine-config.pci off to use virtio-mmio"
+                    )));
+                }
                 if vcpus as usize > GICV2_MAX_VCPUS {
                     return Err(e3);
                 }
@@ -341,6 +353,11 @@ impl Vm for KvmVm {
             }
         };
         *self.gic.lock().unwrap_or_else(|p| p.into_inner()) = Some((fd, version));
+        if its {
+            let fd = self.create_its()?;
+            *self.its.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+            log::info!("GICv3 ITS at {GIC_ITS_START:#x} (MSIs of the PCI functions)");
+        }
         Ok(version)
     }
 
@@ -381,12 +398,38 @@ impl Vm for KvmVm {
                 }
             }
         }
+        let its = match self.its.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(its) => {
+                // The redistributors' pending LPIs, then the ITS's own tables, into guest
+                // memory (which the snapshot saves after this).
+                ctrl(
+                    fd,
+                    kvm_bindings::KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES,
+                    "KVM_SET_DEVICE_ATTR (GIC: save the LPI pending tables)",
+                )?;
+                ctrl(
+                    its,
+                    kvm_bindings::KVM_DEV_ARM_ITS_SAVE_TABLES,
+                    "KVM_SET_DEVICE_ATTR (ITS: save its tables)",
+                )?;
+                let mut its_regs = Vec::with_capacity(gic::ITS_REGS.len());
+                for off in gic::ITS_REGS {
+                    its_regs.push((off, gic_get(its, its_reg(off))?));
+                }
+                Some(super::ArmItsState {
+                    regs: its_regs,
+                    ctlr: gic_get(its, its_reg(gic::GITS_CTLR))?,
+                })
+            }
+            None => None,
+        };
         Ok(super::ArmGicState {
             version: match version {
                 GicVersion::V3 => 3,
                 GicVersion::V2 => 2,
             },
             regs,
+            its,
         })
     }
 
@@ -401,8 +444,53 @@ impl Vm for KvmVm {
                 log::warn!("GIC register {name:?} = {value:#x} refused");
             })?;
         }
-        Ok(())
+        let its = self.its.lock().unwrap_or_else(|p| p.into_inner());
+        match (its.as_ref(), &state.its) {
+            (None, None) => Ok(()),
+            (Some(fd), Some(saved)) => {
+                // The redistributors are back (above); the ITS's registers but its control,
+                // its tables from guest memory, then its control, which enables it.
+                for &(off, value) in &saved.regs {
+                    gic_set(fd, its_reg(off), value).inspect_err(|_| {
+                        log::warn!("ITS register {off:#x} = {value:#x} refused");
+                    })?;
+                }
+                ctrl(
+                    fd,
+                    kvm_bindings::KVM_DEV_ARM_ITS_RESTORE_TABLES,
+                    "KVM_SET_DEVICE_ATTR (ITS: restore its tables)",
+                )?;
+                gic_set(fd, its_reg(arch::aarch64::gic::GITS_CTLR), saved.ctlr)
+            }
+            (Some(_), None) => Err(HypervisorError::Unsupported(
+                "the snapshot's VM had no ITS (no PCI), and this one has".into(),
+            )),
+            (None, Some(_)) => Err(HypervisorError::Unsupported(
+                "the snapshot's VM had an ITS (PCI), and this one has none".into(),
+            )),
+        }
     }
+}
+
+/// ITS register `offset` (64 bits through the attribute, whatever its width).
+#[cfg(target_arch = "aarch64")]
+fn its_reg(offset: u32) -> arch::aarch64::gic::GicReg {
+    arch::aarch64::gic::GicReg {
+        group: arch::aarch64::gic::GRP_ITS_REGS,
+        attr: u64::from(offset),
+    }
+}
+
+/// A `KVM_DEV_ARM_VGIC_GRP_CTRL` command without a value.
+#[cfg(target_arch = "aarch64")]
+fn ctrl(fd: &kvm_ioctls::DeviceFd, attr: u32, what: &'static str) -> HvResult<()> {
+    let a = kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_DEV_ARM_VGIC_GRP_CTRL,
+        attr: u64::from(attr),
+        addr: 0,
+        flags: 0,
+    };
+    fd.set_device_attr(&a).map_err(HypervisorError::call(what))
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -447,6 +535,35 @@ fn gic_set(fd: &kvm_ioctls::DeviceFd, r: arch::aarch64::gic::GicReg, value: u64)
 
 #[cfg(target_arch = "aarch64")]
 impl KvmVm {
+    /// Creates the GICv3 ITS at `GIC_ITS_START` and initialises it (after the GIC).
+    fn create_its(&self) -> HvResult<kvm_ioctls::DeviceFd> {
+        use kvm_bindings::*;
+        let mut dev = kvm_create_device {
+            type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
+            fd: 0,
+            flags: 0,
+        };
+        let fd = self
+            .vm
+            .create_device(&mut dev)
+            .map_err(HypervisorError::call("KVM_CREATE_DEVICE (GICv3 ITS)"))?;
+        let base = arch::aarch64::layout::GIC_ITS_START;
+        // KVM reads the address through the pointer during the call.
+        fd.set_device_attr(&kvm_device_attr {
+            group: KVM_DEV_ARM_VGIC_GRP_ADDR,
+            attr: u64::from(KVM_VGIC_ITS_ADDR_TYPE),
+            addr: &raw const base as u64,
+            flags: 0,
+        })
+        .map_err(HypervisorError::call("KVM_SET_DEVICE_ATTR (ITS address)"))?;
+        ctrl(
+            &fd,
+            KVM_DEV_ARM_VGIC_CTRL_INIT,
+            "KVM_SET_DEVICE_ATTR (ITS init)",
+        )?;
+        Ok(fd)
+    }
+
     /// Creates a GIC of `kind`, places its regions and initialises it.
     fn create_gic(&self, kind: u32, regions: &[(u32, u64)]) -> HvResult<kvm_ioctls::DeviceFd> {
         use kvm_bindings::*;

@@ -15,7 +15,7 @@ mod kvm_x86;
 pub mod x86_state;
 
 #[cfg(target_arch = "aarch64")]
-pub use arm_state::{ArmGicState, ArmVcpuState};
+pub use arm_state::{ArmGicState, ArmItsState, ArmVcpuState};
 
 #[cfg(target_arch = "x86_64")]
 pub use x86_state::{X86VcpuState, X86VmState};
@@ -45,6 +45,9 @@ pub enum HypervisorError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The host's hypervisor cannot give the VM what it was configured with.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl HypervisorError {
@@ -154,12 +157,15 @@ pub trait Vm: Send + Sync {
 
     /// ARM64: creates and initialises the interrupt controller for `vcpus` vCPUs (all created
     /// already) at the addresses of `arch::aarch64::layout`: a GICv3, or a GICv2 where the
-    /// host has no GICv3 emulation.
+    /// host has no GICv3 emulation. With `its` (a VM with PCI, whose MSIs it translates) a
+    /// GICv3 and an ITS at `GIC_ITS_START`, or an error.
     #[cfg(target_arch = "aarch64")]
-    fn setup_arm_gic(&self, vcpus: u64) -> HvResult<arch::aarch64::fdt::GicVersion>;
+    fn setup_arm_gic(&self, vcpus: u64, its: bool) -> HvResult<arch::aarch64::fdt::GicVersion>;
 
     /// ARM64: the GIC's distributor, and for each vCPU (by MPIDR, in vCPU order) its
-    /// redistributor and CPU interface (vCPUs paused).
+    /// redistributor and CPU interface, and the ITS if there is one (vCPUs paused; this
+    /// writes the ITS tables and LPI pending tables into guest memory, so it goes before
+    /// the memory is saved).
     #[cfg(target_arch = "aarch64")]
     fn save_arm_gic(&self, mpidrs: &[u64]) -> HvResult<ArmGicState>;
 

@@ -1,6 +1,7 @@
 //! ARM64: RAM from 2 GiB, the in-kernel GIC (v3, or v2), a PL011 UART as the console, a PL031
 //! RTC, PSCI for CPU bring-up and power-off/reset, and a device tree instead of firmware
-//! tables. Layout: `arch::aarch64::layout`.
+//! tables; with PCI a generic ECAM host and a GICv3 ITS for the functions' MSI-X. Layout:
+//! `arch::aarch64::layout`.
 
 use std::sync::{Arc, Mutex};
 
@@ -74,7 +75,7 @@ pub fn setup_early(vm: &dyn Vm, res: &VmResources) -> Result<Early> {
         mpidrs.push(vcpu.arm_mpidr()?);
         vcpus.push((index, vcpu));
     }
-    let gic = vm.setup_arm_gic(u64::from(vcpu_count))?;
+    let gic = vm.setup_arm_gic(u64::from(vcpu_count), res.pci())?;
     Ok(Early { vcpus, mpidrs, gic })
 }
 
@@ -104,28 +105,46 @@ pub fn legacy_devices(
     Ok((uart, Extra))
 }
 
-/// No PCI window on ARM64 yet (see [`check_pci`]).
-pub const PCI_BAR_WINDOW: (u64, u64) = (0, 0);
+/// Where tern places virtio-pci BARs: the 32-bit PCI window.
+pub const PCI_BAR_WINDOW: (u64, u64) = (PCI_MMIO32_START, PCI_MMIO32_END);
 
-/// ARM64 has no PCI bus in tern yet (the ECAM host, `ranges` and the GICv3 ITS are still to
-/// come): a VM asking for one is refused before anything is built.
-pub fn check_pci(_devices: usize) -> std::result::Result<(), crate::resources::ConfigError> {
-    Err(crate::resources::ConfigError::new(
-        "machine-config.pci",
-        "virtio-pci is not available on ARM64 in this tern yet (x86_64 only); leave --enable-pci and machine-config.pci off to use virtio-mmio",
-    ))
+/// Whether `devices` virtio devices fit the PCI bus (31 slots beside the host bridge). That
+/// the host has a GICv3 for the ITS is found when the GIC is made.
+pub fn check_pci(devices: usize) -> std::result::Result<(), crate::resources::ConfigError> {
+    super::check_pci_slots(devices)
 }
 
-/// Never reached: [`check_pci`] refuses PCI on ARM64.
+/// The PCI host of a guest with `mem`: the ECAM and the 32-bit window below the GIC, the
+/// 64-bit window above RAM (left out when it would not fit KVM's 40-bit address space).
+fn pci_host(mem: &GuestMemoryMmap) -> arch::PciHost {
+    let ram_end = mem
+        .iter()
+        .map(|r| r.start_addr().0 + r.len())
+        .max()
+        .unwrap_or(0);
+    let m64 = pci_mmio64_start(ram_end);
+    let mmio64 = if m64 + PCI_MMIO64_SIZE <= IPA_LIMIT {
+        (m64, m64 + PCI_MMIO64_SIZE)
+    } else {
+        (0, 0)
+    };
+    arch::PciHost {
+        ecam: PCI_ECAM_START,
+        ecam_size: PCI_ECAM_SIZE,
+        mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
+        mmio64,
+    }
+}
+
+/// Puts the PCI bus on the machine: its ECAM and the memory windows BARs may be placed in
+/// (the device tree describes the same). MSIs go to the ITS, which KVM emulates.
 pub fn attach_pci(
     _pio: &mut Bus,
-    _mmio: &mut Bus,
-    _bus: Arc<devices::pci::PciBus>,
-    _mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    bus: Arc<devices::pci::PciBus>,
+    mem: &GuestMemoryMmap,
 ) -> Result<()> {
-    Err(Error::Device(
-        "virtio-pci is not available on ARM64 in this tern yet".into(),
-    ))
+    super::attach_pci_windows(mmio, &bus, &pci_host(mem))
 }
 
 /// Virtio-mmio device `i`: a 4 KiB window from [`VIRTIO_MMIO_START`], SPIs from
@@ -209,6 +228,7 @@ pub fn boot(
         initrd: initrd.map(|r| (r.addr, r.size)),
         gic,
         devices: &devices,
+        pci: res.pci().then(|| pci_host(mem)),
     })?;
     arch::aarch64::fdt::write_fdt(mem, fdt_addr, &blob)?;
     if let Some((_, boot_vcpu)) = vcpus.first_mut() {

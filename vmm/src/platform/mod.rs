@@ -15,6 +15,65 @@ mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::*;
 
+use std::sync::{Arc, Mutex};
+
+use devices::Bus;
+
+use crate::Result;
+use crate::resources::ConfigError;
+use crate::vm::insert;
+
+/// Whether `devices` virtio devices fit the PCI bus (one function per slot, the host bridge
+/// in slot 0).
+pub(crate) fn check_pci_slots(devices: usize) -> std::result::Result<(), ConfigError> {
+    let slots = devices::pci::bus::SLOTS - 1;
+    if devices > slots {
+        return Err(ConfigError::new(
+            "machine-config.pci",
+            format!(
+                "{devices} virtio devices (drives, network interfaces, vsock, balloon, entropy) do not fit the PCI bus's {slots} free slots; configure fewer devices"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Puts the PCI bus's ECAM and the memory windows its BARs may be placed in on the MMIO bus
+/// (the firmware tables or the device tree describe the same `host`), and says so.
+pub(crate) fn attach_pci_windows(
+    mmio: &mut Bus,
+    bus: &Arc<devices::pci::PciBus>,
+    host: &arch::PciHost,
+) -> Result<()> {
+    use devices::pci::access::{BarWindow, Ecam};
+    insert(
+        mmio,
+        Arc::new(Mutex::new(Ecam::new(bus.clone()))),
+        host.ecam,
+        host.ecam_size,
+    )?;
+    for (start, end) in [host.mmio32, host.mmio64] {
+        if end > start {
+            insert(
+                mmio,
+                Arc::new(Mutex::new(BarWindow::new(bus.clone(), start))),
+                start,
+                end - start,
+            )?;
+        }
+    }
+    log::info!(
+        "PCI: {} device(s) on bus 0, ECAM at {:#x}, BARs in {:#x}..{:#x} and {:#x}..{:#x}",
+        bus.occupied().len() - 1,
+        host.ecam,
+        host.mmio32.0,
+        host.mmio32.1,
+        host.mmio64.0,
+        host.mmio64.1
+    );
+    Ok(())
+}
+
 /// Where one virtio-mmio device sits: its window and interrupt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VirtioSlot {

@@ -110,26 +110,17 @@ pub const PCI_BAR_WINDOW: (u64, u64) = (PCI_MMIO32_START, PCI_MMIO32_END);
 
 /// Whether `devices` virtio devices fit the PCI bus (31 slots beside the host bridge).
 pub fn check_pci(devices: usize) -> std::result::Result<(), crate::resources::ConfigError> {
-    let slots = devices::pci::bus::SLOTS - 1;
-    if devices > slots {
-        return Err(crate::resources::ConfigError::new(
-            "machine-config.pci",
-            format!(
-                "{devices} virtio devices (drives, network interfaces, vsock, balloon, entropy) do not fit the PCI bus's {slots} free slots; configure fewer devices"
-            ),
-        ));
-    }
-    Ok(())
+    super::check_pci_slots(devices)
 }
 
-fn pci_host(mem: &GuestMemoryMmap) -> arch::x86_64::acpi::PciHost {
+fn pci_host(mem: &GuestMemoryMmap) -> arch::PciHost {
     let ram_end = mem
         .iter()
         .map(|r| r.start_addr().0 + r.len())
         .max()
         .unwrap_or(0);
     let m64 = pci_mmio64_start(ram_end);
-    arch::x86_64::acpi::PciHost {
+    arch::PciHost {
         ecam: PCI_ECAM_START,
         ecam_size: PCI_ECAM_SIZE,
         mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
@@ -145,38 +136,14 @@ pub fn attach_pci(
     bus: Arc<devices::pci::PciBus>,
     mem: &GuestMemoryMmap,
 ) -> Result<()> {
-    use devices::pci::access::{BarWindow, CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigIo, Ecam};
-    let host = pci_host(mem);
+    use devices::pci::access::{CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigIo};
     insert(
         pio,
         Arc::new(Mutex::new(ConfigIo::new(bus.clone()))),
         CONFIG_IO_PORT,
         CONFIG_IO_LEN,
     )?;
-    insert(
-        mmio,
-        Arc::new(Mutex::new(Ecam::new(bus.clone()))),
-        host.ecam,
-        host.ecam_size,
-    )?;
-    for (start, end) in [host.mmio32, host.mmio64] {
-        insert(
-            mmio,
-            Arc::new(Mutex::new(BarWindow::new(bus.clone(), start))),
-            start,
-            end - start,
-        )?;
-    }
-    log::info!(
-        "PCI: {} device(s) on bus 0, ECAM at {:#x}, BARs in {:#x}..{:#x} and {:#x}..{:#x}",
-        bus.occupied().len() - 1,
-        host.ecam,
-        host.mmio32.0,
-        host.mmio32.1,
-        host.mmio64.0,
-        host.mmio64.1
-    );
-    Ok(())
+    super::attach_pci_windows(mmio, &bus, &pci_host(mem))
 }
 
 /// Virtio-mmio device `i`: a 4 KiB window from 0xd000_0000, GSIs from 5.
