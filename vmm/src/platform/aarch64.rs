@@ -278,8 +278,13 @@ fn restore(
     }
     vm.restore_arm_gic(&state.gic).map_err(|e| snap("GIC", e))?;
     log::info!(
-        "restored {} vCPUs and a GICv{want} from the snapshot",
-        vcpus.len()
+        "restored {} vCPUs and a GICv{want}{} from the snapshot",
+        vcpus.len(),
+        if state.gic.its.is_some() {
+            " with its ITS (registers, and its tables from guest memory)"
+        } else {
+            ""
+        }
     );
     Ok(vcpus)
 }
