@@ -65,13 +65,6 @@ const SCENARIOS: &[Scenario] = &[
         gicv2: true,
         ..Scenario::new("gicv2_2vcpu")
     },
-    // ARM64 only: PCI's MSI-X needs a GICv3 ITS, so a GICv2 host refuses a PCI VM.
-    Scenario {
-        gicv2: true,
-        pci: true,
-        timeout_s: 60,
-        ..Scenario::new("gicv2_pci_refused")
-    },
     Scenario {
         guest_cmd: "panic",
         ..Scenario::new("guest_panic")
@@ -208,20 +201,6 @@ fn gicv2_2vcpu_boots_with_the_fallback() {
         if Arch::host() != Arch::Aarch64 {
             assert!(o.has_line("using a GICv2"), "{}", o.console());
             assert!(o.has_line("(arm64 Image, V2)"), "{}", o.console());
-        }
-    }
-}
-
-#[test]
-fn pci_on_a_gicv2_host_is_refused_with_a_message() {
-    for o in runs("gicv2_pci_refused") {
-        // Nested, L1 has a GICv2; on an ARM64 host it is whatever the host has.
-        if Arch::host() != Arch::Aarch64 {
-            let ctx = o.console();
-            assert!(!o.timed_out && o.exit_code.is_some_and(|c| c != 0), "{ctx}");
-            assert!(o.has_line("needs a GICv3 with an ITS"), "{ctx}");
-            assert!(!o.has_line("GUEST BOOTED"), "{ctx}");
-            assert!(!o.has_line("panicked"), "{ctx}");
         }
     }
 }

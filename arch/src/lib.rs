@@ -28,9 +28,6 @@ pub enum Error {
     /// The SMBIOS configuration cannot be written.
     #[error("{field}: {0}", field = .0.field())]
     Smbios(#[from] smbios::SmbiosError),
-    /// The PCI host cannot be described on this machine.
-    #[error("PCI: {0}")]
-    Pci(String),
     /// Too many vCPUs for the platform description.
     #[error("{0} vCPUs do not fit the platform tables (at most {1})")]
     TooManyVcpus(usize, usize),

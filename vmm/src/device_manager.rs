@@ -258,7 +258,8 @@ impl DeviceManager {
             devid: (slot as u32) << 3,
             msi: vm.msi_sender(),
             notify: vm.notify_registrar(),
-            intx: None,
+            // `slot` is below the bus's 32.
+            intx: Some(IrqLine(vm.interrupt_line(platform::pci_intx(slot as u8))?)),
             bar_address: p
                 .bars
                 .allocate(devices::virtio::pci::BAR_SIZE)

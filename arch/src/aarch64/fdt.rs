@@ -12,6 +12,9 @@ const PHANDLE_GIC: u32 = 1;
 const PHANDLE_CLOCK: u32 = 2;
 const PHANDLE_ITS: u32 = 3;
 
+/// Slots on bus 0 (the host bridge in slot 0).
+const PCI_SLOTS: u8 = 32;
+
 // PCI address cells (the PCI bus binding): the space code in the high cell's bits 25:24.
 const PCI_SPACE_MEM32: u32 = 0x0200_0000;
 const PCI_SPACE_MEM64: u32 = 0x0300_0000;
@@ -70,8 +73,9 @@ pub struct FdtConfig<'a> {
     pub gic: GicVersion,
     /// MMIO devices.
     pub devices: &'a [MmioDevice],
-    /// The PCI host, if the VM has one; its MSIs go through a GICv3 ITS at
-    /// [`GIC_ITS_START`], which this also describes.
+    /// The PCI host, if the VM has one. With a GICv3 its MSIs go through an ITS at
+    /// [`GIC_ITS_START`], which this also describes; INTx goes to each slot's SPI
+    /// ([`pci_intx_spi`]) either way.
     pub pci: Option<crate::PciHost>,
 }
 
@@ -81,11 +85,6 @@ fn fdt_err(e: vm_fdt::Error) -> Error {
 
 /// Builds the device tree blob.
 pub fn create_fdt(cfg: &FdtConfig<'_>) -> Result<Vec<u8>> {
-    if cfg.pci.is_some() && cfg.gic != GicVersion::V3 {
-        return Err(Error::Pci(
-            "MSI-X needs a GICv3 ITS, and this VM has a GICv2".into(),
-        ));
-    }
     build(cfg).map_err(fdt_err)
 }
 
@@ -241,7 +240,7 @@ fn build(cfg: &FdtConfig<'_>) -> std::result::Result<Vec<u8>, vm_fdt::Error> {
     }
 
     if let Some(pci) = &cfg.pci {
-        pci_host(&mut f, pci)?;
+        pci_host(&mut f, pci, cfg.gic == GicVersion::V3)?;
     }
 
     f.end_node(root)?;
@@ -249,9 +248,13 @@ fn build(cfg: &FdtConfig<'_>) -> std::result::Result<Vec<u8>, vm_fdt::Error> {
 }
 
 /// The PCI host: a generic ECAM root complex with bus 0 only, its two memory windows (no I/O
-/// space), MSIs to the ITS with the requester ID (bus, device, function) as the ITS device
-/// ID. No `interrupt-map`: tern's functions raise MSI-X only (interrupt pin 0).
-fn pci_host(f: &mut FdtWriter, pci: &crate::PciHost) -> std::result::Result<(), vm_fdt::Error> {
+/// space), with `its` MSIs to the ITS with the requester ID (bus, device, function) as the ITS
+/// device ID, and each slot's INTA# to its SPI, edge-triggered as tern raises it.
+fn pci_host(
+    f: &mut FdtWriter,
+    pci: &crate::PciHost,
+    its: bool,
+) -> std::result::Result<(), vm_fdt::Error> {
     let n = f.begin_node(&format!("pcie@{:x}", pci.ecam))?;
     f.property_string("compatible", "pci-host-ecam-generic")?;
     f.property_string("device_type", "pci")?;
@@ -272,8 +275,28 @@ fn pci_host(f: &mut FdtWriter, pci: &crate::PciHost) -> std::result::Result<(), 
         ranges.extend_from_slice(&[space, hi, lo, hi, lo, (size >> 32) as u32, size as u32]);
     }
     f.property_array_u32("ranges", &ranges)?;
-    // Requester IDs 0..0x10000 map to ITS device IDs 0..0x10000.
-    f.property_array_u32("msi-map", &[0, PHANDLE_ITS, 0, 0x1_0000])?;
+    if its {
+        // Requester IDs 0..0x10000 map to ITS device IDs 0..0x10000.
+        f.property_array_u32("msi-map", &[0, PHANDLE_ITS, 0, 0x1_0000])?;
+    }
+    // INTx: (device << 11, 0, 0; pin 1) to the GIC (its two address cells, then the SPI).
+    let mut map = Vec::new();
+    for slot in 1..PCI_SLOTS {
+        map.extend_from_slice(&[
+            u32::from(slot) << 11,
+            0,
+            0,
+            1,
+            PHANDLE_GIC,
+            0,
+            0,
+            GIC_SPI,
+            pci_intx_spi(slot),
+            IRQ_TYPE_EDGE_RISING,
+        ]);
+    }
+    f.property_array_u32("interrupt-map", &map)?;
+    f.property_array_u32("interrupt-map-mask", &[0xf800, 0, 0, 7])?;
     f.property_null("dma-coherent")?;
     f.end_node(n)
 }
@@ -431,10 +454,19 @@ mod tests {
         ));
         // Requester IDs map one to one onto ITS device IDs.
         assert!(has(&blob, &cells(&[0, PHANDLE_ITS, 0, 0x1_0000])));
-        // A GICv2 has no ITS: no PCI.
+        // Slot 1's and slot 31's INTA# go to their SPIs, edge-triggered.
+        let intx =
+            |slot: u32, spi: u32| cells(&[slot << 11, 0, 0, 1, PHANDLE_GIC, 0, 0, 0, spi, 1]);
+        assert!(has(&blob, &intx(1, VIRTIO_FIRST_SPI)));
+        assert!(has(&blob, &intx(31, VIRTIO_FIRST_SPI + 30)));
+        assert!(has(&blob, &cells(&[0xf800, 0, 0, 7])));
+        // A GICv2 has no ITS: INTx only.
         cfg.gic = GicVersion::V2;
-        let e = create_fdt(&cfg).unwrap_err().to_string();
-        assert!(e.contains("GICv3 ITS"), "{e}");
+        let v2 = create_fdt(&cfg).unwrap();
+        assert!(has(&v2, b"pci-host-ecam-generic\0"));
+        assert!(has(&v2, &intx(1, VIRTIO_FIRST_SPI)));
+        assert!(!has(&v2, b"arm,gic-v3-its\0"));
+        assert!(!has(&v2, b"msi-map"));
     }
 
     #[test]

@@ -96,6 +96,12 @@ pub const RTC_SPI: u32 = 2;
 pub const VIRTIO_FIRST_SPI: u32 = 16;
 /// Most virtio devices: one SPI each, up to the GIC's last interrupt.
 pub const MAX_VIRTIO_DEVICES: usize = (GIC_NR_IRQS - 32 - VIRTIO_FIRST_SPI) as usize;
+/// The SPI of PCI slot `slot`'s INTA# (every tern function uses pin A): the virtio-mmio SPIs
+/// (unused on PCI), one per slot.
+pub fn pci_intx_spi(slot: u8) -> u32 {
+    VIRTIO_FIRST_SPI + u32::from(slot.saturating_sub(1)) % MAX_VIRTIO_DEVICES as u32
+}
+
 /// Most vCPUs with a GICv3 (their redistributors fit below the distributor). A GICv2 takes 8.
 pub const MAX_VCPUS: usize = 256;
 /// Most vCPUs with a GICv2.

@@ -9,7 +9,7 @@ use acpi_tables::{
     Aml,
     aml::{
         AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, IO, Interrupt,
-        Memory32Fixed, Name, Package, ResourceTemplate,
+        Memory32Fixed, Method, Name, Package, Path, ResourceTemplate, Return,
     },
     fadt::{FADTBuilder, Flags},
     gas::{AccessSize, AddressSpace, GAS},
@@ -94,16 +94,63 @@ fn pci_root(dsdt: &mut Sdt, pci: &PciHost) {
         "_CRS".into(),
         &ResourceTemplate::new(vec![&buses, &cfg_io, &io_low, &io_high, &m32, &m64]),
     );
+    // INTx: each slot's INTA# (device ffff, pin 0) to the link device of its GSI.
+    let slots: Vec<(u32, u8, Path, u8)> = (1..=PCI_SLOTS)
+        .map(|slot| {
+            let link = format!("\\_SB_.{}", link_name(pci_intx_gsi(slot)));
+            ((u32::from(slot) << 16) | 0xffff, 0u8, Path::new(&link), 0u8)
+        })
+        .collect();
+    let entries: Vec<Package> = slots
+        .iter()
+        .map(|(adr, pin, link, index)| Package::new(vec![adr, pin, link, index]))
+        .collect();
+    let prt = Name::new(
+        "_PRT".into(),
+        &Package::new(entries.iter().map(|p| p as &dyn Aml).collect()),
+    );
     Device::new(
         "_SB_.PC00".into(),
-        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt],
     )
     .to_aml_bytes(dsdt);
+    // One PCI interrupt link (PNP0C0F) per GSI the slots use, fixed at that GSI and
+    // edge-triggered, active high, as tern raises it (an irqfd pulse): the default for a _PRT
+    // entry naming a GSI itself would be level, active low.
+    let mut gsis: Vec<u32> = (1..=PCI_SLOTS).map(pci_intx_gsi).collect();
+    gsis.sort_unstable();
+    gsis.dedup();
+    for gsi in gsis {
+        let irq = Interrupt::new(true, true, false, true, gsi);
+        let hid = Name::new("_HID".into(), &EISAName::new("PNP0C0F"));
+        let uid = Name::new("_UID".into(), &gsi);
+        let prs = Name::new("_PRS".into(), &ResourceTemplate::new(vec![&irq]));
+        let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&irq]));
+        let present = 0x0bu8;
+        let ret = Return::new(&present);
+        let sta = Method::new("_STA".into(), 0, false, vec![&ret]);
+        let srs = Method::new("_SRS".into(), 1, false, vec![]);
+        let dis = Method::new("_DIS".into(), 0, false, vec![]);
+        let path = format!("_SB_.{}", link_name(gsi));
+        Device::new(
+            path.as_str().into(),
+            vec![&hid, &uid, &prs, &crs, &sta, &srs, &dis],
+        )
+        .to_aml_bytes(dsdt);
+    }
     let mres_hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
     let mres_uid = Name::new("_UID".into(), &zero);
     let ecam = Memory32Fixed::new(false, pci.ecam as u32, pci.ecam_size as u32);
     let mres_crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&ecam]));
     Device::new("_SB_.MRES".into(), vec![&mres_hid, &mres_uid, &mres_crs]).to_aml_bytes(dsdt);
+}
+
+/// The slots a _PRT describes: every one but the host bridge's.
+const PCI_SLOTS: u8 = 31;
+
+/// The name of GSI `gsi`'s PCI interrupt link device.
+fn link_name(gsi: u32) -> String {
+    format!("LK{:02X}", gsi & 0xff)
 }
 
 fn dsdt(virtio: &[MmioDevice], pci: Option<&PciHost>) -> Vec<u8> {
@@ -342,5 +389,18 @@ mod tests {
         assert!(dsdt.windows(4).any(|w| w == b"MRES"));
         // PNP0A08 as an EISA ID: 0x41d0, 0x0a08.
         assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x0a, 0x08]));
+        // INTx: the _PRT, and a link device (PNP0C0F: 0x41d0, 0x0c0f) for each GSI 5..=23,
+        // edge-triggered, active high, shareable (an extended IRQ descriptor: 0x89, length 6,
+        // flags 0b1011, one interrupt).
+        assert!(dsdt.windows(4).any(|w| w == b"_PRT"));
+        assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x0c, 0x0f]));
+        for gsi in 5u32..=23 {
+            let name = link_name(gsi);
+            assert!(dsdt.windows(4).any(|w| w == name.as_bytes()), "{name}");
+            let mut desc = vec![0x89, 6, 0, 0b1011, 1];
+            desc.extend_from_slice(&gsi.to_le_bytes());
+            assert!(dsdt.windows(desc.len()).any(|w| w == desc), "{name}");
+        }
+        assert!(!dsdt.windows(4).any(|w| w == link_name(24).as_bytes()));
     }
 }

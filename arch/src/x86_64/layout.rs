@@ -100,6 +100,12 @@ pub const I8042_GSI: u32 = 1;
 /// PIO: CMOS/RTC index and data ports.
 pub const CMOS_PORT: u16 = 0x70;
 
+/// The GSI of PCI slot `slot`'s INTA# (every tern function uses pin A): the virtio-mmio GSIs
+/// (unused on PCI), one per slot from slot 1, shared from slot 20 on.
+pub fn pci_intx_gsi(slot: u8) -> u32 {
+    VIRTIO_FIRST_GSI + u32::from(slot.saturating_sub(1)) % MAX_VIRTIO_DEVICES as u32
+}
+
 /// Where the 64-bit PCI memory window starts for a guest whose RAM ends at `ram_end`: at
 /// 64 GiB, or at the next GiB above RAM for bigger guests.
 pub fn pci_mmio64_start(ram_end: u64) -> u64 {

@@ -640,7 +640,7 @@ impl PciDevice for PciTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interrupt::RecordingMsi;
+    use crate::interrupt::{CountingInterrupt, RecordingMsi};
     use crate::pci::PciBus;
     use crate::pci::config::{CAP_POINTER, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
     use crate::virtio::driver_state::*;
@@ -671,6 +671,7 @@ mod tests {
         t: Arc<Mutex<PciTransport>>,
         mem: GuestMemoryMmap,
         msi: Arc<RecordingMsi>,
+        intx: Arc<CountingInterrupt>,
         notifies: Arc<Notifies>,
         /// Region offsets in BAR 0 by capability type.
         regions: Vec<(u8, u64)>,
@@ -709,6 +710,7 @@ mod tests {
     fn guest() -> Guest {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let msi = Arc::new(RecordingMsi::default());
+        let intx = Arc::new(CountingInterrupt::default());
         let notifies = Arc::new(Notifies::default());
         let t = PciTransport::new(
             Box::new(Rng::new()),
@@ -717,7 +719,7 @@ mod tests {
                 devid: 1 << 3,
                 msi: msi.clone(),
                 notify: notifies.clone(),
-                intx: None,
+                intx: Some(IrqLine(intx.clone())),
                 bar_address: BAR,
             },
         )
@@ -730,12 +732,13 @@ mod tests {
             t,
             mem,
             msi,
+            intx,
             notifies,
             regions: Vec::new(),
             msix_cap: 0,
         };
         assert_eq!(g.cfg(0, 4), 0x1044_1af4, "virtio-rng, modern");
-        assert_eq!(g.cfg(0x3d, 1), 0, "no INTx pin");
+        assert_eq!(g.cfg(0x3d, 1), 1, "INTA#");
         let mut cap = g.cfg(CAP_POINTER, 1) as usize;
         while cap != 0 {
             match g.cfg(cap, 1) as u8 {
@@ -849,16 +852,19 @@ mod tests {
         assert_eq!(g.rd(MSIX_PBA, 8), 0b10);
         g.wr(MSIX_TABLE + 16 + 12, 0, 4);
         assert_eq!(g.msi.take().len(), 1);
-        // The ISR is not used with MSI-X.
+        // The ISR and the INTx line are not used with MSI-X.
         assert_eq!(g.rd(g.region(CAP_ISR), 1), 0);
+        assert_eq!(g.intx.count(), 0);
     }
 
     #[test]
     fn without_msix_the_isr_says_why() {
         let g = guest();
         g.set_cfg(g.msix_cap + 2, &0u16.to_le_bytes());
+        let before = g.intx.count();
         offer(&g, 0);
         assert!(g.msi.take().is_empty());
+        assert!(g.intx.count() > before, "INTx raised");
         assert_eq!(g.rd(g.region(CAP_ISR), 1), 1, "used buffer");
         assert_eq!(g.rd(g.region(CAP_ISR), 1), 0, "read clears it");
     }
@@ -935,7 +941,7 @@ mod tests {
                 devid: 1 << 3,
                 msi: msi.clone(),
                 notify: notifies.clone(),
-                intx: None,
+                intx: Some(IrqLine(Arc::new(CountingInterrupt::default()))),
                 bar_address: 0,
             },
             &core2,

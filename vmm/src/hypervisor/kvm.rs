@@ -335,17 +335,17 @@ impl Vm for KvmVm {
         let (fd, version) = match self.create_gic(kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, &v3) {
             Ok(fd) => (fd, GicVersion::V3),
             Err(e3) => {
-                if its {
-                    return Err(HypervisorError::Unsupported(format!(
-                        "PCI on ARM64 needs a GICv3 with an ITS for MSI-X, and this host's KVM \
-                         has no GICv3 ({e3}); virtio-pci with INTx is not in tern yet: leave \
-                         --enable-pci and machine-config.pci off to use virtio-mmio"
-                    )));
-                }
                 if vcpus as usize > GICV2_MAX_VCPUS {
                     return Err(e3);
                 }
-                log::info!("no GICv3 ({e3}); using a GICv2");
+                if its {
+                    log::warn!(
+                        "no GICv3 ({e3}); using a GICv2, which has no ITS for MSI-X: the PCI \
+                         functions interrupt through INTx instead (each slot's SPI)"
+                    );
+                } else {
+                    log::info!("no GICv3 ({e3}); using a GICv2");
+                }
                 (
                     self.create_gic(kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2, &v2)?,
                     GicVersion::V2,
@@ -353,7 +353,7 @@ impl Vm for KvmVm {
             }
         };
         *self.gic.lock().unwrap_or_else(|p| p.into_inner()) = Some((fd, version));
-        if its {
+        if its && version == GicVersion::V3 {
             let fd = self.create_its()?;
             *self.its.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
             log::info!("GICv3 ITS at {GIC_ITS_START:#x} (MSIs of the PCI functions)");

@@ -158,7 +158,7 @@ pub trait Vm: Send + Sync {
     /// ARM64: creates and initialises the interrupt controller for `vcpus` vCPUs (all created
     /// already) at the addresses of `arch::aarch64::layout`: a GICv3, or a GICv2 where the
     /// host has no GICv3 emulation. With `its` (a VM with PCI, whose MSIs it translates) a
-    /// GICv3 and an ITS at `GIC_ITS_START`, or an error.
+    /// GICv3 gets an ITS at `GIC_ITS_START`; a GICv2 has none (the functions use INTx).
     #[cfg(target_arch = "aarch64")]
     fn setup_arm_gic(&self, vcpus: u64, its: bool) -> HvResult<arch::aarch64::fdt::GicVersion>;
 

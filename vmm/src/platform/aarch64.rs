@@ -108,10 +108,15 @@ pub fn legacy_devices(
 /// Where tern places virtio-pci BARs: the 32-bit PCI window.
 pub const PCI_BAR_WINDOW: (u64, u64) = (PCI_MMIO32_START, PCI_MMIO32_END);
 
-/// Whether `devices` virtio devices fit the PCI bus (31 slots beside the host bridge). That
-/// the host has a GICv3 for the ITS is found when the GIC is made.
+/// Whether `devices` virtio devices fit the PCI bus (31 slots beside the host bridge).
 pub fn check_pci(devices: usize) -> std::result::Result<(), crate::resources::ConfigError> {
     super::check_pci_slots(devices)
+}
+
+/// The interrupt (SPI) of PCI slot `slot`'s INTA#, as the device tree's `interrupt-map`
+/// routes it.
+pub fn pci_intx(slot: u8) -> u32 {
+    pci_intx_spi(slot)
 }
 
 /// The PCI host of a guest with `mem`: the ECAM and the 32-bit window below the GIC, the

@@ -113,6 +113,11 @@ pub fn check_pci(devices: usize) -> std::result::Result<(), crate::resources::Co
     super::check_pci_slots(devices)
 }
 
+/// The interrupt (GSI) of PCI slot `slot`'s INTA#, as the DSDT's `_PRT` routes it.
+pub fn pci_intx(slot: u8) -> u32 {
+    pci_intx_gsi(slot)
+}
+
 fn pci_host(mem: &GuestMemoryMmap) -> arch::PciHost {
     let ram_end = mem
         .iter()
