@@ -88,6 +88,8 @@ fn open_log(path: &std::path::Path) -> std::io::Result<vmm::sink::Sink> {
 fn main() -> ExitCode {
     let start = Instant::now();
     end_on_panic();
+    // SIGUSR2 logs where each vCPU is in the guest (docs/testing.md).
+    vmm::vcpu_dump::install();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -393,6 +393,44 @@ fn thread_states(pid: libc::pid_t) -> Vec<String> {
     out
 }
 
+/// The last `n` events of the kernel's trace buffer (`/sys/kernel/tracing/trace`, where the
+/// nest's L1 records KVM's exits) that threads of `pid` caused, as "TIMEOUT kvmtrace ..."
+/// lines, after one giving the kernel's uptime now (the events' clock). Nothing when there is
+/// no trace.
+fn kvm_trace_tail(pid: libc::pid_t, n: usize) -> Vec<String> {
+    let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .map(|t| t.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let Ok(trace) = std::fs::read_to_string("/sys/kernel/tracing/trace") else {
+        return vec![];
+    };
+    // "  <comm>-<tid>  [cpu] flags  <seconds>: <event>: ..."
+    let ours = |l: &&str| {
+        l.split_whitespace()
+            .next()
+            .and_then(|task| task.rsplit_once('-'))
+            .is_some_and(|(_, tid)| tids.iter().any(|t| t == tid))
+    };
+    let mine: Vec<&str> = trace.lines().filter(ours).collect();
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let mut out = vec![format!(
+        "TIMEOUT kvmtrace {} events of the VMM's threads in the buffer; uptime now {}",
+        mine.len(),
+        uptime.split_whitespace().next().unwrap_or("?")
+    )];
+    let skip = mine.len().saturating_sub(n);
+    out.extend(
+        mine[skip..]
+            .iter()
+            .map(|l| format!("TIMEOUT kvmtrace {}", l.trim())),
+    );
+    out
+}
+
 fn pump(r: impl Read + Send + 'static, tag: char, tx: mpsc::Sender<(Instant, char, String)>) {
     std::thread::spawn(move || {
         let mut r = BufReader::new(r);
@@ -545,6 +583,28 @@ fn main() {
             // blocked in tern tells a frozen guest from a stuck VMM.
             for line in thread_states(pid) {
                 report.lines.push((ms(Instant::now()), 'e', line));
+            }
+            // What KVM did for the VMM's threads lately (the nest's L1 traces its exits): a
+            // guest exiting in a loop, or one that has not exited for seconds.
+            for line in kvm_trace_tail(pid, 40) {
+                report.lines.push((ms(Instant::now()), 'e', line));
+            }
+            // Then where each vCPU is in the guest: tern logs their registers on SIGUSR2
+            // (it pauses and resumes them to read them, so this comes after the trace).
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(pid, libc::SIGUSR2) };
+            let until = Instant::now() + Duration::from_secs(3);
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok((t, tag, line)) => {
+                        let end = line.contains("vCPU dump end");
+                        report.lines.push((ms(t), tag, line));
+                        if end {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
             }
             // SAFETY: plain kill(2) of our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };

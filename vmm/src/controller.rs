@@ -853,6 +853,11 @@ impl Controller {
             if metrics_due.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 self.flush_metrics();
             }
+            if crate::vcpu_dump::take_request()
+                && let Some(vm) = self.vm.as_mut()
+            {
+                vm.log_vcpus();
+            }
             if let Some(report) = self.finished() {
                 // A last line, so that the end of the run is in the metrics too.
                 self.flush_metrics();

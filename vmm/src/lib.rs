@@ -15,6 +15,7 @@ pub mod sink;
 pub mod snapshot;
 pub mod snapshot_file;
 pub mod vcpu;
+pub mod vcpu_dump;
 pub mod vm;
 
 pub use resources::{ConfigError, VmResources};

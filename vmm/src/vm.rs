@@ -355,6 +355,7 @@ impl BuiltVm {
             }
         };
         em.add_subscriber(exit_listener(self.machine.exit.clone()));
+        em.add_subscriber(crate::vcpu_dump::subscriber());
         if let Some(source) = input {
             em.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
                 self.machine.serial.clone(),
@@ -385,10 +386,13 @@ impl BuiltVm {
     /// Starts the VM and runs an event loop until it stops (the `--no-api` path).
     pub fn run(self) -> Result<RunReport> {
         let mut em = EventLoop::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-        let vm = self.start(&mut em)?;
+        let mut vm = self.start(&mut em)?;
         loop {
             if let Some(report) = vm.finished() {
                 return report;
+            }
+            if crate::vcpu_dump::take_request() {
+                vm.log_vcpus();
             }
             em.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
         }
