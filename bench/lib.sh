@@ -15,7 +15,8 @@ bench_setup() {
     QEMU=$(command -v qemu-system-x86_64)
     D=target/bench/$1; rm -rf "$D"; mkdir -p "$D/fw"
     local f
-    for f in bios-microvm.bin qboot.rom linuxboot_dma.bin kvmvapic.bin; do
+    # pvh.bin: q35 and pc load an ELF vmlinux with a PVH note through this option ROM.
+    for f in bios-microvm.bin qboot.rom linuxboot_dma.bin pvh.bin kvmvapic.bin; do
         cp -L "/usr/share/qemu/$f" "$D/fw/" 2>/dev/null || true
     done
     # q35's SeaBIOS (for bench -p); only this one from the seabios package, whose
