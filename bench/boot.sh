@@ -9,16 +9,15 @@
 # With FIRECRACKER=/path/to/firecracker (built from source: ../shared/notes/peers.md says how),
 # Firecracker boots the same guest from the same configuration file, interleaved with the others.
 # With -p, every VM gets one virtio-rng device, and two more VMMs boot beside them: tern with
-# its devices on PCI (machine-config.pci, virtio-pci + MSI-X) and QEMU's microvm with its PCIe
-# host (pcie=on, virtio-rng-pci), both without the kernel's pci=off. (QEMU's q35 boots through
-# SeaBIOS, which in the nest did not reach GUEST BOOTED within 60 s; Q35=1 adds it anyway.)
+# its devices on PCI (machine-config.pci, virtio-pci + MSI-X), QEMU's q35 (SeaBIOS,
+# virtio-rng-pci) and QEMU's microvm with its PCIe host (pcie=on, virtio-rng-pci), all without
+# the kernel's pci=off.
 # Runs directly on hardware KVM, otherwise inside the nest (tools/nest-x86_64.sh), like the tests.
 #   bench/boot.sh [-n RUNS] [-m MIB] [-p]     (default 10 runs, 256 MiB, 1 vCPU)
 # Prints a Markdown table; raw JSON lines go to target/bench/boot/results.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=10 MEM=256 PCI=
-Q35_ON=${Q35:-}
 while getopts 'n:m:p' o; do case $o in n) N=$OPTARG ;; m) MEM=$OPTARG ;; p) PCI=1 ;; *) exit 2 ;; esac; done
 . bench/lib.sh
 bench_setup boot
@@ -46,10 +45,10 @@ QMP="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa
     echo 'for i in $(seq '"$N"'); do'
     if [ -n "$PCI" ]; then
         echo '  echo "@@R tern-pci boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- ./tern --no-api --level Warning --config-file tern-pci-poweroff.json)"'
-        [ -n "${Q35_ON:-}" ] && echo '  echo "@@R qemu-q35 boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- '"$Q35"' -append "'"$PARGS"' guest.cmd=poweroff")"'
+        echo '  echo "@@R qemu-q35 boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- '"$Q35"' -append "'"$PARGS"' guest.cmd=poweroff")"'
         echo '  echo "@@R qemu-microvm-pcie boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- '"$QMP"' -append "'"$PARGS"' guest.cmd=poweroff")"'
         echo '  echo "@@R tern-pci mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- ./tern --no-api --level Warning --config-file tern-pci-shell.json)"'
-        [ -n "${Q35_ON:-}" ] && echo '  echo "@@R qemu-q35 mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- '"$Q35"' -append "'"$PARGS"' guest.cmd=shell")"'
+        echo '  echo "@@R qemu-q35 mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- '"$Q35"' -append "'"$PARGS"' guest.cmd=shell")"'
         echo '  echo "@@R qemu-microvm-pcie mem $(./tern-bench run --timeout 60 --mem-sample-after "GUEST BOOTED" --kill-after "GUEST BOOTED" --guest-mib '"$MEM"' -- '"$QMP"' -append "'"$PARGS"' guest.cmd=shell")"'
     fi
     echo '  echo "@@R tern boot $(./tern-bench run --timeout 60 --marker "GUEST BOOTED" -- ./tern --no-api --level Warning --config-file tern-poweroff.json)"'

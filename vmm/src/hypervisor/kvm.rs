@@ -533,29 +533,51 @@ fn gic_set(fd: &kvm_ioctls::DeviceFd, r: arch::aarch64::gic::GicReg, value: u64)
         .map_err(HypervisorError::call("KVM_SET_DEVICE_ATTR (GIC register)"))
 }
 
+/// Places region `kind` of a GIC or ITS device at `base` (`KVM_DEV_ARM_VGIC_GRP_ADDR`).
+#[cfg(target_arch = "aarch64")]
+fn set_address(
+    fd: &kvm_ioctls::DeviceFd,
+    kind: u32,
+    base: u64,
+    what: &'static str,
+) -> HvResult<()> {
+    // KVM reads the address through the pointer during the call.
+    fd.set_device_attr(&kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_DEV_ARM_VGIC_GRP_ADDR,
+        attr: u64::from(kind),
+        addr: &raw const base as u64,
+        flags: 0,
+    })
+    .map_err(HypervisorError::call(what))
+}
+
 #[cfg(target_arch = "aarch64")]
 impl KvmVm {
-    /// Creates the GICv3 ITS at `GIC_ITS_START` and initialises it (after the GIC).
-    fn create_its(&self) -> HvResult<kvm_ioctls::DeviceFd> {
-        use kvm_bindings::*;
-        let mut dev = kvm_create_device {
-            type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
+    /// Creates an in-kernel device of `kind` (a GIC or an ITS).
+    fn create_arm_device(&self, kind: u32, what: &'static str) -> HvResult<kvm_ioctls::DeviceFd> {
+        let mut dev = kvm_bindings::kvm_create_device {
+            type_: kind,
             fd: 0,
             flags: 0,
         };
-        let fd = self
-            .vm
+        self.vm
             .create_device(&mut dev)
-            .map_err(HypervisorError::call("KVM_CREATE_DEVICE (GICv3 ITS)"))?;
-        let base = arch::aarch64::layout::GIC_ITS_START;
-        // KVM reads the address through the pointer during the call.
-        fd.set_device_attr(&kvm_device_attr {
-            group: KVM_DEV_ARM_VGIC_GRP_ADDR,
-            attr: u64::from(KVM_VGIC_ITS_ADDR_TYPE),
-            addr: &raw const base as u64,
-            flags: 0,
-        })
-        .map_err(HypervisorError::call("KVM_SET_DEVICE_ATTR (ITS address)"))?;
+            .map_err(HypervisorError::call(what))
+    }
+
+    /// Creates the GICv3 ITS at `GIC_ITS_START` and initialises it (after the GIC).
+    fn create_its(&self) -> HvResult<kvm_ioctls::DeviceFd> {
+        use kvm_bindings::*;
+        let fd = self.create_arm_device(
+            kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
+            "KVM_CREATE_DEVICE (GICv3 ITS)",
+        )?;
+        set_address(
+            &fd,
+            KVM_VGIC_ITS_ADDR_TYPE,
+            arch::aarch64::layout::GIC_ITS_START,
+            "KVM_SET_DEVICE_ATTR (ITS address)",
+        )?;
         ctrl(
             &fd,
             KVM_DEV_ARM_VGIC_CTRL_INIT,
@@ -567,15 +589,7 @@ impl KvmVm {
     /// Creates a GIC of `kind`, places its regions and initialises it.
     fn create_gic(&self, kind: u32, regions: &[(u32, u64)]) -> HvResult<kvm_ioctls::DeviceFd> {
         use kvm_bindings::*;
-        let mut dev = kvm_create_device {
-            type_: kind,
-            fd: 0,
-            flags: 0,
-        };
-        let fd = self
-            .vm
-            .create_device(&mut dev)
-            .map_err(HypervisorError::call("KVM_CREATE_DEVICE (GIC)"))?;
+        let fd = self.create_arm_device(kind, "KVM_CREATE_DEVICE (GIC)")?;
         let set = |group: u32, attr: u64, addr: u64, what: &'static str| {
             let a = kvm_device_attr {
                 group,
@@ -586,13 +600,7 @@ impl KvmVm {
             fd.set_device_attr(&a).map_err(HypervisorError::call(what))
         };
         for &(kind, base) in regions {
-            // KVM reads the address through the pointer during the call.
-            set(
-                KVM_DEV_ARM_VGIC_GRP_ADDR,
-                u64::from(kind),
-                &raw const base as u64,
-                "KVM_SET_DEVICE_ATTR (GIC region address)",
-            )?;
+            set_address(&fd, kind, base, "KVM_SET_DEVICE_ATTR (GIC region address)")?;
         }
         let nr_irqs: u32 = arch::aarch64::layout::GIC_NR_IRQS;
         set(

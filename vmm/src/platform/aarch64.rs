@@ -122,12 +122,7 @@ pub fn pci_intx(slot: u8) -> u32 {
 /// The PCI host of a guest with `mem`: the ECAM and the 32-bit window below the GIC, the
 /// 64-bit window above RAM (left out when it would not fit KVM's 40-bit address space).
 fn pci_host(mem: &GuestMemoryMmap) -> arch::PciHost {
-    let ram_end = mem
-        .iter()
-        .map(|r| r.start_addr().0 + r.len())
-        .max()
-        .unwrap_or(0);
-    let m64 = pci_mmio64_start(ram_end);
+    let m64 = pci_mmio64_start(super::ram_end(mem));
     let mmio64 = if m64 + PCI_MMIO64_SIZE <= IPA_LIMIT {
         (m64, m64 + PCI_MMIO64_SIZE)
     } else {

@@ -23,6 +23,15 @@ use crate::Result;
 use crate::resources::ConfigError;
 use crate::vm::insert;
 
+/// Where the guest's RAM ends (the 64-bit PCI window goes above it).
+pub(crate) fn ram_end(mem: &vm_memory::GuestMemoryMmap) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter()
+        .map(|r| r.start_addr().0 + r.len())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Whether `devices` virtio devices fit the PCI bus (one function per slot, the host bridge
 /// in slot 0).
 pub(crate) fn check_pci_slots(devices: usize) -> std::result::Result<(), ConfigError> {

@@ -119,12 +119,7 @@ pub fn pci_intx(slot: u8) -> u32 {
 }
 
 fn pci_host(mem: &GuestMemoryMmap) -> arch::PciHost {
-    let ram_end = mem
-        .iter()
-        .map(|r| r.start_addr().0 + r.len())
-        .max()
-        .unwrap_or(0);
-    let m64 = pci_mmio64_start(ram_end);
+    let m64 = pci_mmio64_start(super::ram_end(mem));
     arch::PciHost {
         ecam: PCI_ECAM_START,
         ecam_size: PCI_ECAM_SIZE,
