@@ -426,6 +426,9 @@ impl RunningVm {
             let t = std::time::Instant::now();
             self.machine.devices.set_paused(true);
             if let Err(e) = vcpu::pause_all(&self.vcpus, PAUSE_TIMEOUT) {
+                // The vCPUs that did stop (or were asked to) run again: a pause that failed
+                // leaves the VM running, not half parked.
+                vcpu::resume_all(&self.vcpus);
                 self.machine.devices.set_paused(false);
                 return Err(Error::Pause(e.to_string()));
             }
