@@ -404,11 +404,8 @@ impl MachineConfig {
                 "true is not supported yet: tern gives each vCPU its own core (use false)",
             ));
         }
-        if self.pci == Some(true) {
-            // Whether this platform has a PCI bus at all (the slots are checked at start,
-            // when the devices are known).
-            crate::platform::check_pci(0)?;
-        }
+        // `pci` needs no check here: every platform has the bus, and its slots are checked
+        // with the devices (`VmResources::validate_devices`).
         Ok(())
     }
 }

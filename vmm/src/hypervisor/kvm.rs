@@ -609,10 +609,9 @@ impl KvmVm {
             &raw const nr_irqs as u64,
             "KVM_SET_DEVICE_ATTR (GIC interrupt count)",
         )?;
-        set(
-            KVM_DEV_ARM_VGIC_GRP_CTRL,
-            u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
-            0,
+        ctrl(
+            &fd,
+            KVM_DEV_ARM_VGIC_CTRL_INIT,
             "KVM_SET_DEVICE_ATTR (GIC init)",
         )?;
         Ok(fd)

@@ -4,7 +4,9 @@
 //! every architecture.
 //!
 //! Each architecture's module provides the same items: `Uart`, `Extra`, `Early`, `ram_regions`,
-//! `setup_early`, `legacy_devices`, `virtio_slot`, `boot`, and the boot-timer constants.
+//! `setup_early`, `legacy_devices`, `virtio_slot`, `boot`, the boot-timer constants, and for
+//! PCI `PCI_BAR_WINDOW`, `pci_intx` and `attach_pci` (the slot check and the ECAM and BAR
+//! windows are shared, here).
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
@@ -33,8 +35,8 @@ pub(crate) fn ram_end(mem: &vm_memory::GuestMemoryMmap) -> u64 {
 }
 
 /// Whether `devices` virtio devices fit the PCI bus (one function per slot, the host bridge
-/// in slot 0).
-pub(crate) fn check_pci_slots(devices: usize) -> std::result::Result<(), ConfigError> {
+/// in slot 0): the same bus on every platform.
+pub fn check_pci(devices: usize) -> std::result::Result<(), ConfigError> {
     let slots = devices::pci::bus::SLOTS - 1;
     if devices > slots {
         return Err(ConfigError::new(

@@ -108,11 +108,6 @@ pub fn legacy_devices(
 /// Where tern places virtio-pci BARs: the 32-bit PCI window.
 pub const PCI_BAR_WINDOW: (u64, u64) = (PCI_MMIO32_START, PCI_MMIO32_END);
 
-/// Whether `devices` virtio devices fit the PCI bus (31 slots beside the host bridge).
-pub fn check_pci(devices: usize) -> std::result::Result<(), crate::resources::ConfigError> {
-    super::check_pci_slots(devices)
-}
-
 /// The interrupt (GSI) of PCI slot `slot`'s INTA#, as the DSDT's `_PRT` routes it.
 pub fn pci_intx(slot: u8) -> u32 {
     pci_intx_gsi(slot)
