@@ -68,34 +68,83 @@ impl std::io::Write for SharedBuf {
     }
 }
 
-/// Delivers message-signalled interrupts (MSI, MSI-X) into the guest: KVM's MSI injection on
-/// Linux. `devid` is the requester ID (bus << 8 | device << 3 | function), which an ARM64 GICv3
-/// ITS needs to find the interrupt's translation.
-pub trait MsiSender: Send + Sync {
-    /// Writes `data` to `address` as the device would.
-    fn send_msi(&self, address: u64, data: u32, devid: u32) -> std::io::Result<()>;
+/// Where a VM's message-signalled interrupts (MSI-X) come from: KVM routes each vector to a
+/// GSI and raises it through an irqfd. `devid` is the requester ID (bus << 8 | device << 3 |
+/// function), which an ARM64 GICv3 ITS needs to find the interrupt's translation.
+pub trait MsiController: Send + Sync {
+    /// `count` vectors for the function `devid`, none routed yet.
+    fn vectors(&self, count: u16, devid: u32) -> std::io::Result<Arc<dyn MsiVectors>>;
 }
 
-/// Test double: records every message.
+/// One function's vectors as the hypervisor holds them.
+pub trait MsiVectors: Send + Sync {
+    /// From now on vector `vector` writes `data` to `address` (the guest changed its table
+    /// entry).
+    fn route(&self, vector: u16, address: u64, data: u32) -> std::io::Result<()>;
+    /// Sends vector `vector`'s message as last routed.
+    fn trigger(&self, vector: u16) -> std::io::Result<()>;
+}
+
+/// What a [`RecordingMsi`] saw.
 #[cfg(any(test, feature = "test-utils"))]
 #[derive(Default)]
-pub struct RecordingMsi(pub std::sync::Mutex<Vec<(u64, u32, u32)>>);
+struct MsiLog {
+    /// (devid, vector) → (address, data).
+    routes: std::collections::HashMap<(u32, u16), (u64, u32)>,
+    route_calls: usize,
+    sent: Vec<(u64, u32, u32)>,
+}
+
+/// Test double: an MSI controller that records every message sent as (address, data, devid).
+#[cfg(any(test, feature = "test-utils"))]
+#[derive(Clone, Default)]
+pub struct RecordingMsi {
+    log: Arc<std::sync::Mutex<MsiLog>>,
+    devid: u32,
+}
 
 #[cfg(any(test, feature = "test-utils"))]
-impl MsiSender for RecordingMsi {
-    fn send_msi(&self, address: u64, data: u32, devid: u32) -> std::io::Result<()> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((address, data, devid));
+impl MsiController for RecordingMsi {
+    fn vectors(&self, _count: u16, devid: u32) -> std::io::Result<Arc<dyn MsiVectors>> {
+        Ok(Arc::new(Self {
+            log: self.log.clone(),
+            devid,
+        }))
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl MsiVectors for RecordingMsi {
+    fn route(&self, vector: u16, address: u64, data: u32) -> std::io::Result<()> {
+        let mut log = self.lock();
+        log.route_calls += 1;
+        log.routes.insert((self.devid, vector), (address, data));
+        Ok(())
+    }
+
+    fn trigger(&self, vector: u16) -> std::io::Result<()> {
+        let mut log = self.lock();
+        let &(address, data) = log.routes.get(&(self.devid, vector)).ok_or_else(|| {
+            std::io::Error::other(format!("vector {vector} triggered before it was routed"))
+        })?;
+        log.sent.push((address, data, self.devid));
         Ok(())
     }
 }
 
 #[cfg(any(test, feature = "test-utils"))]
 impl RecordingMsi {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MsiLog> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The messages so far, and forgets them.
     pub fn take(&self) -> Vec<(u64, u32, u32)> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut self.lock().sent)
+    }
+
+    /// How many times a route was set.
+    pub fn route_calls(&self) -> usize {
+        self.lock().route_calls
     }
 }

@@ -256,7 +256,7 @@ impl DeviceManager {
         let slot = p.bus.next_slot().map_err(too_many)?;
         let res = PciResources {
             devid: (slot as u32) << 3,
-            msi: vm.msi_sender(),
+            msi: vm.msi_controller(),
             notify: vm.notify_registrar(),
             // `slot` is below the bus's 32.
             intx: Some(IrqLine(vm.interrupt_line(platform::pci_intx(slot as u8))?)),

@@ -1,11 +1,13 @@
 //! MSI-X (PCI Local Bus 3.0, section 6.8.2): the capability's message control, the vector
 //! table (address, data, mask per vector) and the pending bit array. A message for a masked
 //! vector, or while the whole function is masked, waits in the PBA and goes out when it is
-//! unmasked, as the specification asks.
+//! unmasked, as the specification asks. Each vector reaches the guest through the
+//! hypervisor's route for it ([`MsiVectors`]), set again only after the guest rewrote the
+//! entry and the vector fires.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::interrupt::MsiSender;
+use crate::interrupt::MsiVectors;
 use crate::virtio::interrupt::MsixSink;
 
 /// The MSI-X capability ID.
@@ -53,6 +55,8 @@ pub struct MsixState {
 struct Inner {
     entries: Vec<MsixEntry>,
     pba: Vec<u64>,
+    /// The hypervisor's route of each vector is its entry's address and data.
+    routed: Vec<bool>,
     enabled: bool,
     function_masked: bool,
 }
@@ -79,24 +83,22 @@ impl Inner {
 /// bits) and the device's worker (messages).
 pub struct Msix {
     inner: Mutex<Inner>,
-    sender: Arc<dyn MsiSender>,
-    devid: u32,
+    out: Arc<dyn MsiVectors>,
 }
 
 impl Msix {
-    /// `vectors` vectors (1..=2048), all masked, MSI-X disabled; messages go to `sender` as
-    /// requester `devid`.
-    pub fn new(vectors: u16, sender: Arc<dyn MsiSender>, devid: u32) -> Self {
+    /// `vectors` vectors (1..=2048; `out` holds as many), all masked, MSI-X disabled.
+    pub fn new(vectors: u16, out: Arc<dyn MsiVectors>) -> Self {
         let n = usize::from(vectors.clamp(1, 2048));
         Self {
             inner: Mutex::new(Inner {
                 entries: vec![MsixEntry::default(); n],
                 pba: vec![0; n.div_ceil(64)],
+                routed: vec![false; n],
                 enabled: false,
                 function_masked: false,
             }),
-            sender,
-            devid,
+            out,
         }
     }
 
@@ -155,13 +157,24 @@ impl Msix {
         for v in 0..s.entries.len() {
             if s.pending(v) && !s.masked(v) {
                 s.set_pending(v, false);
-                self.deliver(&s.entries[v], v);
+                self.deliver(s, v);
             }
         }
     }
 
-    fn deliver(&self, e: &MsixEntry, v: usize) {
-        if let Err(err) = self.sender.send_msi(e.address, e.data, self.devid) {
+    /// Sets vector `v`'s route if its entry changed since.
+    fn route(&self, s: &mut Inner, v: usize) -> std::io::Result<()> {
+        if !s.routed[v] {
+            let e = s.entries[v];
+            // `v` indexes a table of at most 2048 vectors.
+            self.out.route(v as u16, e.address, e.data)?;
+            s.routed[v] = true;
+        }
+        Ok(())
+    }
+
+    fn deliver(&self, s: &mut Inner, v: usize) {
+        if let Err(err) = self.route(s, v).and_then(|()| self.out.trigger(v as u16)) {
             log::warn!("MSI-X vector {v}: {err}");
         }
     }
@@ -211,10 +224,12 @@ impl Msix {
                 8 => e.data = v,
                 _ => e.control = v & VECTOR_MASKED,
             }
+            if off % ENTRY_SIZE != 12 {
+                s.routed[index] = false;
+            }
             if off % ENTRY_SIZE == 12 && !s.masked(index) && s.enabled && s.pending(index) {
                 s.set_pending(index, false);
-                let e = s.entries[index];
-                self.deliver(&e, index);
+                self.deliver(&mut s, index);
             }
         }
     }
@@ -250,6 +265,7 @@ impl Msix {
         }
         s.entries.clone_from(&state.entries);
         s.pba.clone_from(&state.pba);
+        s.routed.fill(false);
         Ok(())
     }
 }
@@ -265,9 +281,9 @@ impl MsixSink for Msix {
             s.set_pending(v, true);
             return Ok(());
         }
-        let e = s.entries[v];
+        self.route(&mut s, v)?;
         drop(s);
-        self.sender.send_msi(e.address, e.data, self.devid)
+        self.out.trigger(vector)
     }
 }
 
@@ -286,10 +302,17 @@ mod tests {
         w(m, v * 16 + 8, data);
     }
 
+    fn vectors(n: u16, devid: u32) -> (RecordingMsi, Arc<dyn MsiVectors>) {
+        use crate::interrupt::MsiController;
+        let out = RecordingMsi::default();
+        let v = out.vectors(n, devid).unwrap();
+        (out, v)
+    }
+
     #[test]
     fn masked_messages_wait_in_the_pba() {
-        let out = Arc::new(RecordingMsi::default());
-        let m = Msix::new(3, out.clone(), 0x18);
+        let (out, v) = vectors(3, 0x18);
+        let m = Msix::new(3, v);
         assert_eq!(
             m.capability(0, 0x4000, 0x5000)[..2],
             [2, 0],
@@ -324,9 +347,38 @@ mod tests {
     }
 
     #[test]
+    fn a_route_is_set_when_its_entry_changed() {
+        let (out, v) = vectors(2, 0);
+        let m = Msix::new(2, v);
+        m.set_control(CONTROL_ENABLE);
+        program(&m, 0, 0xfee0_0000, 0x41);
+        w(&m, 12, 0);
+        assert_eq!(out.route_calls(), 0, "nothing fired yet");
+        m.signal(0).unwrap();
+        m.signal(0).unwrap();
+        assert_eq!(out.route_calls(), 1, "routed once, at the first message");
+        assert_eq!(out.take(), vec![(0xfee0_0000, 0x41, 0); 2]);
+        // Linux moves a vector to another CPU by rewriting address and data.
+        w(&m, 12, 1);
+        program(&m, 0, 0xfee0_1000, 0x42);
+        w(&m, 12, 0);
+        m.signal(0).unwrap();
+        assert_eq!(out.route_calls(), 2);
+        assert_eq!(out.take(), vec![(0xfee0_1000, 0x42, 0)]);
+        // A restored table is routed afresh.
+        let saved = m.save();
+        let (out2, v2) = vectors(2, 0);
+        let n = Msix::new(2, v2);
+        n.restore(&saved).unwrap();
+        n.set_control(CONTROL_ENABLE);
+        n.signal(0).unwrap();
+        assert_eq!(out2.take(), vec![(0xfee0_1000, 0x42, 0)]);
+    }
+
+    #[test]
     fn the_table_reads_back_and_round_trips() {
-        let out = Arc::new(RecordingMsi::default());
-        let m = Msix::new(2, out, 0);
+        let (_out, v) = vectors(2, 0);
+        let m = Msix::new(2, v);
         program(&m, 0, 0x1_fee0_1000, 7);
         let mut b = [0u8; 8];
         m.read_table(0, &mut b);
@@ -340,13 +392,9 @@ mod tests {
         assert_eq!(c, [0; 4], "past the table");
         w(&m, 64, 5); // past the table: ignored
         let saved = m.save();
-        let n = Msix::new(2, Arc::new(RecordingMsi::default()), 0);
+        let n = Msix::new(2, vectors(2, 0).1);
         n.restore(&saved).unwrap();
         assert_eq!(n.save(), saved);
-        assert!(
-            Msix::new(4, Arc::new(RecordingMsi::default()), 0)
-                .restore(&saved)
-                .is_err()
-        );
+        assert!(Msix::new(4, vectors(4, 0).1).restore(&saved).is_err());
     }
 }

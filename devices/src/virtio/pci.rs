@@ -15,7 +15,7 @@ use super::driver_state::DriverState;
 use super::interrupt::{MsixVectors, NO_VECTOR, SharedLine, VirtioInterrupt};
 use super::state::{RestoreError, VirtioState};
 use super::{Poller, VirtioDevice};
-use crate::interrupt::{IrqLine, MsiSender};
+use crate::interrupt::{IrqLine, MsiController};
 use crate::os::EventFd;
 use crate::pci::config::{ConfigSpace, Identity, MemBar};
 use crate::pci::msix::{self, Msix, MsixState};
@@ -125,8 +125,8 @@ impl crate::interrupt::Interrupt for NoLine {
 pub struct PciResources {
     /// Its requester ID (bus << 8 | slot << 3 | function), for MSIs.
     pub devid: u32,
-    /// Where MSI-X messages go.
-    pub msi: Arc<dyn MsiSender>,
+    /// Where the MSI-X vectors come from.
+    pub msi: Arc<dyn MsiController>,
     /// Registers queue notifications as ioeventfds.
     pub notify: Arc<dyn NotifyRegistrar>,
     /// The INTx line, where the platform routes one (the interrupt pin is INTA#); `None`: no
@@ -186,7 +186,7 @@ impl PciTransport {
         let bad = |e: crate::pci::config::LayoutError| std::io::Error::other(e.to_string());
         let device_type = device.device_type();
         let vectors = (queues.len() + 1).min(MAX_VECTORS) as u16;
-        let msix = Arc::new(Msix::new(vectors, res.msi, res.devid));
+        let msix = Arc::new(Msix::new(vectors, res.msi.vectors(vectors, res.devid)?));
         let has_intx = res.intx.is_some();
         let line =
             SharedLine::new(res.intx.unwrap_or_else(|| {

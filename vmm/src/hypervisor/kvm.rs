@@ -61,8 +61,10 @@ impl Hypervisor for KvmHypervisor {
             .map_err(HypervisorError::call("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
+        let vm = Arc::new(vm);
         Ok(Arc::new(KvmVm {
-            vm: Arc::new(vm),
+            msi_router: Arc::new(super::kvm_msi::GsiRouter::new(vm.clone())),
+            vm,
             #[cfg(target_arch = "x86_64")]
             cpuid,
             #[cfg(target_arch = "x86_64")]
@@ -78,6 +80,8 @@ impl Hypervisor for KvmHypervisor {
 struct KvmVm {
     /// Shared with the MSI and ioeventfd handles the devices hold.
     vm: Arc<VmFd>,
+    /// The GSI routes of the MSI-X vectors.
+    msi_router: Arc<super::kvm_msi::GsiRouter>,
     #[cfg(target_arch = "x86_64")]
     cpuid: Vec<kvm_cpuid_entry2>,
     /// The MSRs KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`).
@@ -97,32 +101,6 @@ struct IrqFd(EventFd);
 impl Interrupt for IrqFd {
     fn trigger(&self) -> std::io::Result<()> {
         self.0.write(1)
-    }
-}
-
-/// MSIs through `KVM_SIGNAL_MSI`: the worker that signals a vector injects it itself, one
-/// ioctl, as an irqfd write would be one syscall.
-struct KvmMsi(Arc<VmFd>);
-
-impl devices::interrupt::MsiSender for KvmMsi {
-    fn send_msi(&self, address: u64, data: u32, devid: u32) -> std::io::Result<()> {
-        let msi = kvm_bindings::kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
-            data,
-            // Only an ARM64 ITS needs the requester ID; x86 refuses the flag.
-            #[cfg(target_arch = "aarch64")]
-            flags: kvm_bindings::KVM_MSI_VALID_DEVID,
-            #[cfg(target_arch = "aarch64")]
-            devid,
-            ..Default::default()
-        };
-        #[cfg(not(target_arch = "aarch64"))]
-        let _ = devid;
-        match self.0.signal_msi(msi) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(std::io::Error::from_raw_os_error(e.errno())),
-        }
     }
 }
 
@@ -153,8 +131,8 @@ impl devices::pci::NotifyRegistrar for KvmNotify {
 }
 
 impl Vm for KvmVm {
-    fn msi_sender(&self) -> Arc<dyn devices::interrupt::MsiSender> {
-        Arc::new(KvmMsi(self.vm.clone()))
+    fn msi_controller(&self) -> Arc<dyn devices::interrupt::MsiController> {
+        Arc::new(super::kvm_msi::KvmMsi(self.msi_router.clone()))
     }
 
     fn notify_registrar(&self) -> Arc<dyn devices::pci::NotifyRegistrar> {

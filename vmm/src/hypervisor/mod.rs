@@ -10,6 +10,8 @@ pub mod arm_state;
 pub mod kvm;
 #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 mod kvm_arm;
+#[cfg(target_os = "linux")]
+mod kvm_msi;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod kvm_x86;
 pub mod x86_state;
@@ -132,8 +134,8 @@ pub trait Vm: Send + Sync {
         datamatch: u32,
     ) -> HvResult<()>;
 
-    /// Where MSI and MSI-X messages go (virtio-pci).
-    fn msi_sender(&self) -> Arc<dyn devices::interrupt::MsiSender>;
+    /// Where the MSI-X vectors of PCI functions come from (virtio-pci).
+    fn msi_controller(&self) -> Arc<dyn devices::interrupt::MsiController>;
 
     /// Registers eventfds signalled by any write to an MMIO address (virtio-pci queue
     /// notifications, which move with their BAR).
