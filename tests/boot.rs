@@ -70,19 +70,27 @@ const SCENARIOS: &[Scenario] = &[
         ..Scenario::new("guest_panic")
     },
     // SMBIOS identity (x86 direct boot: the tables in the F-segment), as the guest kernel
-    // reads it into /sys/class/dmi/id and /sys/firmware/dmi/tables. The first OEM string
-    // follows the binary part of its structure without a NUL, hence the sed.
+    // reads it into /sys/class/dmi/id and /sys/firmware/dmi/tables, and as Debian's
+    // dmidecode decodes those tables. The first OEM string follows the binary part of its
+    // structure without a NUL, hence the sed.
     Scenario {
         guest_cmd: "shell",
         x86_only: true,
         config_extra: SMBIOS,
+        host_build: Some("sh \"$TERN_WORKSPACE/tests/guest/debian-tools.sh\" dmi_tools.img"),
+        drives: &[
+            r#"{"drive_id": "tools", "path_on_host": "dmi_tools.img", "is_root_device": false, "is_read_only": true}"#,
+        ],
         script: Some(
             "for f in sys_vendor product_name product_version product_serial product_uuid \
              product_sku product_family board_vendor board_serial chassis_serial \
              chassis_asset_tag bios_vendor; do echo \"GUEST DMI_$f $(cat /sys/class/dmi/id/$f)\"; done\n\
              echo \"GUEST DMI_EP $(head -c 5 /sys/firmware/dmi/tables/smbios_entry_point)\"\n\
              tr '\\000' '\\n' < /sys/firmware/dmi/tables/DMI | sed -n 's/^.*\\(oem-\\)/\\1/p' | \
-             while read -r l; do echo \"GUEST DMI_OEM $l\"; done\n",
+             while read -r l; do echo \"GUEST DMI_OEM $l\"; done\n\
+             mkdir /t && tar -xf /dev/vda -C /t\n\
+             /t/run dmidecode > /tmp/dmi 2>&1; echo \"GUEST DMIDECODE_EXIT $?\"\n\
+             sed 's/^/GUEST DMIDECODE /' /tmp/dmi\n",
         ),
         ..Scenario::new("smbios_identity")
     },
@@ -328,6 +336,42 @@ fn smbios_identity_reaches_the_guests_dmi() {
             "{}",
             o.console()
         );
+        // dmidecode: the entry point and every structure parse, and it prints the identity.
+        assert_eq!(
+            o.guest_value("DMIDECODE_EXIT").as_deref(),
+            Some("0"),
+            "{}",
+            o.console()
+        );
+        let dmi: Vec<&str> = o
+            .lines
+            .iter()
+            .filter_map(|(_, _, l)| l.split_once("GUEST DMIDECODE ").map(|(_, r)| r.trim()))
+            .collect();
+        for want in [
+            "SMBIOS 3.0.0 present.",
+            "Manufacturer: Acme Corp",
+            "Product Name: Roadrunner",
+            "Serial Number: RR-0042",
+            "UUID: 0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9",
+            "SKU Number: RR-SKU",
+            "Asset Tag: AT-9",
+            "String 1: oem-first=1",
+            "String 2: oem-second=two words",
+        ] {
+            assert!(
+                dmi.contains(&want),
+                "dmidecode: no {want:?}\n{}",
+                o.console()
+            );
+        }
+        for bad in ["Invalid", "invalid", "checksum", "Wrong", "truncated"] {
+            assert!(
+                !dmi.iter().any(|l| l.contains(bad)),
+                "dmidecode complains ({bad})\n{}",
+                o.console()
+            );
+        }
         assert_eq!(o.exit_code, Some(0), "{}", o.console());
     }
 }

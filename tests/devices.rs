@@ -271,8 +271,9 @@ const SCENARIOS: &[Scenario] = &[
         timeout_s: 300,
         extra_args: "guest.hwrng=1",
         entropy: true,
+        // The tools drive: the vsock echo program and Debian's lspci.
         host_build: Some(
-            "$CC -static -O2 -o vsock-echo.img \"$TERN_WORKSPACE/tests/guest/vsock-echo.c\" && truncate -s %4096 vsock-echo.img",
+            "$CC -static -O2 -o ve \"$TERN_WORKSPACE/tests/guest/vsock-echo.c\" && sh \"$TERN_WORKSPACE/tests/guest/debian-tools.sh\" pci_tools.img ve",
         ),
         pre: "truncate -s 16M pci_data.img\n\
               ./tern-bench mktap ptap0\n\
@@ -282,7 +283,7 @@ const SCENARIOS: &[Scenario] = &[
               ./tern-bench vsock-connect pci_vsock.sock 5000 200 > pci_vsock_cli.out 2>&1 &\n",
         drives: &[
             r#"{"drive_id": "data", "path_on_host": "pci_data.img", "is_root_device": false, "num_queues": 2}"#,
-            r#"{"drive_id": "tools", "path_on_host": "vsock-echo.img", "is_root_device": false, "is_read_only": true}"#,
+            r#"{"drive_id": "tools", "path_on_host": "pci_tools.img", "is_root_device": false, "is_read_only": true}"#,
         ],
         config_extra: r#""network-interfaces": [
             {"iface_id": "eth0", "host_dev_name": "ptap0", "guest_mac": "06:00:ac:10:05:02"}],
@@ -298,6 +299,8 @@ const SCENARIOS: &[Scenario] = &[
         ),
         script: Some(
             "for d in /sys/bus/pci/devices/*; do echo \"GUEST PCI ${d##*/} $(cat $d/vendor) $(cat $d/device) $(basename \"$(readlink $d/driver)\")\"; done\n\
+             mkdir /t && tar -xf /dev/vdb -C /t\n\
+             /t/run lspci -n | sed 's/^/GUEST LSPCI /'\n\
              irqs() { grep virtio /proc/interrupts | tr -s ' ' | sed \"s/^/GUEST IRQ$1 /\"; }\n\
              irqs 0\n\
              dd if=/dev/urandom of=/tmp/a bs=1M count=4 2>/dev/null\n\
@@ -313,10 +316,9 @@ const SCENARIOS: &[Scenario] = &[
              ip addr add 172.16.5.2/24 dev eth0 && ip link set eth0 up\n\
              ping -c 3 -W 5 172.16.5.1 >/dev/null && echo 'GUEST PING ok'\n\
              echo 'GUEST BALLOON READY'\n\
-             cat /dev/vdb > /tmp/ve && chmod +x /tmp/ve\n\
-             /tmp/ve server 5000 200 > /tmp/srv.log 2>&1 &\n\
+             /t/ve server 5000 200 > /tmp/srv.log 2>&1 &\n\
              srv=$!\n\
-             /tmp/ve client 2 5001 200 | sed 's/^/GUEST /'\n\
+             /t/ve client 2 5001 200 | sed 's/^/GUEST /'\n\
              wait $srv\n\
              sed 's/^/GUEST /' /tmp/srv.log\n\
              dev=$(readlink -f /sys/block/vda/device); dev=${dev%/*}; bdf=${dev##*/}\n\
@@ -799,6 +801,18 @@ fn pci_all_devices_work_under_a_stock_kernel_on(o: &'static Outcome) {
         ],
         "{ctx}"
     );
+    // Debian's lspci lists the same: `00:01.0 0100: 1af4:1042 (rev 01)`.
+    let mut lspci: Vec<String> = o
+        .lines
+        .iter()
+        .filter_map(|(_, _, l)| l.strip_prefix("GUEST LSPCI "))
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter_map(|id| id.strip_prefix("1af4:"))
+        .map(|d| format!("0x{d}"))
+        .collect();
+    lspci.sort_unstable();
+    assert_eq!(lspci, ids, "lspci -n\n{ctx}");
+    assert!(o.has_line("GUEST LSPCI 00:00.0 0600: 1b36:0008"), "{ctx}");
     // MSI-X: the drive's two request queues have a vector each, and both took interrupts.
     let irq = |stage: &str, name: &str| -> Option<u64> {
         let prefix = format!("GUEST IRQ{stage} ");
