@@ -8,6 +8,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod dirty;
 pub mod exit;
+pub mod fw_cfg;
 pub mod interrupt;
 pub mod legacy;
 pub mod os;
