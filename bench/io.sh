@@ -17,6 +17,7 @@
 # through SeaBIOS, which did not get through in the nest: see bench/boot.sh.)
 # Runs directly on hardware KVM, otherwise inside the nest, like the tests.
 #   bench/io.sh [-t SECONDS] [-p]     (default 10 s per fio job, 5 s per iperf3 direction)
+# IO_VMMS (a list of tern-Sync tern-Async tern-pci qemu qemu-pcie qemu-q35) picks the VMMs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=10 PCI=
@@ -59,8 +60,12 @@ done
 # The root disk first, so that it is /dev/vda for both VMMs.
 Q="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off -enable-kvm -cpu host -m 512 -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -drive id=root,file=root.img,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root -drive id=data,file=data.img,format=raw,if=none -device virtio-blk-device,drive=data -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0,mac=06:00:ac:10:00:02"
 QPCI="./qemu-system-x86_64 -L fw -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off,pcie=on -enable-kvm -cpu host -m 512 -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -drive id=root,file=root.img,format=raw,if=none,readonly=on -device virtio-blk-pci,drive=root -drive id=data,file=data.img,format=raw,if=none -device virtio-blk-pci,drive=data -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,mac=06:00:ac:10:00:02,romfile="
+# q35 (SeaBIOS, the same virtio-pci devices) only when asked for, IO_VMMS="... qemu-q35": its guest
+# reset at fio's start in the nest (docs/benchmarks.md).
+Q35="./qemu-system-x86_64 -L fw -M q35 -enable-kvm -cpu host -m 512 -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel vmlinux -drive id=root,file=root.img,format=raw,if=none,readonly=on -device virtio-blk-pci,drive=root -drive id=data,file=data.img,format=raw,if=none -device virtio-blk-pci,drive=data -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=n0,mac=06:00:ac:10:00:02,romfile="
 VMMS="tern-Sync tern-Async qemu"
 [ -n "$PCI" ] && VMMS="tern-Async tern-pci qemu qemu-pcie"
+VMMS=${IO_VMMS:-$VMMS}
 cat > "$D/run.sh" <<SH
 . ./kvm-counters.sh
 ./tern-bench mktap tap0
@@ -73,6 +78,7 @@ for vmm in $VMMS; do
   tern-*) ./tern-bench run --timeout 600 -- ./tern --no-api --level Warning --config-file \$vmm.json > out.\$vmm ;;
   qemu) ./tern-bench run --timeout 600 -- $Q -append "$ARGS root=/dev/vda ro" > out.\$vmm ;;
   qemu-pcie) ./tern-bench run --timeout 600 -- $QPCI -append "$PARGS root=/dev/vda ro" > out.\$vmm ;;
+  qemu-q35) ./tern-bench run --timeout 600 -- $Q35 -append "$PARGS root=/dev/vda ro" > out.\$vmm ;;
   esac
   echo "@@X \$vmm \$(kvm_sample_stop)"
   echo "@@R \$vmm \$(tail -1 out.\$vmm)"

@@ -129,6 +129,58 @@ nest_append() {
     echo "$a"
 }
 
+# nest_monitor_args: QEMU's human monitor on a socket in $RUN, for nest_monitor_report.
+nest_monitor_args() { echo "-monitor unix:$RUN/monitor.sock,server=on,wait=off"; }
+
+# nest_monitor_report: what a silent L1's CPUs are doing, from QEMU's monitor, as
+# "NEST MONITOR" lines: whether each vCPU is halted, its registers, on x86 each local APIC
+# (its timer, the interrupts requested and in service); then an NMI to every CPU, and
+# whether L1's consoles say anything within 15 s of it (an L1 that answers an NMI has
+# CPUs that run; one that stays silent is wedged deeper).
+nest_monitor_report() {
+    [ -S "$RUN/monitor.sock" ] || { echo "NEST MONITOR no monitor socket"; return 0; }
+    local before after
+    before=$(cat "$LOG" "$RUN/kernel.log" 2>/dev/null | wc -c)
+    python3 - "$RUN/monitor.sock" <<'PY'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+def cmd(c):
+    if c:
+        s.sendall(c.encode() + b"\n")
+    out, end = b"", time.time() + 10
+    while time.time() < end and not out.rstrip().endswith(b"(qemu)"):
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        out += chunk
+    text = out.decode(errors="replace").replace("\r", "")
+    for line in text.splitlines():
+        line = line.strip()
+        # (the monitor echoes each command with terminal escapes: left out)
+        if line and line != "(qemu)" and not line.startswith("QEMU ") and "\x1b" not in line:
+            print("NEST MONITOR", line)
+    return text
+cmd("")
+cpus = cmd("info cpus")
+cmd("info registers -a")
+n = sum(1 for l in cpus.splitlines() if "CPU #" in l)
+for i in range(n):
+    print(f"NEST MONITOR --- local APIC of CPU {i}")
+    cmd(f"cpu {i}")
+    if "unknown command" in cmd("info lapic"):
+        break
+cmd("nmi")
+PY
+    sleep 15
+    after=$(cat "$LOG" "$RUN/kernel.log" 2>/dev/null | wc -c)
+    echo "NEST MONITOR after the NMI L1's consoles grew by $((after - before)) bytes"
+}
+
 # nest_watchdog: with NEST_IDLE=S, an L1 that prints nothing for S seconds is taken for hung
 # (seen under TCG: L1 stops, and the run would wait for NEST_TIMEOUT) and its QEMU is killed.
 nest_watchdog() {
@@ -140,6 +192,7 @@ nest_watchdog() {
             if [ "$now" = "$last" ]; then quiet=$((quiet + 10)); else quiet=0; last=$now; fi
             if [ "$quiet" -ge "$NEST_IDLE" ]; then
                 echo "$ME: L1 printed nothing for ${NEST_IDLE} s: killing it" >&2
+                nest_monitor_report >> "$LOG" 2>&1 || true
                 pkill -f -- "-initrd $RUN/initramfs.cpio" || true
                 exit 0
             fi

@@ -93,7 +93,7 @@ set +e
 timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-aarch64 -accel tcg \
     -M "virt,virtualization=on,gic-version=${L1_GIC:-3}" -cpu max \
     -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
-    -serial stdio -kernel "$L1_KERNEL" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
+    -serial stdio -kernel "$L1_KERNEL" -initrd "$RUN/initramfs.cpio" $(nest_monitor_args) ${NEST_QEMU_ARGS:-} \
     -append "console=ttyAMA0 panic=-1 quiet loglevel=4 $(nest_append)" </dev/null 2>&1 |
     sed -u 's/\r//g' | tee -a "$LOG"
 qrc=${PIPESTATUS[0]}

@@ -137,7 +137,7 @@ timeout -k 5 "${NEST_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -M pc -cpu ma
     -m "${L1_MEM:-2048}" -smp "${L1_SMP:-2}" -nographic -no-reboot -nodefaults -no-user-config \
     -serial "file:$RUN/kernel.log" \
     -device virtio-serial-pci -chardev "file,id=nestcon,path=$CMDOUT" -device virtconsole,chardev=nestcon \
-    -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" ${NEST_QEMU_ARGS:-} \
+    -kernel "$VMLINUZ" -initrd "$RUN/initramfs.cpio" $(nest_monitor_args) ${NEST_QEMU_ARGS:-} \
     -append "console=ttyS0 panic=-1 quiet loglevel=5 softlockup_all_cpu_backtrace=1 nest.console=hvc0 $(nest_append)" \
     </dev/null > "$RUN/qemu.out" 2>&1 &
 qpid=$!
