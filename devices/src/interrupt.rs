@@ -93,6 +93,8 @@ struct MsiLog {
     routes: std::collections::HashMap<(u32, u16), (u64, u32)>,
     route_calls: usize,
     sent: Vec<(u64, u32, u32)>,
+    /// Routes to this address fail, as a hypervisor refuses a message it cannot deliver.
+    refused: Option<u64>,
 }
 
 /// Test double: an MSI controller that records every message sent as (address, data, devid).
@@ -118,6 +120,9 @@ impl MsiVectors for RecordingMsi {
     fn route(&self, vector: u16, address: u64, data: u32) -> std::io::Result<()> {
         let mut log = self.lock();
         log.route_calls += 1;
+        if log.refused == Some(address) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
         log.routes.insert((self.devid, vector), (address, data));
         Ok(())
     }
@@ -143,7 +148,12 @@ impl RecordingMsi {
         std::mem::take(&mut self.lock().sent)
     }
 
-    /// How many times a route was set.
+    /// Routes to `address` fail from now on.
+    pub fn refuse(&self, address: u64) {
+        self.lock().refused = Some(address);
+    }
+
+    /// How many times a route was set (or tried).
     pub fn route_calls(&self) -> usize {
         self.lock().route_calls
     }

@@ -52,11 +52,23 @@ pub struct MsixState {
     pub pba: Vec<u64>,
 }
 
+/// Whether the hypervisor routes a vector to its entry's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Not yet, or the guest changed the entry since.
+    Stale,
+    /// Yes.
+    Set,
+    /// The hypervisor refused this message (said once in the log); the vector's messages
+    /// are dropped until the guest rewrites the entry.
+    Refused,
+}
+
 struct Inner {
     entries: Vec<MsixEntry>,
     pba: Vec<u64>,
-    /// The hypervisor's route of each vector is its entry's address and data.
-    routed: Vec<bool>,
+    /// Each vector's route in the hypervisor against its entry.
+    routes: Vec<Route>,
     enabled: bool,
     function_masked: bool,
 }
@@ -94,7 +106,7 @@ impl Msix {
             inner: Mutex::new(Inner {
                 entries: vec![MsixEntry::default(); n],
                 pba: vec![0; n.div_ceil(64)],
-                routed: vec![false; n],
+                routes: vec![Route::Stale; n],
                 enabled: false,
                 function_masked: false,
             }),
@@ -162,19 +174,31 @@ impl Msix {
         }
     }
 
-    /// Sets vector `v`'s route if its entry changed since.
-    fn route(&self, s: &mut Inner, v: usize) -> std::io::Result<()> {
-        if !s.routed[v] {
+    /// Sets vector `v`'s route if its entry changed since; false when the vector's message
+    /// cannot go out (the hypervisor refused the route: logged once, not per message).
+    fn route(&self, s: &mut Inner, v: usize) -> bool {
+        if s.routes[v] == Route::Stale {
             let e = s.entries[v];
             // `v` indexes a table of at most 2048 vectors.
-            self.out.route(v as u16, e.address, e.data)?;
-            s.routed[v] = true;
+            s.routes[v] = match self.out.route(v as u16, e.address, e.data) {
+                Ok(()) => Route::Set,
+                Err(err) => {
+                    log::warn!(
+                        "MSI-X vector {v}: the message {:#x}/{:#x} cannot be routed ({err}); its interrupts are dropped until the guest reprograms it",
+                        e.address,
+                        e.data
+                    );
+                    Route::Refused
+                }
+            };
         }
-        Ok(())
+        s.routes[v] == Route::Set
     }
 
     fn deliver(&self, s: &mut Inner, v: usize) {
-        if let Err(err) = self.route(s, v).and_then(|()| self.out.trigger(v as u16)) {
+        if self.route(s, v)
+            && let Err(err) = self.out.trigger(v as u16)
+        {
             log::warn!("MSI-X vector {v}: {err}");
         }
     }
@@ -225,7 +249,7 @@ impl Msix {
                 _ => e.control = v & VECTOR_MASKED,
             }
             if off % ENTRY_SIZE != 12 {
-                s.routed[index] = false;
+                s.routes[index] = Route::Stale;
             }
             if off % ENTRY_SIZE == 12 && !s.masked(index) && s.enabled && s.pending(index) {
                 s.set_pending(index, false);
@@ -265,7 +289,7 @@ impl Msix {
         }
         s.entries.clone_from(&state.entries);
         s.pba.clone_from(&state.pba);
-        s.routed.fill(false);
+        s.routes.fill(Route::Stale);
         Ok(())
     }
 }
@@ -281,7 +305,9 @@ impl MsixSink for Msix {
             s.set_pending(v, true);
             return Ok(());
         }
-        self.route(&mut s, v)?;
+        if !self.route(&mut s, v) {
+            return Ok(());
+        }
         drop(s);
         self.out.trigger(vector)
     }
@@ -365,6 +391,23 @@ mod tests {
         m.signal(0).unwrap();
         assert_eq!(out.route_calls(), 2);
         assert_eq!(out.take(), vec![(0xfee0_1000, 0x42, 0)]);
+        // A message the hypervisor cannot route: dropped, tried once, not per message.
+        out.refuse(0xdead_0000);
+        w(&m, 12, 1);
+        program(&m, 0, 0xdead_0000, 1);
+        w(&m, 12, 0);
+        let calls = out.route_calls();
+        m.signal(0).unwrap();
+        m.signal(0).unwrap();
+        assert_eq!(out.route_calls(), calls + 1);
+        assert!(out.take().is_empty());
+        program(&m, 0, 0xfee0_1000, 0x42);
+        m.signal(0).unwrap();
+        assert_eq!(
+            out.take(),
+            vec![(0xfee0_1000, 0x42, 0)],
+            "a good entry again"
+        );
         // A restored table is routed afresh.
         let saved = m.save();
         let (out2, v2) = vectors(2, 0);
