@@ -232,3 +232,44 @@ impl Drop for KvmVectors {
         self.router.release(&gsis);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table keeps every route KVM made for the interrupt controller, below the MSI GSIs.
+    #[test]
+    fn the_irqchip_routes_are_kvms_defaults() {
+        let routes = irqchip_routes();
+        // SAFETY: every entry was built with its `irqchip` member.
+        let pins: Vec<(u32, u32, u32)> = routes
+            .iter()
+            .map(|e| {
+                (e.gsi, unsafe { e.u.irqchip.irqchip }, unsafe {
+                    e.u.irqchip.pin
+                })
+            })
+            .collect();
+        assert!(routes.iter().all(|e| e.type_ == KVM_IRQ_ROUTING_IRQCHIP));
+        assert!(pins.iter().all(|&(gsi, _, _)| gsi < FIRST_MSI_GSI));
+        #[cfg(target_arch = "x86_64")]
+        {
+            // GSIs 0–15 on a PIC and the IOAPIC, 16–23 on the IOAPIC.
+            assert_eq!(routes.len(), 24 + 16);
+            assert!(pins.contains(&(4, kvm_bindings::KVM_IRQCHIP_IOAPIC, 4)));
+            assert!(pins.contains(&(4, kvm_bindings::KVM_IRQCHIP_PIC_MASTER, 4)));
+            assert!(pins.contains(&(10, kvm_bindings::KVM_IRQCHIP_PIC_SLAVE, 2)));
+            assert!(pins.contains(&(23, kvm_bindings::KVM_IRQCHIP_IOAPIC, 23)));
+        }
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(pins.len(), 96);
+        let m = msi_route(FIRST_MSI_GSI, 0x1_fee0_1000, 0x41, 0x18);
+        assert_eq!(m.type_, KVM_IRQ_ROUTING_MSI);
+        // SAFETY: built with its `msi` member.
+        let msi = unsafe { m.u.msi };
+        assert_eq!(
+            (msi.address_lo, msi.address_hi, msi.data),
+            (0xfee0_1000, 1, 0x41)
+        );
+    }
+}
